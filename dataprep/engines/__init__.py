@@ -1,0 +1,166 @@
+"""One engine interface for every backend.
+
+A list of :class:`ChatRequest` goes in, a list of :class:`ChatResult` of the
+same length and order comes out. A request that fails comes back as a result
+with ``error`` set; an engine raises only for problems that would make every
+request fail (bad configuration, model not found), and raises them from its
+constructor, before any input is read.
+
+Backends (imported lazily, so ``dataprep --help`` stays fast):
+
+- ``transformers``: embedded, the default (:mod:`dataprep.engines.hf`)
+- ``vllm``: in-process ``vllm.LLM`` (:mod:`dataprep.engines.vllm_engine`)
+- ``openai``: any OpenAI-compatible server (:mod:`dataprep.engines.openai_engine`)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:  # PIL is only needed for type hints here
+    from PIL.Image import Image
+
+ENGINES = ("transformers", "vllm", "openai")
+
+
+class ConfigError(Exception):
+    """Bad configuration: stops the run before any work, naming flag and fix."""
+
+    def __init__(self, message: str, flag: str | None = None, fix: str | None = None):
+        self.flag = flag
+        self.fix = fix
+        parts = [message]
+        if flag:
+            parts.append(f"(flag {flag})")
+        if fix:
+            parts.append(f"Fix: {fix}")
+        super().__init__(" ".join(parts))
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding settings. temperature 0 means greedy."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The part that changes outputs (and so the content key); seed is stored apart."""
+        d = asdict(self)
+        d.pop("seed")
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+@dataclass
+class ChatRequest:
+    """OpenAI-style messages; the image (if any) belongs to the last user turn.
+
+    ``messages`` content is plain text; engines add the image placeholder in
+    the form their model expects.
+    """
+
+    messages: list[dict[str, str]]
+    image: "Image | None" = None
+    sampling: Sampling = field(default_factory=Sampling)
+    request_id: str = ""
+
+
+@dataclass
+class ChatResult:
+    text: str = ""
+    finish_reason: str = "stop"  # stop | length | error
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+    @classmethod
+    def failed(cls, reason: str) -> "ChatResult":
+        return cls(text="", finish_reason="error", error=reason)
+
+
+class Engine(Protocol):
+    name: str
+    model: str
+    revision: str | None
+
+    def generate(self, requests: list[ChatRequest]) -> list[ChatResult]: ...
+
+    def image_size(self) -> int | None:
+        """Side of the square image the model consumes (None: send as is)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class EngineConfig:
+    """Flags shared by every stage that talks to a model (one field per flag)."""
+
+    engine: str = "transformers"
+    model: str = ""
+    revision: str | None = None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    batch_size: str = "auto"  # an integer, or auto (from free accelerator memory; 8 on CPU)
+    quantize: str | None = None  # None | 4bit | 8bit (bitsandbytes)
+    trust_remote_code: bool = False
+    # vllm
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    # openai
+    base_url: str | None = None
+    api_key_env: str | None = None
+    concurrency: int = 64
+    timeout_s: float = 120.0
+    max_retries: int = 5
+
+    def validate(self) -> None:
+        if self.engine not in ENGINES:
+            raise ConfigError(f"unknown engine {self.engine!r}", "--engine", f"use one of {', '.join(ENGINES)}")
+        if not self.model:
+            raise ConfigError("no model given", "--model", "pass a hub id or a local model directory")
+        if self.batch_size != "auto":
+            try:
+                if int(self.batch_size) < 1:
+                    raise ValueError
+            except ValueError:
+                raise ConfigError(f"invalid batch size {self.batch_size!r}", "--batch-size", "use a positive integer or 'auto'") from None
+        if self.quantize not in (None, "4bit", "8bit"):
+            raise ConfigError(f"invalid quantization {self.quantize!r}", "--quantize", "use 4bit or 8bit")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"invalid dtype {self.dtype!r}", "--dtype", "use auto, float32, bfloat16 or float16")
+        if self.engine == "openai" and not self.base_url:
+            raise ConfigError("the openai engine needs a server", "--base-url", "e.g. --base-url http://127.0.0.1:8000/v1")
+
+    def public_dict(self) -> dict[str, Any]:
+        """For manifests: never contains a secret (only the env var's name)."""
+        return asdict(self)
+
+
+def load_engine(cfg: EngineConfig) -> Engine:
+    """Build the engine named by ``cfg.engine``; raises ConfigError early."""
+    cfg.validate()
+    if cfg.engine == "transformers":
+        from dataprep.engines.hf import TransformersEngine
+
+        return TransformersEngine(cfg)
+    if cfg.engine == "vllm":
+        from dataprep.engines.vllm_engine import VLLMEngine
+
+        return VLLMEngine(cfg)
+    if cfg.engine == "openai":
+        from dataprep.engines.openai_engine import OpenAIEngine
+
+        return OpenAIEngine(cfg)
+    raise AssertionError(cfg.engine)  # validate() guards this
