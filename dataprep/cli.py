@@ -70,7 +70,145 @@ def engine_config(**kw) -> "object":
 
 
 # ------------------------------------------------------------ caption (issue 2)
-# (filled in below by the caption section)
+
+PromptFileOpt = Annotated[str, typer.Option("--prompt-file", help="Caption prompt file; a bare name means the shipped prompts/ file.", rich_help_panel="Caption")]
+CropOpt = Annotated[bool, typer.Option("--crop", help="Center-crop to a square instead of padding with the CLIP mean colour (LLaVA-1.5's default; a crop drops up to a third of a DIV2K frame).", rich_help_panel="Caption")]
+MaxPixelsOpt = Annotated[int, typer.Option("--max-pixels", help="Images with more pixels are rejected as error rows (decompression-bomb guard).", rich_help_panel="Caption")]
+WorkersOpt = Annotated[int, typer.Option("--workers", help="Decode processes (0 = decode in the main process).", rich_help_panel="Run")]
+CaptionModelOpt = Annotated[str, typer.Option("--model", help="Vision-language model: hub id or local directory.", rich_help_panel="Engine")]
+OutOpt = Annotated[Path, typer.Option("--out", help="Run directory; captions go to OUT/captions/ as Parquet shards + manifest.json.")]
+LimitOpt = Annotated[Optional[int], typer.Option("--limit", help="Caption at most N images.")]
+
+
+def _caption(refs_fn, out: Path, model: str, engine: str, revision, device, dtype, batch_size, quantize, tensor_parallel_size, gpu_memory_utilization, base_url, api_key_env, concurrency, prompt_file, crop, max_pixels, temperature, top_p, max_new_tokens, seed, force, strict, rows_per_shard, workers) -> None:
+    from rich.console import Console
+
+    from dataprep.caption import CaptionOptions, run_caption
+    from dataprep.stage import print_summary
+
+    opts = CaptionOptions(prompt_file=prompt_file, crop=crop, max_pixels=max_pixels, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, force=force, rows_per_shard=rows_per_shard, workers=workers)
+    cfg = engine_config(engine=engine, model=model, revision=revision, device=device, dtype=dtype, batch_size=batch_size, quantize=quantize, tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization, base_url=base_url, api_key_env=api_key_env, concurrency=concurrency)
+    try:
+        opts.validate()
+        cfg.validate()
+        refs = refs_fn()  # sources validate their paths before the model loads
+        summary = run_caption(refs, out, cfg, opts)
+    except ConfigError as exc:
+        raise fail(str(exc))
+    print_summary(summary, Console())
+    if strict and summary.n_failed:
+        raise typer.Exit(1)
+
+
+@caption_app.command("div2k")
+def caption_div2k(
+    data: Annotated[Path, typer.Option("--data", help="Extracted DIV2K_train_HR/ (or DIV2K_valid_HR/) folder, or the official zip, read without extracting.")],
+    out: OutOpt = Path("runs/div2k"),
+    split: Annotated[str, typer.Option("--split", help="train (ids 0001-0800) or valid (0801-0900).")] = "train",
+    ids: Annotated[Optional[str], typer.Option("--ids", help="Only these image numbers, e.g. 1-100 or 1,5,9-12.")] = None,
+    limit: LimitOpt = None,
+    model: CaptionModelOpt = "llava-hf/llava-1.5-13b-hf",
+    engine: EngineOpt = "transformers",
+    revision: RevisionOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    batch_size: BatchOpt = "auto",
+    quantize: QuantOpt = None,
+    tensor_parallel_size: TPOpt = 1,
+    gpu_memory_utilization: GMUOpt = 0.9,
+    base_url: BaseUrlOpt = None,
+    api_key_env: ApiKeyEnvOpt = None,
+    concurrency: ConcurrencyOpt = 64,
+    prompt_file: PromptFileOpt = "caption.txt",
+    crop: CropOpt = False,
+    max_pixels: MaxPixelsOpt = 64_000_000,
+    temperature: TempOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    max_new_tokens: MaxNewOpt = 256,
+    seed: SeedOpt = 0,
+    force: ForceOpt = False,
+    strict: StrictOpt = False,
+    rows_per_shard: ShardOpt = 256,
+    workers: WorkersOpt = 2,
+) -> None:
+    """Caption DIV2K (ids div2k/0001..0800) with LLaVA-1.5 and "Describe the object and background in the image"."""
+    from dataprep.sources import div2k
+
+    _caption(lambda: div2k(data, split=split, ids=ids, limit=limit), out, model, engine, revision, device, dtype, batch_size, quantize, tensor_parallel_size, gpu_memory_utilization, base_url, api_key_env, concurrency, prompt_file, crop, max_pixels, temperature, top_p, max_new_tokens, seed, force, strict, rows_per_shard, workers)
+
+
+@caption_app.command("folder")
+def caption_folder(
+    path: Annotated[Path, typer.Argument(help="Folder of images, searched recursively (png, jpg, webp, bmp, tiff).")],
+    out: OutOpt = Path("runs/folder"),
+    name: Annotated[Optional[str], typer.Option("--name", help="Id prefix (default: the folder's name); ids are NAME/relative/path.png.")] = None,
+    limit: LimitOpt = None,
+    model: CaptionModelOpt = "llava-hf/llava-1.5-13b-hf",
+    engine: EngineOpt = "transformers",
+    revision: RevisionOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    batch_size: BatchOpt = "auto",
+    quantize: QuantOpt = None,
+    tensor_parallel_size: TPOpt = 1,
+    gpu_memory_utilization: GMUOpt = 0.9,
+    base_url: BaseUrlOpt = None,
+    api_key_env: ApiKeyEnvOpt = None,
+    concurrency: ConcurrencyOpt = 64,
+    prompt_file: PromptFileOpt = "caption.txt",
+    crop: CropOpt = False,
+    max_pixels: MaxPixelsOpt = 64_000_000,
+    temperature: TempOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    max_new_tokens: MaxNewOpt = 256,
+    seed: SeedOpt = 0,
+    force: ForceOpt = False,
+    strict: StrictOpt = False,
+    rows_per_shard: ShardOpt = 256,
+    workers: WorkersOpt = 2,
+) -> None:
+    """Caption every image under a folder."""
+    from dataprep.sources import folder
+
+    _caption(lambda: folder(path, name=name, limit=limit), out, model, engine, revision, device, dtype, batch_size, quantize, tensor_parallel_size, gpu_memory_utilization, base_url, api_key_env, concurrency, prompt_file, crop, max_pixels, temperature, top_p, max_new_tokens, seed, force, strict, rows_per_shard, workers)
+
+
+@caption_app.command("hf")
+def caption_hf(
+    name_or_path: Annotated[str, typer.Argument(help="Hugging Face dataset: hub id, or a local Parquet file/folder, imagefolder or save_to_disk directory (these work offline).")],
+    out: OutOpt = Path("runs/hf"),
+    split: Annotated[str, typer.Option("--split", help="Dataset split.")] = "train",
+    image_column: Annotated[str, typer.Option("--image-column", help="Column holding the images.")] = "image",
+    id_column: Annotated[Optional[str], typer.Option("--id-column", help="Column with a stable id (default: row number).")] = None,
+    limit: LimitOpt = None,
+    model: CaptionModelOpt = "llava-hf/llava-1.5-13b-hf",
+    engine: EngineOpt = "transformers",
+    revision: RevisionOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    batch_size: BatchOpt = "auto",
+    quantize: QuantOpt = None,
+    tensor_parallel_size: TPOpt = 1,
+    gpu_memory_utilization: GMUOpt = 0.9,
+    base_url: BaseUrlOpt = None,
+    api_key_env: ApiKeyEnvOpt = None,
+    concurrency: ConcurrencyOpt = 64,
+    prompt_file: PromptFileOpt = "caption.txt",
+    crop: CropOpt = False,
+    max_pixels: MaxPixelsOpt = 64_000_000,
+    temperature: TempOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    max_new_tokens: MaxNewOpt = 256,
+    seed: SeedOpt = 0,
+    force: ForceOpt = False,
+    strict: StrictOpt = False,
+    rows_per_shard: ShardOpt = 256,
+    workers: WorkersOpt = 2,
+) -> None:
+    """Caption the images of a Hugging Face dataset (through `datasets`)."""
+    from dataprep.sources import hf_dataset
+
+    _caption(lambda: list(hf_dataset(name_or_path, split=split, image_column=image_column, id_column=id_column, limit=limit)), out, model, engine, revision, device, dtype, batch_size, quantize, tensor_parallel_size, gpu_memory_utilization, base_url, api_key_env, concurrency, prompt_file, crop, max_pixels, temperature, top_p, max_new_tokens, seed, force, strict, rows_per_shard, workers)
 
 
 # ------------------------------------------------------------ rewrite, check (issue 3)
@@ -86,6 +224,22 @@ def engine_config(**kw) -> "object":
 
 
 # ------------------------------------------------------------ tiny models, demo
+
+
+@app.command("tiny-models")
+def tiny_models(
+    out: Annotated[Path, typer.Argument(help="Directory to write into; one from_pretrained directory per model.")],
+    no_diffusers: Annotated[bool, typer.Option("--no-diffusers", help="Only the text/vision models (llava, llama).")] = False,
+) -> None:
+    """Write tiny random checkpoints of every model the pipeline uses (LLaVA, Llama, SD pipelines) for offline tests and the demo."""
+    from rich.console import Console
+
+    from dataprep.tiny import write_all
+
+    written = write_all(out, diffusers=not no_diffusers)
+    console = Console()
+    for name, path in written.items():
+        console.print(f"{name:8s} {path}")
 
 
 def main() -> None:

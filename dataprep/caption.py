@@ -1,0 +1,232 @@
+"""The caption stage: images -> caption rows under ``OUT/captions``.
+
+Worker processes read, hash and prepare images (decode, RGB, pad to square,
+resize to the model's input side) while the main process runs the model, so a
+GPU never waits on PNG decoding. A worker skips decoding when the image's key
+already has a good row, which makes a rerun cheap. Bad images become error
+rows; the run goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from dataprep.engines import ChatRequest, ConfigError, Engine, EngineConfig, Sampling, load_engine
+from dataprep.images import DEFAULT_MAX_PIXELS, PrepOptions, prepare
+from dataprep.promptfile import load_prompt
+from dataprep.sources import ImageRef, read_bytes
+from dataprep.stage import StageSummary, progress_bar, provenance
+from dataprep.store import CAPTIONS_SCHEMA, Manifest, ShardWriter, compact, content_key, done_keys, new_run_id, sha256_text, utcnow
+
+DEFAULT_MODEL = "llava-hf/llava-1.5-13b-hf"
+STAGE = "caption"
+
+
+@dataclass
+class CaptionOptions:
+    prompt_file: str = "caption.txt"
+    crop: bool = False  # center crop instead of LLaVA-1.5's pad-to-square
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    seed: int = 0
+    force: bool = False
+    rows_per_shard: int = 256
+    workers: int = 2  # decode processes; 0 decodes in the main process
+
+    def validate(self) -> None:
+        if self.workers < 0:
+            raise ConfigError(f"--workers {self.workers} is negative", "--workers", "use 0 (in-process) or more")
+        if self.max_new_tokens < 1:
+            raise ConfigError("--max-new-tokens must be at least 1", "--max-new-tokens", "e.g. 256")
+        if self.temperature < 0:
+            raise ConfigError("--temperature must be >= 0", "--temperature", "0 for greedy")
+        if self.max_pixels < 1:
+            raise ConfigError("--max-pixels must be positive", "--max-pixels", f"default {DEFAULT_MAX_PIXELS}")
+
+    def sampling(self) -> Sampling:
+        return Sampling(temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens, seed=self.seed)
+
+
+# ------------------------------------------------------------ worker side (pure, picklable)
+
+
+@dataclass(frozen=True)
+class _KeySpec:
+    model: str
+    revision: str | None
+    prompt_sha256: str
+    sampling: str
+    seed: int | None
+    prep: PrepOptions
+    done: frozenset = field(default_factory=frozenset)
+
+
+_SPEC: _KeySpec | None = None
+
+
+def _init_worker(spec: _KeySpec) -> None:
+    global _SPEC
+    _SPEC = spec
+
+
+def caption_key(input_sha256: str, spec: _KeySpec) -> str:
+    # the image preparation (pad vs crop) changes what the model sees, so it is
+    # part of the sampling identity too
+    sampling = json.dumps({"sampling": json.loads(spec.sampling), "prep": spec.prep.mode}, sort_keys=True)
+    return content_key(STAGE, input_sha256, spec.model, spec.revision, spec.prompt_sha256, sampling, spec.seed)
+
+
+def _work_hash_first(ref: ImageRef) -> dict[str, Any]:
+    """Hash first; decode only if the key is not done (reruns skip decoding)."""
+    import hashlib
+
+    spec = _SPEC
+    try:
+        data = read_bytes(ref)
+    except (OSError, KeyError) as exc:
+        reason = "missing_file" if isinstance(exc, (FileNotFoundError, KeyError)) else "read_error"
+        return {"ref": ref, "key": caption_key("uri:" + sha256_text(ref.uri), spec), "sha256": None, "error": f"{reason}: {exc}"}
+    digest = hashlib.sha256(data).hexdigest()
+    key = caption_key(digest, spec)
+    if key in spec.done:
+        return {"ref": ref, "key": key, "sha256": digest, "skipped": True}
+    prep = prepare(data, spec.prep)
+    return {"ref": ref, "key": key, "sha256": digest, "prepared": prep, "error": prep.error}
+
+
+def _ordered_map(refs: Iterable[ImageRef], spec: _KeySpec, workers: int, window: int) -> Iterator[dict[str, Any]]:
+    """Results in input order with at most ``window`` images in flight (bounded memory)."""
+    if workers == 0:
+        _init_worker(spec)
+        for ref in refs:
+            yield _work_hash_first(ref)
+        return
+    # spawn: workers never inherit the parent's torch/CUDA state
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(spec,)) as pool:
+        pending: deque[Future] = deque()
+        it = iter(refs)
+        for ref in it:
+            pending.append(pool.submit(_work_hash_first, ref))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+# ------------------------------------------------------------ main side
+
+
+def run_caption(
+    refs: Iterable[ImageRef],
+    out: Path | str,
+    engine_cfg: EngineConfig,
+    opts: CaptionOptions = CaptionOptions(),
+    *,
+    engine: Engine | None = None,
+    progress: bool = True,
+    console=None,
+) -> StageSummary:
+    """Caption every image of ``refs`` into ``out/captions``; returns the summary.
+
+    Configuration is checked and the model loaded before any image is read.
+    Pass ``engine`` to reuse a loaded model (Prefect tasks, the pipeline command).
+    """
+    opts.validate()
+    prompt = load_prompt(opts.prompt_file)
+    if not engine_cfg.model:
+        engine_cfg.model = DEFAULT_MODEL
+    own_engine = engine is None
+    engine = engine or load_engine(engine_cfg)
+    folder = Path(out) / "captions"
+    folder.mkdir(parents=True, exist_ok=True)
+    compact(folder, CAPTIONS_SCHEMA)  # a killed earlier run may have left superseded rows
+    run_id = new_run_id()
+    sampling = opts.sampling()
+    spec = _KeySpec(
+        model=engine.model,
+        revision=engine.revision,
+        prompt_sha256=prompt.sha256,
+        sampling=sampling.to_json(),
+        seed=sampling.seed,
+        prep=PrepOptions(mode="crop" if opts.crop else "pad", size=engine.image_size(), max_pixels=opts.max_pixels),
+        done=frozenset() if opts.force else frozenset(done_keys(folder)),
+    )
+    refs = list(refs)
+    summary = StageSummary(stage=STAGE, out_dir=folder, run_id=run_id)
+    manifest = Manifest(
+        stage=STAGE,
+        run_id=run_id,
+        config={"engine": engine_cfg.public_dict() | {"model": engine.model}, "options": asdict(opts), "prompt_id": prompt.prompt_id, "prompt_sha256": prompt.sha256},
+    )
+    batch_size = getattr(engine, "batch_size", 8)
+    pending: list[dict[str, Any]] = []
+
+    def row(item: dict[str, Any], result=None, error=None) -> dict[str, Any]:
+        prep = item.get("prepared")
+        return {
+            "image_id": item["ref"].image_id,
+            "image_sha256": item["sha256"],
+            "image_uri": item["ref"].uri,
+            "image_width": getattr(prep, "width", None),
+            "image_height": getattr(prep, "height", None),
+            "caption": result.text if result is not None else None,
+            **provenance(key=item["key"], engine=engine, prompt_id=prompt.prompt_id, prompt_sha256=prompt.sha256, sampling=sampling, run_id=run_id, result=result, error=error),
+        }
+
+    try:
+        with ShardWriter(folder, CAPTIONS_SCHEMA, run_id, opts.rows_per_shard) as writer, progress_bar("caption", len(refs), progress) as bar:
+            task = bar.add_task("caption", total=len(refs))
+
+            def flush() -> None:
+                if not pending:
+                    return
+                requests = [
+                    ChatRequest(messages=[{"role": "user", "content": prompt.text}], image=it["prepared"].image, sampling=sampling, request_id=it["ref"].image_id)
+                    for it in pending
+                ]
+                for it, res in zip(pending, engine.generate(requests)):
+                    error = res.error
+                    if error is None and not res.text.strip():
+                        error = "empty_output: the model returned no text"
+                    writer.add(row(it, res, error))
+                    if error:
+                        summary.fail(error)
+                    else:
+                        summary.done += 1
+                        summary.truncated += res.finish_reason == "length"
+                bar.advance(task, len(pending))
+                pending.clear()
+
+            for item in _ordered_map(refs, spec, opts.workers, window=max(2 * batch_size, 8)):
+                if item.get("skipped"):
+                    summary.skipped += 1
+                    bar.advance(task)
+                elif item.get("error"):
+                    writer.add(row(item, error=item["error"]))
+                    summary.fail(item["error"])
+                    bar.advance(task)
+                else:
+                    pending.append(item)
+                    if len(pending) >= batch_size:
+                        flush()
+            flush()
+            summary.shards = list(writer.written)
+    finally:
+        compact(folder, CAPTIONS_SCHEMA)  # a retried key keeps only its newest row
+        summary.finish()
+        manifest.counts = summary.counts()
+        manifest.failures = dict(summary.failed)
+        manifest.finished_at = utcnow().isoformat()
+        manifest.write(folder)
+        if own_engine:
+            engine.close()
+    return summary

@@ -1,0 +1,281 @@
+"""The embedded transformers engine (default).
+
+Loads the model once per process and serves every batch: batched, left-padded
+``generate`` with requests grouped by sampling settings and sorted by length
+to cut padding. Vision-language models (LLaVA) go through their processor and
+``AutoModelForImageTextToText``; text models through the tokenizer and
+``AutoModelForCausalLM``. Hub ids and local directories load the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from dataprep.engines import ChatRequest, ChatResult, ConfigError, EngineConfig
+
+log = logging.getLogger(__name__)
+
+CPU_BATCH_SIZE = 8
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device != "auto":
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError("CUDA is not available on this machine", "--device", "use --device cpu, or install a CUDA build of torch")
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, dtype)
+
+
+def load_config(model: str, revision: str | None, trust_remote_code: bool = False):
+    """AutoConfig with one clear message for every way a model can be missing."""
+    from transformers import AutoConfig
+
+    local = Path(model).expanduser()
+    if (model.startswith((".", "/", "~")) or local.exists()) and not (local / "config.json").is_file():
+        raise ConfigError(f"no model at {local} (config.json missing)", "--model", "pass a directory written by save_pretrained, or a hub id")
+    try:
+        return AutoConfig.from_pretrained(str(local) if local.exists() else model, revision=revision, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        text = str(exc)
+        if "gated" in text.lower() or "401" in text or "403" in text or "restricted" in text.lower():
+            raise ConfigError(
+                f"model {model!r} needs a licence you have not accepted, or a token",
+                "--model",
+                f"accept the licence on https://huggingface.co/{model} and run `huggingface-cli login` (or set HF_TOKEN)",
+            ) from None
+        raise ConfigError(
+            f"cannot find model {model!r} ({text.splitlines()[0] if text else type(exc).__name__})",
+            "--model",
+            "check the hub id and your network, or download it first (`huggingface-cli download ID`) "
+            "and pass the local directory; offline, set HF_HUB_OFFLINE=1 with a populated cache",
+        ) from None
+
+
+class TransformersEngine:
+    name = "transformers"
+
+    def __init__(self, cfg: EngineConfig):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+        self.cfg = cfg
+        self.model = cfg.model
+        self.revision = cfg.revision
+        config = load_config(cfg.model, cfg.revision, cfg.trust_remote_code)
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.is_vision = hasattr(config, "vision_config") and config.vision_config is not None
+        path = str(Path(cfg.model).expanduser()) if Path(cfg.model).expanduser().exists() else cfg.model
+        kwargs: dict[str, Any] = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=self.dtype)
+        if cfg.quantize:
+            kwargs["quantization_config"] = _bnb_config(cfg.quantize, self.device, self.dtype)
+            kwargs["device_map"] = {"": self.device}
+        try:
+            kwargs["attn_implementation"] = "sdpa"
+            if self.is_vision:
+                self.processor = AutoProcessor.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+                self.tokenizer = self.processor.tokenizer
+                self.net = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+            else:
+                self.processor = None
+                self.tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+                self.net = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        except OSError as exc:
+            raise ConfigError(f"cannot load model {cfg.model!r}: {exc}", "--model", "check the id or directory") from None
+        if not cfg.quantize:
+            self.net.to(self.device)
+        self.net.eval()
+        self.tokenizer.padding_side = "left"  # decoder-only batching: pad on the left
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.batch_size = self._batch_size()
+        torch.set_grad_enabled(False)
+
+    # ------------------------------------------------------------ info
+
+    def image_size(self) -> int | None:
+        if not self.is_vision:
+            return None
+        ip = self.processor.image_processor
+        crop = getattr(ip, "crop_size", None) or {}
+        size = getattr(ip, "size", None) or {}
+        return crop.get("height") or size.get("shortest_edge") or size.get("height")
+
+    def _batch_size(self) -> int:
+        if self.cfg.batch_size != "auto":
+            return int(self.cfg.batch_size)
+        if not self.device.startswith("cuda"):
+            return CPU_BATCH_SIZE
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(torch.device(self.device))
+        # KV cache per sequence ~ 2 * layers * kv_heads * head_dim * bytes * tokens;
+        # budget 1.5k tokens per sequence and keep 20% of the free memory spare.
+        tc = getattr(self.net.config, "text_config", self.net.config)
+        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        kv_heads = getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads
+        per_seq = 2 * tc.num_hidden_layers * kv_heads * head_dim * 2 * 1536
+        per_seq *= 3 if self.is_vision else 1  # vision tower activations + 576 image tokens
+        return int(max(1, min(256, 0.8 * free // per_seq)))
+
+    # ------------------------------------------------------------ generation
+
+    def render(self, req: ChatRequest) -> str:
+        """Messages -> prompt text with the model's chat template (image placeholder included)."""
+        messages: list[dict[str, Any]] = [dict(m) for m in req.messages]
+        if self.is_vision:
+            out = []
+            last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+            for i, m in enumerate(messages):
+                parts: list[dict[str, Any]] = [{"type": "text", "text": m["content"]}]
+                if i == last_user and req.image is not None:
+                    parts.insert(0, {"type": "image"})
+                out.append({"role": m["role"], "content": parts})
+            return self.processor.apply_chat_template(out, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def generate(self, requests: list[ChatRequest]) -> list[ChatResult]:
+        results: list[ChatResult | None] = [None] * len(requests)
+        prompts: list[str | None] = []
+        for i, r in enumerate(requests):
+            try:
+                prompts.append(self.render(r))
+            except Exception as exc:  # a template that rejects one request fails that row only
+                prompts.append(None)
+                results[i] = ChatResult.failed(f"template_error: {exc}")
+        # group by sampling (one generate call has one setting), then by length
+        groups: dict[Any, list[int]] = {}
+        for i, r in enumerate(requests):
+            if prompts[i] is not None:
+                groups.setdefault(r.sampling, []).append(i)
+        for sampling, idx in groups.items():
+            idx.sort(key=lambda i: len(prompts[i]))
+            for start in range(0, len(idx), self.batch_size):
+                chunk = idx[start : start + self.batch_size]
+                for i, res in zip(chunk, self._generate_safe([requests[i] for i in chunk], [prompts[i] for i in chunk])):
+                    results[i] = res
+        return [r if r is not None else ChatResult.failed("internal: no result") for r in results]
+
+    def _generate_safe(self, reqs: list[ChatRequest], prompts: list[str]) -> list[ChatResult]:
+        """Run a batch; on OOM split it, on another error isolate the bad request."""
+        import torch
+
+        try:
+            return self._generate_batch(reqs, prompts)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            if len(reqs) == 1:
+                return [ChatResult.failed("out_of_memory: one request does not fit; lower --max-new-tokens or use --quantize")]
+            half = len(reqs) // 2
+            self.batch_size = max(1, half)
+            log.warning("out of memory at batch %d; continuing with batch %d", len(reqs), self.batch_size)
+            return self._generate_safe(reqs[:half], prompts[:half]) + self._generate_safe(reqs[half:], prompts[half:])
+        except Exception as exc:
+            if len(reqs) == 1:
+                return [ChatResult.failed(f"generate_error: {type(exc).__name__}: {exc}")]
+            out: list[ChatResult] = []
+            for r, p in zip(reqs, prompts):
+                out.extend(self._generate_safe([r], [p]))
+            return out
+
+    def _inputs(self, reqs: list[ChatRequest], prompts: list[str]):
+        if self.is_vision:
+            images = [r.image for r in reqs]
+            if any(im is None for im in images):
+                if not all(im is None for im in images):
+                    raise ValueError("a batch mixes requests with and without images")
+                images = None
+            return self.processor(images=images, text=prompts, padding=True, return_tensors="pt")
+        # the chat template already holds BOS; do not add a second one
+        return self.tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
+
+    def _generate_batch(self, reqs: list[ChatRequest], prompts: list[str]) -> list[ChatResult]:
+        import torch
+
+        s = reqs[0].sampling
+        inputs = self._inputs(reqs, prompts).to(self.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        gen: dict[str, Any] = dict(max_new_tokens=s.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
+        if s.greedy:
+            gen.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            gen.update(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=None)
+            if s.seed is not None:
+                torch.manual_seed(s.seed)
+        out = self.net.generate(**inputs, **gen)
+        n_in = inputs["input_ids"].shape[1]
+        new = out[:, n_in:]
+        eos = self._eos_ids()
+        results = []
+        mask = inputs["attention_mask"]
+        for row, toks in enumerate(new.tolist()):
+            stop_at = next((k for k, t in enumerate(toks) if t in eos), None)
+            if stop_at is None:
+                kept = [t for t in toks if t != self.tokenizer.pad_token_id] if self.tokenizer.pad_token_id not in eos else toks
+                finish = "length" if len(toks) >= s.max_new_tokens else "stop"
+            else:
+                kept, finish = toks[:stop_at], "stop"
+            text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
+            results.append(
+                ChatResult(
+                    text=text,
+                    finish_reason=finish,
+                    prompt_tokens=int(mask[row].sum()),
+                    completion_tokens=len(kept) + (finish == "stop" and stop_at is not None),
+                )
+            )
+        return results
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for src in (getattr(self.net, "generation_config", None), self.net.config, self.tokenizer):
+            v = getattr(src, "eos_token_id", None)
+            if isinstance(v, int):
+                ids.add(v)
+            elif isinstance(v, (list, tuple)):
+                ids.update(int(x) for x in v)
+        return ids
+
+    def close(self) -> None:
+        import gc
+
+        import torch
+
+        self.net = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _bnb_config(quantize: str, device: str, dtype):
+    if not device.startswith("cuda"):
+        raise ConfigError("bitsandbytes quantization needs a CUDA GPU", "--quantize", "drop --quantize on CPU, or run on a GPU")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError("bitsandbytes is not installed", "--quantize", 'pip install "softrepa-dataprep[quant]"') from None
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "4bit":
+        # NF4 with double quantization, as the paper's 4bit/llava-v1.5-13b-3GB checkpoint
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)

@@ -1,0 +1,186 @@
+"""Image sources -> a stream of :class:`ImageRef`.
+
+A ref is cheap and picklable (id, uri, and for in-memory datasets the bytes),
+so worker processes read, hash and decode it. Ids are stable across runs:
+``div2k/0001``, ``<folder name>/<relative path>``, ``<dataset>/<split>/<row>``.
+
+URIs are local paths or fsspec-style chained URLs (``zip://member::/abs.zip``)
+that :func:`read_bytes` here and ``fsspec.open`` in ``softrepa`` both open.
+"""
+
+from __future__ import annotations
+
+import re
+import zipfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterator
+
+from dataprep.engines import ConfigError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+DIV2K_SPLITS = {"train": (1, 800), "valid": (801, 900)}
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    image_id: str
+    source: str  # div2k | folder | hf
+    uri: str
+    data: bytes | None = None  # set for sources without files (HF datasets)
+
+
+# ------------------------------------------------------------------ reading
+
+
+@lru_cache(maxsize=8)
+def _open_zip(path: str) -> zipfile.ZipFile:
+    # One handle per worker process; reading the central directory per image
+    # would dominate for 800-member archives.
+    return zipfile.ZipFile(path)
+
+
+def read_bytes(ref: ImageRef) -> bytes:
+    """The image file's bytes. Raises OSError/KeyError with the cause."""
+    if ref.data is not None:
+        return ref.data
+    if ref.uri.startswith("zip://"):
+        member, archive = ref.uri[len("zip://"):].split("::", 1)
+        return _open_zip(archive).read(member)
+    return Path(ref.uri).read_bytes()
+
+
+# ------------------------------------------------------------------ DIV2K
+
+
+def parse_ids(spec: str | None) -> set[int] | None:
+    """'1-100', '7', '1,5,9-12' -> set of ints (None: all)."""
+    if not spec:
+        return None
+    out: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m:
+            raise ConfigError(f"cannot parse id range {part!r}", "--ids", "use forms like 1-100 or 1,5,9-12")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise ConfigError(f"empty id range {part!r}", "--ids", "write the smaller id first, e.g. 1-100")
+        out.update(range(lo, hi + 1))
+    return out
+
+
+def div2k(data: Path | str, split: str = "train", ids: str | None = None, limit: int | None = None) -> list[ImageRef]:
+    """DIV2K HR images from the extracted folder or the official zip (not extracted).
+
+    Ids are ``div2k/0001`` .. ``div2k/0800`` (train) or ``0801`` .. ``0900``
+    (valid). Ids asked for with ``ids`` but absent from the data come back as
+    refs to a missing path, so they become error rows rather than vanish.
+    """
+    if split not in DIV2K_SPLITS:
+        raise ConfigError(f"unknown split {split!r}", "--split", "use train or valid")
+    data = Path(data).expanduser()
+    if not data.exists():
+        raise ConfigError(
+            f"DIV2K data not found at {data}",
+            "--data",
+            "pass the extracted DIV2K_train_HR/ folder or DIV2K_train_HR.zip "
+            "(from https://data.vision.ee.ethz.ch/cvl/DIV2K/)",
+        )
+    lo, hi = DIV2K_SPLITS[split]
+    wanted = parse_ids(ids)
+    found: dict[int, str] = {}
+    if data.is_file():
+        if not zipfile.is_zipfile(data):
+            raise ConfigError(f"{data} is not a zip archive", "--data", "pass the DIV2K folder or the official .zip")
+        for name in _open_zip(str(data.resolve())).namelist():
+            m = re.search(r"(?:^|/)(\d{4})\.png$", name)
+            if m:
+                found[int(m.group(1))] = f"zip://{name}::{data.resolve()}"
+    else:
+        for p in data.iterdir():
+            m = re.fullmatch(r"(\d{4})\.png", p.name)
+            if m:
+                found[int(m.group(1))] = str(p.resolve())
+    numbers = sorted(wanted) if wanted is not None else sorted(n for n in found if lo <= n <= hi)
+    if wanted is not None:
+        outside = [n for n in numbers if not lo <= n <= hi]
+        if outside:
+            raise ConfigError(f"ids {outside[:5]} are outside the {split} split ({lo}-{hi})", "--ids", f"use ids in {lo}-{hi} or change --split")
+    if not numbers:
+        raise ConfigError(f"no DIV2K {split} images (NNNN.png, ids {lo}-{hi}) in {data}", "--data", "point at DIV2K_train_HR/ or DIV2K_valid_HR/ (or their zips)")
+    if limit is not None:
+        numbers = numbers[:limit]
+    missing_dir = data if data.is_dir() else data.parent
+    return [
+        ImageRef(f"div2k/{n:04d}", "div2k", found.get(n, str((missing_dir / f"{n:04d}.png").resolve())))
+        for n in numbers
+    ]
+
+
+# ------------------------------------------------------------------ folders
+
+
+def folder(path: Path | str, name: str | None = None, limit: int | None = None) -> list[ImageRef]:
+    """Every image under ``path`` (recursive), sorted, id = name/relative path."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise ConfigError(f"image folder not found: {root}", "PATH", "pass an existing folder of images")
+    prefix = name or root.resolve().name
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise ConfigError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}", "PATH", "pass a folder that holds images")
+    if limit is not None:
+        files = files[:limit]
+    return [ImageRef(f"{prefix}/{p.relative_to(root).as_posix()}", "folder", str(p.resolve())) for p in files]
+
+
+# ------------------------------------------------------------------ Hugging Face datasets
+
+
+def hf_dataset(
+    name_or_path: str,
+    split: str = "train",
+    image_column: str = "image",
+    id_column: str | None = None,
+    limit: int | None = None,
+) -> Iterator[ImageRef]:
+    """Rows of a `datasets` dataset (hub id, local Parquet/imagefolder dir or file).
+
+    Images are read as stored bytes (``decode=False``) so decoding happens in
+    the worker pool like every other source.
+    """
+    import datasets
+
+    p = Path(name_or_path).expanduser()
+    try:
+        if p.is_file() and p.suffix == ".parquet":
+            ds = datasets.load_dataset("parquet", data_files=str(p), split=split)
+        elif p.is_dir() and any(p.glob("*.parquet")) and not any(p.glob("*.arrow")):
+            ds = datasets.load_dataset("parquet", data_dir=str(p), split=split)
+        elif p.is_dir() and (p / "dataset_info.json").exists():
+            ds = datasets.load_from_disk(str(p))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(name_or_path, split=split)
+    except Exception as exc:
+        raise ConfigError(f"cannot load dataset {name_or_path!r} split {split!r}: {exc}", "NAME_OR_PATH", "pass a local Parquet file/folder, an imagefolder, or a hub id you can access") from None
+    if image_column not in ds.column_names:
+        raise ConfigError(f"no column {image_column!r} in {name_or_path} (columns: {ds.column_names})", "--image-column", "name the column that holds the images")
+    if id_column and id_column not in ds.column_names:
+        raise ConfigError(f"no column {id_column!r} in {name_or_path}", "--id-column", f"use one of {ds.column_names}")
+    ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    label = p.name if p.exists() else name_or_path
+    n = len(ds) if limit is None else min(limit, len(ds))
+    for i in range(n):
+        row = ds[i]
+        img = row[image_column] or {}
+        rid = str(row[id_column]) if id_column else f"{i:06d}"
+        path = img.get("path")
+        data = img.get("bytes")
+        if data is None and path and Path(path).exists():
+            yield ImageRef(f"{label}/{split}/{rid}", "hf", str(Path(path).resolve()))
+        else:
+            yield ImageRef(f"{label}/{split}/{rid}", "hf", path or f"hf://{label}/{split}/{i}", data=data if data is not None else b"")

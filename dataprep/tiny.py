@@ -1,0 +1,141 @@
+"""Tiny random checkpoints of the real architectures, for tests and the offline demo.
+
+``dataprep tiny-models DIR`` writes one ``from_pretrained`` directory per model
+the pipeline uses (``DIR/llava``, ``DIR/llama``, and the diffusers pipelines
+from :mod:`softrepa.tiny`). They load through exactly the code path of the
+real models; only the weights' size differs (see OFFLINE_TESTING.md).
+Their outputs are random tokens: good for plumbing, not for content.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# A generic chat template: string or list-of-parts content, LLaVA-1.5's
+# "USER: <image>\n... ASSISTANT:" layout. The real checkpoints ship their own.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for m in messages %}"
+    "{% if m['content'] is string %}{% set text = m['content'] %}{% set has_image = false %}"
+    "{% else %}{% set text = m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') %}"
+    "{% set has_image = (m['content'] | selectattr('type', 'equalto', 'image') | list | length) > 0 %}{% endif %}"
+    "{% if m['role'] == 'system' %}SYSTEM: {{ text }}\n"
+    "{% elif m['role'] == 'user' %}USER: {% if has_image %}<image>\n{% endif %}{{ text }} "
+    "{% else %}ASSISTANT: {{ text }}{{ eos_token }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+_CORPUS = [
+    "The image features a brown dog with a blue nose standing in a grassy field.",
+    "Describe the object and background in the image.",
+    "A yellow building with a green door and a window with white curtains.",
+    "A rocky beach with a large body of water and a dark cloudy sky.",
+    "You are an AI assistant for generating paired text prompts for real image editing tasks.",
+    "Modify only one object. Preserve all other words exactly as they are.",
+]
+
+
+def build_tokenizer(extra_special: tuple[str, ...] = ()):
+    """A byte-level BPE tokenizer (vocab ~300) trained on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>", *extra_special]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"} if "<image>" in extra_special else None,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def _llama_config(vocab_size: int, tok):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+
+
+def write_tiny_llama(out: Path | str, seed: int = 0) -> Path:
+    """Tiny LlamaForCausalLM + tokenizer (stands in for Llama-3.1-8B-Instruct)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    tok = build_tokenizer()
+    model = LlamaForCausalLM(_llama_config(len(tok), tok))
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def write_tiny_llava(out: Path | str, seed: int = 0) -> Path:
+    """Tiny LlavaForConditionalGeneration + processor (stands in for LLaVA-1.5-13B)."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    tok = build_tokenizer(extra_special=("<image>",))
+    image_token_id = tok.convert_tokens_to_ids("<image>")
+    config = LlavaConfig(
+        text_config=_llama_config(len(tok), tok),
+        vision_config=CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=30, patch_size=6
+        ),
+        image_token_index=image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}),
+        tokenizer=tok,
+        patch_size=6,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def write_all(root: Path | str, diffusers: bool = True) -> dict[str, Path]:
+    """Every tiny model the pipeline uses, one subdirectory each."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    written = {"llava": write_tiny_llava(root / "llava"), "llama": write_tiny_llama(root / "llama")}
+    if diffusers:
+        try:
+            from softrepa.tiny import write_tiny_pipelines
+        except ImportError:  # the softrepa tiny builders are optional for the text stages
+            pass
+        else:
+            written.update(write_tiny_pipelines(root))
+    return written
