@@ -1,0 +1,623 @@
+"""Contrastive batches: grids of images x prompts for SoftREPA training (issue 5).
+
+SoftREPA trains on grids of ``images x prompts`` (paper, appendix Table 3,
+"batch size (positive, negative)"): each image's own caption is its positive
+and every other prompt of the grid a negative for it. Presets:
+
+=======  ======  =======  =============================
+preset   images  prompts  pairs (positive, negative)
+=======  ======  =======  =============================
+sd3      4       4        16 (4, 12)
+sdxl     1       16       16 (1, 15)
+sd1.5    4       8        32 (4, 28)
+=======  ======  =======  =============================
+
+A batch's prompts are laid out as ``[positives (one per image, in image
+order)] + [hard negatives] + [negatives]``. The official code only uses
+in-batch captions; we fill the ``prompts - images`` free slots first with the
+hardest negative there is, the positive caption's own single-concept edit
+(passed the rule checker, no error), then with captions of images that are not
+in the batch. The SD3 grid (4 x 4) has no free slot, so it gets no hard
+negatives; use a custom grid (``images=4, prompts=8``) to add them.
+
+Rules every batch obeys (tests check each):
+
+- each image appears once per epoch (``drop_last`` drops the final partial
+  batch, so its images sit that epoch out); the order is shuffled by seed;
+- no prompt text twice in a batch; no negative equals any caption text of an
+  image in the batch (for COCO: captions of the same image are never its
+  negatives); failed or error edits are never used;
+- the same index, options and seed give the same rows, so the shards are
+  byte-identical (names derive from a hash of the config and the inputs).
+
+The core (:func:`iter_batches`) is pure: a :class:`CaptionIndex` in, rows out.
+:func:`load_caption_index` / :func:`load_coco_index` stream the stores into
+that index and :func:`build_batches` writes the rows shard by shard, so at most
+``rows_per_shard`` rows are held beyond the index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from array import array
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dataprep.engines import ConfigError
+from dataprep.store import BATCHES_SCHEMA, Manifest, shard_paths, utcnow, write_table_atomic
+
+# Paper, appendix Table 3: (images, prompts) per batch.
+PRESETS: dict[str, tuple[int, int]] = {"sd3": (4, 4), "sdxl": (1, 16), "sd1.5": (4, 8)}
+
+POSITIVE, HARD_NEGATIVE, NEGATIVE = "positive", "hard_negative", "negative"
+
+
+# ---------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """What to build. CLI flags map one-to-one to these fields.
+
+    ``images`` / ``prompts`` override the preset's grid (``preset="custom"``
+    needs both). ``hard_negatives``: at most this many edits per batch; None
+    means as many as fit (``min(images, prompts - images)``).
+    """
+
+    preset: str = "sd3"
+    images: int | None = None
+    prompts: int | None = None
+    hard_negatives: int | None = None
+    epochs: int = 1
+    drop_last: bool = True
+    seed: int = 0
+    rows_per_shard: int = 1024
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(images per batch, prompts per batch)."""
+        base = PRESETS.get(self.preset, (None, None))
+        return (self.images or base[0], self.prompts or base[1])  # type: ignore[return-value]
+
+    @property
+    def label(self) -> str:
+        """The preset name written into each row: the preset, or custom-NxM."""
+        n, m = self.grid
+        if self.preset in PRESETS and PRESETS[self.preset] == (n, m):
+            return self.preset
+        return f"custom-{n}x{m}"
+
+    @property
+    def max_hard_negatives(self) -> int:
+        n, m = self.grid
+        fit = min(n, m - n)
+        return fit if self.hard_negatives is None else self.hard_negatives
+
+    def validate(self) -> "BatchOptions":
+        """Raise ConfigError naming the flag and the fix; return self."""
+        if self.preset not in PRESETS and self.preset != "custom":
+            raise ConfigError(f"unknown preset {self.preset!r}", "--preset", f"use one of {', '.join(PRESETS)} or custom with --images/--prompts")
+        if self.preset == "custom" and (self.images is None or self.prompts is None):
+            raise ConfigError("preset custom needs a grid", "--images/--prompts", "pass both, e.g. --images 4 --prompts 8")
+        n, m = self.grid
+        if n < 1:
+            raise ConfigError(f"images per batch must be >= 1, got {n}", "--images", "pass a positive number")
+        if m < n:
+            raise ConfigError(f"{m} prompts cannot hold the positives of {n} images", "--prompts", f"pass --prompts >= {n} (each image needs its own caption in the batch)")
+        if self.hard_negatives is not None:
+            fit = min(n, m - n)
+            if self.hard_negatives < 0 or self.hard_negatives > fit:
+                raise ConfigError(
+                    f"--hard-negatives {self.hard_negatives} does not fit a {n}x{m} grid (at most {fit}: one edit per image, {m - n} free prompt slots)",
+                    "--hard-negatives",
+                    f"pass 0..{fit}, or a grid with more prompts than images (e.g. --images {n} --prompts {2 * n})",
+                )
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {self.epochs}", "--epochs", "pass a positive number")
+        if self.rows_per_shard < 1:
+            raise ConfigError(f"rows per shard must be >= 1, got {self.rows_per_shard}", "--rows-per-shard", "pass a positive number")
+        return self
+
+
+# ---------------------------------------------------------------- the index
+
+
+@dataclass
+class CaptionIndex:
+    """Everything the builder needs, one entry per usable image, sorted by id.
+
+    Captions of image ``i`` are ``texts[starts[i]:starts[i + 1]]`` (one for a
+    caption store, about five for COCO). ``edits`` is parallel to ``texts``:
+    the caption's passing single-concept edit, or None. ``skipped`` counts
+    what was left out and why (error rows, images without a caption, failed
+    edits, ...); ``fingerprint`` is a sha256 of the content, so a rebuild with
+    other inputs gets other shard names.
+    """
+
+    image_ids: list[str]
+    image_uris: list[str | None]
+    starts: array
+    texts: list[str]
+    edits: list[str | None]
+    skipped: Counter = field(default_factory=Counter)
+    fingerprint: str = ""
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def captions(self, i: int) -> list[str]:
+        return self.texts[self.starts[i] : self.starts[i + 1]]
+
+    def n_edits(self) -> int:
+        return sum(e is not None for e in self.edits)
+
+
+def make_index(rows: list[tuple[str, str | None, list[str]]], skipped: Counter | None = None) -> CaptionIndex:
+    """Build an index from ``(image_id, uri, captions)`` tuples (sorted by id here)."""
+    rows = sorted(rows, key=lambda r: r[0])
+    starts = array("q", [0])
+    texts: list[str] = []
+    for _, _, caps in rows:
+        texts.extend(caps)
+        starts.append(len(texts))
+    index = CaptionIndex([r[0] for r in rows], [r[1] for r in rows], starts, texts, [None] * len(texts), skipped or Counter())
+    index.fingerprint = _fingerprint(index)
+    return index
+
+
+def _fingerprint(index: CaptionIndex) -> str:
+    h = hashlib.sha256()
+    for i, image_id in enumerate(index.image_ids):
+        h.update(json.dumps([image_id, index.image_uris[i], index.captions(i), index.edits[index.starts[i] : index.starts[i + 1]]]).encode())
+    return h.hexdigest()
+
+
+def _ts(col: pa.Array) -> list[int]:
+    """Timestamps as int microseconds (nulls as -1), cheap to compare."""
+    return [(-1 if v is None else v) for v in col.cast(pa.int64()).to_pylist()]
+
+
+def load_caption_index(captions_dir: Path | str) -> CaptionIndex:
+    """Newest good caption per image_id from a caption store (streamed by shard).
+
+    A store may hold several good rows for one image (other model or prompt,
+    hence other keys): the newest ``created_at`` wins, ties go to the later
+    shard/row. Error rows, empty captions and images with no good row are
+    skipped and counted in ``skipped``.
+    """
+    paths = shard_paths(captions_dir)
+    if not paths:
+        raise ConfigError(f"no caption shards in {captions_dir}", "--captions", "point it at OUT/captions of a `dataprep caption` run")
+    best: dict[str, tuple[int, str, str | None]] = {}
+    errored: set[str] = set()
+    skipped: Counter = Counter()
+    for path in paths:
+        pf = pq.ParquetFile(path)
+        for b in pf.iter_batches(columns=["image_id", "image_uri", "caption", "error", "created_at"]):
+            ids, uris, caps, errs = (b.column(c).to_pylist() for c in ("image_id", "image_uri", "caption", "error"))
+            for image_id, uri, cap, err, ts in zip(ids, uris, caps, errs, _ts(b.column("created_at"))):
+                if err is not None:
+                    skipped["caption_error_rows"] += 1
+                    errored.add(image_id)
+                    continue
+                if not cap or not cap.strip():
+                    skipped["caption_empty_rows"] += 1
+                    errored.add(image_id)
+                    continue
+                cur = best.get(image_id)
+                if cur is None or ts >= cur[0]:
+                    best[image_id] = (ts, cap, uri)
+    skipped["images_without_caption"] = len(errored - best.keys())
+    index = make_index([(k, v[2], [v[1]]) for k, v in best.items()], skipped)
+    return index
+
+
+def attach_edits(index: CaptionIndex, edits_dir: Path | str) -> CaptionIndex:
+    """Attach each caption's newest usable edit (``passed`` and no error).
+
+    An edit belongs to a caption when its image_id matches and its ``source``
+    is that caption's text (whitespace at the ends ignored): an edit of an
+    older caption of the image is not this caption's single-concept edit, so
+    it is skipped and counted as ``edit_stale``.
+    """
+    paths = shard_paths(edits_dir)
+    if not paths:
+        raise ConfigError(f"no edit shards in {edits_dir}", "--edits", "point it at OUT/edits of a `dataprep rewrite` run, or leave it out")
+    pos = {image_id: i for i, image_id in enumerate(index.image_ids)}
+    newest: dict[int, int] = {}
+    sk = index.skipped
+    for path in paths:
+        pf = pq.ParquetFile(path)
+        for b in pf.iter_batches(columns=["image_id", "source", "target", "passed", "error", "created_at"]):
+            cols = [b.column(c).to_pylist() for c in ("image_id", "source", "target", "passed", "error")]
+            for image_id, source, target, passed, err, ts in zip(*cols, _ts(b.column("created_at"))):
+                if err is not None:
+                    sk["edit_error_rows"] += 1
+                    continue
+                if passed is not True:
+                    sk["edit_failed_rows"] += 1
+                    continue
+                if not target or not target.strip():
+                    sk["edit_empty_rows"] += 1
+                    continue
+                i = pos.get(image_id)
+                if i is None:
+                    sk["edit_without_caption"] += 1
+                    continue
+                src = (source or "").strip()
+                lo, hi = index.starts[i], index.starts[i + 1]
+                k = next((k for k in range(lo, hi) if index.texts[k].strip() == src), None)
+                if k is None:
+                    sk["edit_stale"] += 1
+                    continue
+                if k not in newest or ts >= newest[k]:
+                    newest[k] = ts
+                    index.edits[k] = target
+    index.fingerprint = _fingerprint(index)
+    return index
+
+
+def load_coco_index(coco_captions: Path | str, coco_images: Path | str) -> CaptionIndex:
+    """COCO ``captions_*.json`` -> index with all (about five) captions per image.
+
+    Image ids are ``coco/<file stem>``; captions keep annotation-id order so
+    the per-epoch rotation is stable. Images whose file is missing under
+    ``coco_images`` are skipped and counted.
+    """
+    cp, root = Path(coco_captions), Path(coco_images)
+    if not cp.is_file():
+        raise ConfigError(f"COCO captions file not found: {cp}", "--coco-captions", "pass annotations/captions_train2017.json")
+    if not root.is_dir():
+        raise ConfigError(f"COCO image folder not found: {root}", "--coco-images", "pass the train2017/ folder")
+    try:
+        data = json.loads(cp.read_text())
+        images = {im["id"]: im["file_name"] for im in data["images"]}
+        anns = sorted(data["annotations"], key=lambda a: a["id"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"not a COCO captions file: {cp} ({exc})", "--coco-captions", "pass annotations/captions_train2017.json") from None
+    caps: dict[int, list[str]] = {}
+    skipped: Counter = Counter()
+    for a in anns:
+        text = a.get("caption")
+        if not text or not text.strip():
+            skipped["caption_empty_rows"] += 1
+            continue
+        caps.setdefault(a["image_id"], [])
+        if text not in caps[a["image_id"]]:  # a repeated caption would be its own negative
+            caps[a["image_id"]].append(text)
+    rows = []
+    for image_id, file_name in images.items():
+        if image_id not in caps:
+            skipped["images_without_caption"] += 1
+            continue
+        path = root / file_name
+        if not path.is_file():
+            skipped["image_missing"] += 1
+            continue
+        rows.append((f"coco/{Path(file_name).stem}", str(path.resolve()), caps[image_id]))
+    return make_index(rows, skipped)
+
+
+# ---------------------------------------------------------------- the pure core
+
+
+@dataclass
+class BuildCounts:
+    batches: int = 0
+    positives: int = 0
+    hard_negatives: int = 0
+    negatives: int = 0
+    dropped_images: int = 0  # left out by drop_last, summed over epochs
+    unfillable_batches: int = 0  # not enough distinct captions to fill a grid
+    edits_unused: int = 0  # an edit equal to another text of its batch, or over --hard-negatives
+
+
+def run_id_for(opts: BatchOptions, index: CaptionIndex) -> str:
+    """Deterministic run id: preset + hash of options and input content."""
+    payload = json.dumps([asdict(opts), index.fingerprint], sort_keys=True)
+    return f"{opts.label}-s{opts.seed}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
+
+
+def _epoch_rng(seed: int, epoch: int, stream: str) -> random.Random:
+    # str seeds are hashed with sha512: stable across Python versions and runs
+    return random.Random(f"softrepa-batches/{seed}/{epoch}/{stream}")
+
+
+def iter_batches(index: CaptionIndex, opts: BatchOptions, run_id: str = "run", counts: BuildCounts | None = None) -> Iterator[dict[str, Any]]:
+    """Yield batch rows (BATCHES_SCHEMA dicts), epoch after epoch.
+
+    Per epoch: the images are shuffled by ``(seed, epoch)``; an image whose
+    positive would clash with its batch (same text as a caption already there)
+    waits for the next batch, so every batch keeps its rules and every image
+    still comes once. Positive of image ``i`` in epoch ``e`` is caption
+    ``e mod n_i`` (COCO's rotation; a single caption otherwise).
+    """
+    opts.validate()
+    n_img, n_prompt = opts.grid
+    max_hard = opts.max_hard_negatives
+    counts = counts if counts is not None else BuildCounts()
+    N = len(index)
+    for epoch in range(opts.epochs):
+        order = list(range(N))
+        _epoch_rng(opts.seed, epoch, "order").shuffle(order)
+        rng = _epoch_rng(opts.seed, epoch, "negatives")
+
+        def positive_at(i: int, epoch: int = epoch) -> int:
+            return index.starts[i] + epoch % (index.starts[i + 1] - index.starts[i])
+
+        def positive(i: int) -> str:
+            return index.texts[positive_at(i)]
+
+        stream = iter(order)
+        pending: deque[int] = deque()
+        b = 0
+        while True:
+            members: list[int] = []
+            pos_texts: set[str] = set()
+            all_caps: set[str] = set()
+
+            def fits(j: int) -> bool:
+                return positive(j) not in all_caps and not any(c in pos_texts for c in index.captions(j))
+
+            def take(j: int) -> None:
+                members.append(j)
+                pos_texts.add(positive(j))
+                all_caps.update(index.captions(j))
+
+            for _ in range(len(pending)):
+                j = pending.popleft()
+                if len(members) < n_img and fits(j):
+                    take(j)
+                else:
+                    pending.append(j)
+            exhausted = False
+            while len(members) < n_img:
+                j = next(stream, None)
+                if j is None:
+                    exhausted = True
+                    break
+                if fits(j):
+                    take(j)
+                else:
+                    pending.append(j)
+            if not members:
+                break
+            if len(members) < n_img and opts.drop_last:
+                counts.dropped_images += len(members) + len(pending)
+                break
+            row = _fill(index, members, positive_at, n_prompt, max_hard, rng, counts)
+            if row is None:
+                counts.unfillable_batches += 1
+                counts.dropped_images += len(members)
+            else:
+                counts.batches += 1
+                row.update(batch_id=f"{run_id}-e{epoch:03d}-{b:07d}", preset=opts.label, seed=opts.seed, epoch=epoch)
+                b += 1
+                yield row
+            if exhausted and not pending:
+                break
+
+
+def _fill(index: CaptionIndex, members: list[int], positive_at: Callable[[int], int], n_prompt: int, max_hard: int, rng: random.Random, counts: BuildCounts) -> dict[str, Any] | None:
+    """Prompts for one batch, or None when the free slots cannot be filled."""
+    prompts = [index.texts[positive_at(i)] for i in members]
+    kinds = [POSITIVE] * len(members)
+    owners = [index.image_ids[i] for i in members]
+    used = set()
+    for i in members:
+        used.update(index.captions(i))  # no caption of a batch image is ever a negative
+    # hard negatives: the positive caption's own edit
+    for i in members:
+        edit = index.edits[positive_at(i)]
+        if edit is None:
+            continue
+        if len(prompts) >= n_prompt or kinds.count(HARD_NEGATIVE) >= max_hard or edit in used:
+            counts.edits_unused += 1
+            continue
+        prompts.append(edit)
+        kinds.append(HARD_NEGATIVE)
+        owners.append(index.image_ids[i])
+        used.add(edit)
+    # negatives: captions of images outside the batch, random with rejection,
+    # then a full scan from a random start so a crowded index still fills
+    need = n_prompt - len(prompts)
+    inside = set(members)
+    N = len(index)
+    tries = 0
+    while need and tries < 32 * need and N > len(inside):
+        tries += 1
+        j = rng.randrange(N)
+        if j in inside:
+            continue
+        caps = index.captions(j)
+        text = caps[rng.randrange(len(caps))] if len(caps) > 1 else caps[0]
+        if text in used:
+            continue
+        prompts.append(text)
+        kinds.append(NEGATIVE)
+        owners.append(index.image_ids[j])
+        used.add(text)
+        need -= 1
+    if need:
+        start = rng.randrange(N) if N else 0
+        for step in range(N):
+            j = (start + step) % N
+            if j in inside:
+                continue
+            for text in index.captions(j):
+                if text not in used:
+                    prompts.append(text)
+                    kinds.append(NEGATIVE)
+                    owners.append(index.image_ids[j])
+                    used.add(text)
+                    need -= 1
+                    break
+            if not need:
+                break
+    if need:
+        return None
+    counts.positives += len(members)
+    counts.hard_negatives += kinds.count(HARD_NEGATIVE)
+    counts.negatives += kinds.count(NEGATIVE)
+    return {
+        "image_ids": [index.image_ids[i] for i in members],
+        "image_uris": [index.image_uris[i] for i in members],
+        "prompts": prompts,
+        "prompt_kinds": kinds,
+        "prompt_image_ids": owners,
+        "positive_index": list(range(len(members))),
+    }
+
+
+def check_fillable(index: CaptionIndex, opts: BatchOptions) -> None:
+    """Fail before any work when no batch could ever be filled."""
+    n, m = opts.grid
+    if len(index) == 0:
+        raise ConfigError("no image has a usable caption", "--captions", "caption some images first (see the skipped counts)")
+    hard = min(opts.max_hard_negatives, index.n_edits())
+    others = len(index) - n
+    if others < m - n - hard:
+        raise ConfigError(
+            f"a {n}x{m} grid needs captions of at least {m - n - hard} images outside each batch, but only {len(index)} images have captions",
+            "--preset/--prompts",
+            f"caption more images or choose a grid with fewer prompts (at most {max(n, len(index) + hard)} here)",
+        )
+
+
+# ---------------------------------------------------------------- I/O shell
+
+
+@dataclass
+class BatchSummary:
+    run_id: str
+    preset: str
+    grid: tuple[int, int]
+    epochs: int
+    images: int  # images in the index
+    batches: int
+    rows: int
+    positives: int
+    hard_negatives: int
+    negatives: int
+    dropped_images: int
+    unfillable_batches: int
+    edits_available: int
+    edits_unused: int
+    skipped: dict[str, int]
+    shards: list[Path]
+    out_dir: Path
+    seconds: float
+    other_runs: list[str] = field(default_factory=list)
+
+
+def write_batches(index: CaptionIndex, out_dir: Path | str, opts: BatchOptions, progress: Callable[[int, int], None] | None = None, inputs: dict[str, Any] | None = None) -> BatchSummary:
+    """Write the index's batches as ``part-<run_id>-<nnnnn>.parquet`` shards.
+
+    Holds at most ``rows_per_shard`` rows beyond the index. Shards of the same
+    run id (same options and inputs) are overwritten with identical bytes, so
+    a rerun is idempotent; other runs' shards in the folder are left alone.
+    ``progress(done, total)`` is called per written batch with the expected
+    total number of batches.
+    """
+    opts.validate()
+    check_fillable(index, opts)
+    t0, started = time.perf_counter(), utcnow().isoformat()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    run_id = run_id_for(opts, index)
+    counts = BuildCounts()
+    n_img = opts.grid[0]
+    per_epoch = len(index) // n_img if opts.drop_last else -(-len(index) // n_img)
+    total = per_epoch * opts.epochs
+    shards: list[Path] = []
+    buffer: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        if not buffer:
+            return
+        table = pa.Table.from_pydict({c: [r[c] for r in buffer] for c in BATCHES_SCHEMA.names}, schema=BATCHES_SCHEMA)
+        path = out / f"part-{run_id}-{len(shards):05d}.parquet"
+        write_table_atomic(table, path)
+        shards.append(path)
+        buffer.clear()
+
+    for row in iter_batches(index, opts, run_id, counts):
+        buffer.append(row)
+        if len(buffer) >= opts.rows_per_shard:
+            flush()
+        if progress:
+            progress(counts.batches, total)
+    flush()
+    # an earlier identical run cannot have more shards, but never leave a stray one
+    for p in shard_paths(out):
+        if p.name.startswith(f"part-{run_id}-") and p not in shards:
+            p.unlink()
+    others = sorted({p.name[len("part-") : -len("-00000.parquet")] for p in shard_paths(out)} - {run_id})
+    summary = BatchSummary(
+        run_id=run_id,
+        preset=opts.label,
+        grid=opts.grid,
+        epochs=opts.epochs,
+        images=len(index),
+        batches=counts.batches,
+        rows=counts.batches,
+        positives=counts.positives,
+        hard_negatives=counts.hard_negatives,
+        negatives=counts.negatives,
+        dropped_images=counts.dropped_images,
+        unfillable_batches=counts.unfillable_batches,
+        edits_available=index.n_edits(),
+        edits_unused=counts.edits_unused,
+        skipped=dict(sorted(index.skipped.items())),
+        shards=shards,
+        out_dir=out,
+        seconds=time.perf_counter() - t0,
+        other_runs=others,
+    )
+    config = {"options": asdict(opts), "grid": list(opts.grid), "inputs": inputs or {}, "input_fingerprint": index.fingerprint}
+    # a run's own config, beside its shards and free of timestamps (deterministic)
+    (out / f"run-{run_id}.json").write_text(json.dumps({"run_id": run_id, "preset": opts.label, **config, "counts": _counts(summary), "shards": [p.name for p in shards]}, indent=2, sort_keys=True) + "\n")
+    Manifest(stage="batches", config=config, run_id=run_id, counts=_counts(summary), failures=summary.skipped, started_at=started, finished_at=utcnow().isoformat()).write(out)
+    return summary
+
+
+def _counts(s: BatchSummary) -> dict[str, int]:
+    return {
+        "images": s.images,
+        "batches": s.batches,
+        "positives": s.positives,
+        "hard_negatives": s.hard_negatives,
+        "negatives": s.negatives,
+        "dropped_images": s.dropped_images,
+        "unfillable_batches": s.unfillable_batches,
+        "edits_available": s.edits_available,
+        "edits_unused": s.edits_unused,
+    }
+
+
+def build_batches(captions_dir: Path | str, out_dir: Path | str, opts: BatchOptions, edits_dir: Path | str | None = None, progress: Callable[[int, int], None] | None = None) -> BatchSummary:
+    """Caption store (+ optional edit store) -> batch shards in ``out_dir``."""
+    opts.validate()
+    index = load_caption_index(captions_dir)
+    if edits_dir is not None:
+        attach_edits(index, edits_dir)
+    inputs = {"captions": str(captions_dir), "edits": None if edits_dir is None else str(edits_dir)}
+    return write_batches(index, out_dir, opts, progress, inputs)
+
+
+def build_coco_batches(coco_captions: Path | str, coco_images: Path | str, out_dir: Path | str, opts: BatchOptions, edits_dir: Path | str | None = None, progress: Callable[[int, int], None] | None = None) -> BatchSummary:
+    """COCO captions json + image folder (+ optional edit store) -> batch shards."""
+    opts.validate()
+    index = load_coco_index(coco_captions, coco_images)
+    if edits_dir is not None:
+        attach_edits(index, edits_dir)
+    inputs = {"coco_captions": str(coco_captions), "coco_images": str(coco_images), "edits": None if edits_dir is None else str(edits_dir)}
+    return write_batches(index, out_dir, opts, progress, inputs)
