@@ -214,6 +214,42 @@ def caption_hf(
 # ------------------------------------------------------------ rewrite, check (issue 3)
 
 
+@app.command("check")
+def check_cmd(
+    path: Annotated[Path, typer.Argument(help="Pairs to check: JSONL, JSON (a list of objects, e.g. SoftREPA's prompts_editing.json), Parquet, or an edits folder (OUT/edits).")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write the per-row report here: .parquet or .jsonl (input columns carried through, in input order).")] = None,
+    source_column: Annotated[Optional[str], typer.Option("--source-column", help="Source text column (default: source, else SoftREPA's prompt).")] = None,
+    target_column: Annotated[Optional[str], typer.Option("--target-column", help="Target text column (default: target, else SoftREPA's tgt_prompt).")] = None,
+    show: Annotated[int, typer.Option("--show", help="Print the first N failing rows (row number or --id-column, rules, replaced span).")] = 10,
+    id_column: Annotated[Optional[str], typer.Option("--id-column", help="Column naming each row in the failures printed (default: image_id or id if present).")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any pair fails the rules or cannot be checked.")] = False,
+) -> None:
+    """Check (source, target) pairs against the single-concept rules of prompts/edit.txt; print counts per rule and the pass rate."""
+    from rich.console import Console
+
+    from dataprep.check import check_rows, pick_columns, print_check_summary, print_failures, read_records, write_report
+
+    try:
+        if out is not None and out.suffix.lower() not in (".parquet", ".jsonl", ".json"):
+            raise ConfigError(f"unknown report type {out.suffix!r}", "--out", "end the path in .parquet or .jsonl")
+        rows = read_records(path)
+        src, tgt = pick_columns(rows, source_column, target_column)
+        report, summary = check_rows(rows, src, tgt)
+        if out is not None:
+            write_report(report, out)
+    except ConfigError as exc:
+        raise fail(str(exc))
+    console = Console()
+    print_check_summary(summary, console, title=f"check: {path} ({src} -> {tgt})")
+    if show > 0:
+        id_col = id_column or next((c for c in ("image_id", "id", "img_path") if any(c in r for r in rows)), None)
+        print_failures(report, show, console, id_col)
+    if out is not None:
+        console.print(f"report: {out}", highlight=False)
+    if strict and summary.passed < summary.total:
+        raise typer.Exit(1)
+
+
 # ------------------------------------------------------------ batches, export, stats (issue 5)
 
 
