@@ -1,0 +1,308 @@
+"""Exports of a run's caption/edit pairs (issue 5).
+
+- :func:`export_softrepa`: ``prompts_editing.json`` in the official SoftREPA
+  editing format (a list of ``{"prompt", "img_path", "tgt_prompt"}``, as in
+  ``shared/reference/softrepa/samples/prompts_editing.json``), the images
+  copied (or symlinked) beside it so ``img_path`` resolves from the json's
+  folder.
+- :func:`export_piebench`: a PIE-Bench style ``mapping_file.json`` (id ->
+  ``image_path``, ``original_prompt``, ``editing_prompt``, ``blended_word``)
+  with the images under ``annotation_images/``. The ``[ ]`` mark exactly the
+  rule checker's changed regions (``dataprep.rules.check``: ``source_spans``
+  in the original, ``target_spans`` in the edit), as PIE-Bench marks the
+  edited words; ``blended_word`` is "<source word> <target word>", the last
+  word of the first changed span on each side (e.g. "dog fox"). A caption
+  that already holds ``[`` or ``]`` makes the marks ambiguous; none is escaped.
+- :func:`export_hf`: a `datasets` dataset with an ``Image`` column, saved with
+  ``save_to_disk`` and optionally pushed to the hub.
+
+Only edits that passed the checker (and have no error) are exported unless
+``include_failed``. One pair per image: its newest passing edit (with
+``include_failed``, the newest edit when none passed). An image that cannot
+be read is skipped and counted, and the export goes on. Each export writes
+``export.json`` beside its files and registers itself in the run's
+``exports.json`` so ``dataprep stats`` can list it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Iterator
+
+import pyarrow.parquet as pq
+
+from dataprep.engines import ConfigError
+from dataprep.store import shard_paths, utcnow
+
+EXPORT_KINDS = ("softrepa", "piebench", "hf")
+
+
+@dataclass(frozen=True)
+class Pair:
+    image_id: str
+    image_uri: str | None
+    source: str
+    target: str
+    passed: bool
+    violations: tuple[str, ...] = ()
+
+
+@dataclass
+class ExportSummary:
+    kind: str
+    out: Path
+    pairs: int
+    skipped: dict[str, int] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- reading a run
+
+
+def load_pairs(run_dir: Path | str, include_failed: bool = False) -> tuple[list[Pair], Counter]:
+    """One (caption, edit) pair per image from ``RUN_DIR/edits``, sorted by image id.
+
+    Usable: ``error`` is null and the target is not empty; ``passed`` must be
+    true unless ``include_failed``. Among an image's usable rows a passing one
+    beats a failing one, then the newest ``created_at`` wins. The image uri
+    falls back to ``RUN_DIR/captions`` when the edit row has none.
+    """
+    run = Path(run_dir)
+    edits = run / "edits"
+    if not shard_paths(edits):
+        raise ConfigError(f"no edit shards in {edits}", "--run", "pass the OUT folder of a `dataprep rewrite` run (it holds edits/)")
+    skipped: Counter = Counter()
+    best: dict[str, tuple[tuple[bool, int], Pair]] = {}
+    cols = ["image_id", "image_uri", "source", "target", "passed", "violations", "error", "created_at"]
+    for path in shard_paths(edits):
+        for b in pq.ParquetFile(path).iter_batches(columns=cols):
+            ts = b.column("created_at").cast("int64").to_pylist()
+            data = [b.column(c).to_pylist() for c in cols[:-1]]
+            for (image_id, uri, source, target, passed, violations, err), t in zip(zip(*data), ts):
+                if err is not None:
+                    skipped["edit_error_rows"] += 1
+                    continue
+                if not source or not target or not target.strip():
+                    skipped["edit_empty_rows"] += 1
+                    continue
+                if passed is not True and not include_failed:
+                    skipped["edit_failed_rows"] += 1
+                    continue
+                rank = (passed is True, -1 if t is None else t)
+                cur = best.get(image_id)
+                if cur is None or rank >= cur[0]:
+                    if cur is not None:
+                        skipped["superseded_rows"] += 1
+                    best[image_id] = (rank, Pair(image_id, uri, source, target, passed is True, tuple(violations or ())))
+                else:
+                    skipped["superseded_rows"] += 1
+    missing_uri = [k for k, (_, p) in best.items() if not p.image_uri]
+    if missing_uri:
+        uris = _caption_uris(run / "captions", set(missing_uri))
+        for k in missing_uri:
+            rank, p = best[k]
+            best[k] = (rank, Pair(p.image_id, uris.get(k), p.source, p.target, p.passed, p.violations))
+    return [best[k][1] for k in sorted(best)], skipped
+
+
+def _caption_uris(captions: Path, wanted: set[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for path in shard_paths(captions):
+        t = pq.read_table(path, columns=["image_id", "image_uri"])
+        for image_id, uri in zip(t.column("image_id").to_pylist(), t.column("image_uri").to_pylist()):
+            if image_id in wanted and uri:
+                out[image_id] = uri
+    return out
+
+
+# ---------------------------------------------------------------- images
+
+
+def _uri_name(uri: str) -> str:
+    """File name an image uri points at (``zip://member::archive`` -> member's name)."""
+    if uri.startswith("zip://"):
+        uri = uri[len("zip://") :].split("::", 1)[0]
+    return PurePosixPath(uri.replace("\\", "/")).name
+
+
+def _slug(image_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", image_id).strip("_") or "image"
+
+
+def file_names(pairs: list[Pair]) -> dict[str, str]:
+    """image_id -> file name in the export: the uri's own name ("0001.png", as
+    the reference file has it) unless two images share it, then the image id."""
+    names = {p.image_id: _uri_name(p.image_uri) for p in pairs if p.image_uri}
+    taken = Counter(names.values())
+    out = {}
+    for image_id, name in names.items():
+        if taken[name] > 1 or not name:
+            name = _slug(image_id) + PurePosixPath(name).suffix
+        out[image_id] = name
+    return out
+
+
+def place_image(uri: str, dest: Path, link: bool) -> None:
+    """Copy (or symlink, for plain local files) the image at ``uri`` to ``dest``.
+
+    Raises OSError/KeyError/ValueError with the cause when it cannot be read.
+    """
+    from dataprep.sources import ImageRef, read_bytes
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.is_symlink() or dest.exists():
+        dest.unlink()
+    local = Path(uri)
+    if not uri.startswith("zip://") and local.is_file():
+        if link:
+            os.symlink(local.resolve(), dest)
+        else:
+            shutil.copyfile(local, dest)
+        return
+    data = read_bytes(ImageRef("export", "export", uri))  # zip members cannot be linked: copied
+    if not data:
+        raise ValueError("empty image")
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, dest)
+
+
+def _with_images(pairs: list[Pair], image_dir: Path, link: bool, skipped: Counter, progress: Callable[[int, int], None] | None) -> Iterator[tuple[Pair, str]]:
+    names = file_names(pairs)
+    for n, p in enumerate(pairs, 1):
+        if progress:
+            progress(n, len(pairs))
+        if p.image_id not in names:
+            skipped["image_uri_missing"] += 1
+            continue
+        try:
+            place_image(p.image_uri or "", image_dir / names[p.image_id], link)
+        except (OSError, KeyError, ValueError):
+            skipped["image_unreadable"] += 1
+            continue
+        yield p, names[p.image_id]
+
+
+# ---------------------------------------------------------------- writers
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(json.dumps(obj, indent=4, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _finish(kind: str, run_dir: Path | str, out: Path, pairs: int, skipped: Counter, files: list[Path], include_failed: bool) -> ExportSummary:
+    summary = ExportSummary(kind, out, pairs, dict(sorted(skipped.items())), files)
+    record = {"kind": kind, "path": str(out.resolve()), "run": str(Path(run_dir).resolve()), "pairs": pairs, "include_failed": include_failed, "skipped": summary.skipped, "created_at": utcnow().isoformat()}
+    _write_json(out / "export.json", record)
+    registry = Path(run_dir) / "exports.json"
+    try:
+        entries = json.loads(registry.read_text()).get("exports", []) if registry.exists() else []
+    except (OSError, ValueError):
+        entries = []
+    entries = [e for e in entries if e.get("path") != record["path"]] + [record]
+    _write_json(registry, {"exports": entries})
+    return summary
+
+
+def export_softrepa(run_dir: Path | str, out: Path | str, include_failed: bool = False, link: bool = False, progress: Callable[[int, int], None] | None = None) -> ExportSummary:
+    """``OUT/prompts_editing.json`` + images, in the official SoftREPA editing format."""
+    out = Path(out)
+    pairs, skipped = load_pairs(run_dir, include_failed)
+    entries = [{"prompt": p.source, "img_path": name, "tgt_prompt": p.target} for p, name in _with_images(pairs, out, link, skipped, progress)]
+    _write_json(out / "prompts_editing.json", entries)
+    return _finish("softrepa", run_dir, out, len(entries), skipped, [out / "prompts_editing.json"], include_failed)
+
+
+def read_softrepa(path: Path | str) -> list[dict[str, str]]:
+    """Entries of a ``prompts_editing.json`` with ``img_path`` resolved against its folder."""
+    path = Path(path)
+    entries = json.loads(path.read_text(encoding="utf-8"))
+    return [dict(e, img_path=str(path.parent / e["img_path"])) for e in entries]
+
+
+def bracket(text: str, spans: tuple[tuple[int, int], ...]) -> str:
+    """Wrap each non-empty ``[start, end)`` range of ``text`` in ``[ ]``."""
+    for start, end in sorted(s for s in spans if s[1] > s[0])[::-1]:
+        text = f"{text[:start]}[{text[start:end]}]{text[end:]}"
+    return text
+
+
+def head_word(span: str | None) -> str:
+    """Last word of a span ("an umbrella" -> "umbrella"): PIE-Bench loaders split
+    ``blended_word`` on a space into one source word and one target word."""
+    words = re.findall(r"[\w'-]+", span or "")
+    return words[-1] if words else ""
+
+
+def piebench_entry(p: Pair, image_path: str) -> dict[str, Any]:
+    """One mapping_file.json value; the brackets are the checker's changed regions."""
+    from dataprep.rules import check  # lazy: the checker is only needed here
+
+    v = check(p.source, p.target)
+    blended = f"{head_word(v.source_span)} {head_word(v.target_span)}" if head_word(v.source_span) and head_word(v.target_span) else ""
+    return {
+        "image_path": image_path,
+        "original_prompt": bracket(p.source, v.source_spans),
+        "editing_prompt": bracket(p.target, v.target_spans),
+        "blended_word": blended,
+        "image_id": p.image_id,
+        "passed": p.passed,
+        "violations": list(p.violations),
+    }
+
+
+def export_piebench(run_dir: Path | str, out: Path | str, include_failed: bool = False, link: bool = False, progress: Callable[[int, int], None] | None = None) -> ExportSummary:
+    """``OUT/mapping_file.json`` + ``OUT/annotation_images/``, PIE-Bench style."""
+    out = Path(out)
+    pairs, skipped = load_pairs(run_dir, include_failed)
+    mapping = {f"{n:012d}": piebench_entry(p, name) for n, (p, name) in enumerate(_with_images(pairs, out / "annotation_images", link, skipped, progress))}
+    _write_json(out / "mapping_file.json", mapping)
+    return _finish("piebench", run_dir, out, len(mapping), skipped, [out / "mapping_file.json"], include_failed)
+
+
+def export_hf(run_dir: Path | str, out: Path | str, include_failed: bool = False, push_to_hub: str | None = None, progress: Callable[[int, int], None] | None = None) -> ExportSummary:
+    """A `datasets` dataset (``image`` as an Image column, plus image_id, source,
+    target, passed, violations) saved to ``OUT``; pushed to ``push_to_hub``
+    when given (needs a token with write access to that repo)."""
+    import datasets
+
+    out = Path(out)
+    pairs, skipped = load_pairs(run_dir, include_failed)
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "image_id": datasets.Value("string"),
+            "source": datasets.Value("string"),
+            "target": datasets.Value("string"),
+            "passed": datasets.Value("bool"),
+            "violations": datasets.Sequence(datasets.Value("string")),
+        }
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".hf-export-") as tmp:
+        staged = Path(tmp) / "images"
+
+        def rows() -> Iterator[dict[str, Any]]:
+            for p, name in _with_images(pairs, staged, False, skipped, progress):
+                data = (staged / name).read_bytes()
+                (staged / name).unlink()  # bounded disk: one image staged at a time
+                yield {"image": {"bytes": data, "path": name}, "image_id": p.image_id, "source": p.source, "target": p.target, "passed": p.passed, "violations": list(p.violations)}
+
+        # from_generator streams rows to Arrow files: DIV2K's PNGs never sit in memory together
+        ds = datasets.Dataset.from_generator(rows, features=features, cache_dir=str(Path(tmp) / "cache"))
+        ds.save_to_disk(str(out))
+        if push_to_hub:
+            ds.push_to_hub(push_to_hub)
+        n = len(ds)
+    return _finish("hf", run_dir, out, n, skipped, [out], include_failed)
