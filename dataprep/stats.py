@@ -1,0 +1,155 @@
+"""What a run directory holds (issue 5): ``dataprep stats RUN_DIR``.
+
+A run directory is the ``OUT`` of the stages: ``images/``, ``captions/``,
+``edits/``, ``batches/`` (Parquet shards, any may be missing) and
+``exports.json`` (written by ``dataprep export``). :func:`collect` reads only
+the columns it counts, shard by shard, and returns plain dicts;
+:func:`render` turns them into one rich table.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from dataprep.store import failure_counts, shard_paths
+
+
+def _columns(folder: Path, columns: list[str]) -> pa.Table | None:
+    """The given columns of every shard (only those a shard has), or None."""
+    tables = []
+    for p in shard_paths(folder):
+        have = set(pq.read_schema(p).names)
+        tables.append(pq.read_table(p, columns=[c for c in columns if c in have]))
+    return pa.concat_tables(tables, promote_options="default") if tables else None
+
+
+def _images(run: Path) -> dict[str, Any] | None:
+    t = _columns(run / "images", ["image_id", "error"])
+    if t is None:
+        return None
+    return {"rows": t.num_rows, "distinct": len(pc.unique(t["image_id"])), "errors": t.num_rows - t["error"].null_count, "failures": failure_counts(run / "images")}
+
+
+def _captions(run: Path) -> dict[str, Any] | None:
+    t = _columns(run / "captions", ["image_id", "error"])
+    if t is None:
+        return None
+    good = pc.is_null(t["error"])
+    ids_all = pc.unique(t["image_id"])
+    ids_good = pc.unique(t.filter(good)["image_id"])
+    return {
+        "rows": t.num_rows,
+        "good": pc.sum(good).as_py() or 0,
+        "failed": t.num_rows - (pc.sum(good).as_py() or 0),
+        "images": len(ids_all),
+        "images_captioned": len(ids_good),
+        "images_without_caption": len(ids_all) - len(ids_good),
+        "failures": failure_counts(run / "captions"),
+    }
+
+
+def _edits(run: Path) -> dict[str, Any] | None:
+    t = _columns(run / "edits", ["image_id", "passed", "violations", "error"])
+    if t is None:
+        return None
+    checked = t.filter(pc.is_null(t["error"]))
+    passed = checked.filter(pc.fill_null(checked["passed"], False))
+    violations: Counter = Counter()
+    if checked.num_rows:
+        flat = pc.list_flatten(checked["violations"])
+        violations.update({d["values"]: d["counts"] for d in pc.value_counts(flat).to_pylist()} if len(flat) else {})
+    return {
+        "rows": t.num_rows,
+        "errors": t.num_rows - checked.num_rows,
+        "checked": checked.num_rows,
+        "passed": passed.num_rows,
+        "pass_rate": (passed.num_rows / checked.num_rows) if checked.num_rows else None,
+        "images_with_passing_edit": len(pc.unique(passed["image_id"])),
+        "violations": dict(violations.most_common()),
+        "failures": failure_counts(run / "edits"),
+    }
+
+
+def _batches(run: Path) -> dict[str, Any] | None:
+    t = _columns(run / "batches", ["batch_id", "preset", "epoch", "prompt_kinds"])
+    if t is None:
+        return None
+    kinds = {d["values"]: d["counts"] for d in pc.value_counts(pc.list_flatten(t["prompt_kinds"])).to_pylist()} if t.num_rows else {}
+    runs: dict[str, dict[str, Any]] = {}
+    for p in sorted((run / "batches").glob("run-*.json")):
+        try:
+            r = json.loads(p.read_text())
+            runs[r["run_id"]] = {"preset": r.get("preset"), "epochs": r.get("options", {}).get("epochs"), "seed": r.get("options", {}).get("seed"), "batches": r.get("counts", {}).get("batches")}
+        except (OSError, ValueError, KeyError):
+            continue
+    return {
+        "rows": t.num_rows,
+        "shards": len(shard_paths(run / "batches")),
+        "presets": dict(Counter(t["preset"].to_pylist())),
+        "epochs": len(pc.unique(t["epoch"])),
+        "prompts": kinds,
+        "runs": runs,
+    }
+
+
+def _exports(run: Path) -> list[dict[str, Any]]:
+    path = run / "exports.json"
+    try:
+        entries = json.loads(path.read_text()).get("exports", []) if path.exists() else []
+    except (OSError, ValueError):
+        return []
+    return [dict(e, exists=Path(e.get("path", "")).exists()) for e in entries]
+
+
+def collect(run_dir: Path | str) -> dict[str, Any]:
+    """Counts per stage of ``run_dir``; a stage that is absent maps to None."""
+    run = Path(run_dir)
+    return {"run": str(run), "images": _images(run), "captions": _captions(run), "edits": _edits(run), "batches": _batches(run), "exports": _exports(run)}
+
+
+def _fmt(d: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in d.items()) or "-"
+
+
+def render(stats: dict[str, Any]) -> Any:
+    """One rich Table: section | what | value."""
+    from rich.table import Table
+
+    table = Table(title=f"run {stats['run']}", show_lines=False)
+    table.add_column("section", style="bold")
+    table.add_column("what")
+    table.add_column("value")
+
+    def section(name: str, rows: list[tuple[str, Any]]) -> None:
+        for i, (what, value) in enumerate(rows):
+            table.add_row(name if i == 0 else "", what, str(value))
+        table.add_section()
+
+    img, cap, ed, b = stats["images"], stats["captions"], stats["edits"], stats["batches"]
+    if img:
+        section("images", [("rows", img["rows"]), ("distinct ids", img["distinct"]), ("errors", img["errors"]), ("failures by reason", _fmt(img["failures"]))])
+    if cap:
+        section("captions", [("images", cap["images"]), ("rows good / failed", f"{cap['good']} / {cap['failed']}"), ("images captioned", cap["images_captioned"]), ("images without caption", cap["images_without_caption"]), ("failures by reason", _fmt(cap["failures"]))])
+    else:
+        section("captions", [("", "none")])
+    if ed:
+        rate = "-" if ed["pass_rate"] is None else f"{100 * ed['pass_rate']:.1f}%"
+        section("edits", [("rows checked / errors", f"{ed['checked']} / {ed['errors']}"), ("passed", f"{ed['passed']} ({rate})"), ("images with a passing edit", ed["images_with_passing_edit"]), *[(f"violation {k}", v) for k, v in ed["violations"].items()], ("failures by reason", _fmt(ed["failures"]))])
+    else:
+        section("edits", [("", "none")])
+    if b:
+        section("batches", [("batches / shards", f"{b['rows']} / {b['shards']}"), ("presets", _fmt(b["presets"])), ("epochs", b["epochs"]), ("prompts by kind", _fmt(b["prompts"])), *[(f"run {k}", f"{v['preset']}, seed {v['seed']}, {v['epochs']} epochs, {v['batches']} batches") for k, v in b["runs"].items()]])
+    else:
+        section("batches", [("", "none")])
+    if stats["exports"]:
+        section("exports", [(e["kind"], f"{e['pairs']} pairs -> {e['path']}{'' if e['exists'] else ' (missing)'}") for e in stats["exports"]])
+    else:
+        section("exports", [("", "none")])
+    return table
