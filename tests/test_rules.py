@@ -101,7 +101,7 @@ def test_insertion_and_deletion_spans_are_empty_on_the_other_side():
 @pytest.mark.parametrize(
     "word,expected",
     [("dogs", "dog"), ("dog's", "dog"), ("dog’s", "dog"), ("dogs'", "dog"), ("foxes", "fox"), ("puppies", "puppy"),
-     ("glasses", "glass"), ("bus", "bus"), ("wolves", "wolf"), ("children", "child"), ("grass", "grass")],
+     ("glasses", "glass"), ("horses", "horse"), ("vases", "vase"), ("benches", "bench"), ("bus", "bus"), ("wolves", "wolf"), ("children", "child"), ("grass", "grass")],
 )
 def test_lemma_folds_plural_and_possessive(word, expected):
     assert lemma(word) == expected
