@@ -1,0 +1,503 @@
+"""The editing evaluator: caption/edit pairs in, edited images, per-image scores and a summary out.
+
+Pairs come from either
+
+- an official-format ``prompts_editing.json`` (a list of ``{"prompt",
+  "img_path", "tgt_prompt"}``, ``img_path`` relative to the JSON), or
+- a run directory of this pipeline (``RUN/edits`` Parquet shards, schema
+  ``dataprep.store.EDITS_SCHEMA``): rows with ``passed`` true and no ``error``;
+  the source image is ``image_uri``.
+
+Every pair is edited under every *setting* (method x n_max x target CFG):
+``flowedit`` (vanilla; paper: n_max 33, target CFG 13.5) and, with
+``--tokens``, ``flowedit+tokens`` (paper: n_max 30, target CFG 9/11/13).
+Output folder::
+
+    OUT/config.json                      the EvalConfig, as run
+    OUT/images/source/<pair>.png         the source at the edit size (what LPIPS/FID compare)
+    OUT/images/<setting>/<pair>.png      one edited image per pair and setting
+    OUT/scores.parquet                   one row per pair x setting (scores or error)
+    OUT/summary.md, OUT/summary.csv      Tables 5/6 layout: rows method x CFG, columns metrics
+    OUT/<manifest>                       dataprep.store.Manifest: counts, failures, versions
+
+Editing is resumable: an edited image already on disk is not recomputed
+(images are written to a temp name and renamed, so a killed run never leaves
+a truncated file). Scores are recomputed from the images on every run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from dataprep.engines import ConfigError
+from softrepa.edit import EditConfig
+from softrepa.metrics import ALL_METRICS, LOWER_IS_BETTER, LPIPS_PACKAGE_NETS, TABLE_ORDER, MetricConfig
+
+METHODS = ("flowedit", "flowedit+tokens")
+METHOD_LABELS = {"flowedit": "FlowEdit", "flowedit+tokens": "FlowEdit + soft tokens"}
+#: paper defaults per method (Tables 5 and 6)
+DEFAULT_N_MAX = {"flowedit": 33, "flowedit+tokens": 30}
+DEFAULT_TGT_CFG = {"flowedit": (13.5,), "flowedit+tokens": (9.0, 11.0, 13.0)}
+METRIC_LABELS = {"imagereward": "ImageReward", "pickscore": "PickScore", "clip": "CLIP", "hpsv2": "HPS", "fid": "FID", "lpips": "LPIPS"}
+
+
+@dataclass
+class Pair:
+    """One source image with its source and target prompts."""
+
+    pair_id: str  # stable, filename-safe: same image + prompts -> same id across runs
+    image_id: str
+    image_path: str
+    source: str
+    target: str
+
+
+@dataclass(frozen=True)
+class Setting:
+    method: str
+    n_max: int
+    tgt_cfg: float
+
+    @property
+    def setting_id(self) -> str:
+        return f"{self.method.replace('+', '-')}_n{self.n_max}_cfg{self.tgt_cfg:g}"
+
+
+@dataclass
+class EvalConfig:
+    """Everything one evaluation needs; CLI flags map one-to-one onto these fields.
+
+    ``methods`` None: ``flowedit``, plus ``flowedit+tokens`` when ``tokens`` is set.
+    ``tgt_cfgs`` / ``n_max`` None: each method's paper default (see module doc);
+    when given they apply to every method.
+    """
+
+    pairs: str
+    model: str
+    out: str
+    tokens: str | None = None
+    methods: tuple[str, ...] | None = None
+    tgt_cfgs: tuple[float, ...] | None = None
+    n_max: int | None = None
+    steps: int = 50
+    n_min: int = 0
+    src_cfg: float = 3.5
+    seed: int = 0
+    size: int = 1024
+    cfg_rule: str = "standard"
+    limit: int | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    revision: str | None = None
+    metrics: MetricConfig = field(default_factory=MetricConfig)
+    progress: bool = True
+
+    def resolved_methods(self) -> tuple[str, ...]:
+        return self.methods or (("flowedit", "flowedit+tokens") if self.tokens else ("flowedit",))
+
+    def settings(self) -> list[Setting]:
+        out = []
+        for m in self.resolved_methods():
+            n_max = self.n_max if self.n_max is not None else DEFAULT_N_MAX[m]
+            for w in self.tgt_cfgs or DEFAULT_TGT_CFG[m]:
+                out.append(Setting(m, n_max, float(w)))
+        return out
+
+    def edit_config(self, s: Setting) -> EditConfig:
+        return EditConfig(steps=self.steps, n_max=s.n_max, n_min=self.n_min, src_cfg=self.src_cfg, tgt_cfg=s.tgt_cfg, seed=self.seed, size=self.size, cfg_rule=self.cfg_rule)
+
+    def validate(self) -> "EvalConfig":
+        if not Path(self.pairs).exists():
+            raise ConfigError(f"{self.pairs} does not exist", flag="--pairs", fix="pass a run directory (with edits/) or a prompts_editing.json")
+        bad = [m for m in self.resolved_methods() if m not in METHODS]
+        if bad:
+            raise ConfigError(f"unknown method(s) {bad}", flag="--methods", fix=f"choose from {', '.join(METHODS)}")
+        if "flowedit+tokens" in self.resolved_methods() and not self.tokens:
+            raise ConfigError("method flowedit+tokens needs soft tokens", flag="--tokens", fix="pass --tokens DIR (written by softrepa train)")
+        if self.tokens and not Path(self.tokens).is_dir():
+            raise ConfigError(f"{self.tokens} is not a folder", flag="--tokens", fix="pass the folder softrepa train wrote (tokens.safetensors + tokens.json)")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError("limit must be >= 1", flag="--limit", fix="omit --limit to edit every pair")
+        for s in self.settings():
+            self.edit_config(s).validate()
+        self.metrics.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class EvalResult:
+    out_dir: Path
+    scores_path: Path
+    summary_md: Path
+    summary_csv: Path
+    table: list[dict[str, Any]]  # one dict per summary row
+    unavailable: dict[str, str]  # metric -> why it is missing (with install hint)
+    n_pairs: int
+    n_edited: int  # newly edited this run
+    n_reused: int  # already on disk (resumed)
+    n_failed: int  # pair x setting rows with an error
+    markdown: str = ""
+    manifest_path: Path | None = None
+
+
+# ------------------------------------------------------------------ pairs
+
+
+def _short_hash(*parts: str) -> str:
+    return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()[:10]
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def pairs_from_json(path: Path) -> list[Pair]:
+    """Official ``prompts_editing.json`` -> pairs; ``img_path`` is relative to the JSON."""
+    try:
+        items = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}", flag="--pairs", fix="pass a JSON list of {prompt, img_path, tgt_prompt}") from exc
+    if not isinstance(items, list):
+        raise ConfigError(f"{path} is not a JSON list", flag="--pairs", fix="pass a JSON list of {prompt, img_path, tgt_prompt}")
+    out = []
+    for i, it in enumerate(items):
+        img = str(it.get("img_path", ""))
+        src, tgt = str(it.get("prompt", "")), str(it.get("tgt_prompt", ""))
+        image_id = Path(img).stem or f"item{i}"
+        full = img if os.path.isabs(img) else str(path.parent / img)
+        out.append(Pair(f"{_safe(image_id)}-{_short_hash(img, src, tgt)}", image_id, full, src, tgt))
+    return out
+
+
+def pairs_from_run(run_dir: Path) -> list[Pair]:
+    """``RUN/edits`` (or the edits folder itself) -> passed, error-free pairs, one per (image, source, target)."""
+    from dataprep.store import EDITS_SCHEMA, iter_rows
+
+    folder = run_dir / "edits" if (run_dir / "edits").is_dir() else run_dir
+    seen: dict[str, Pair] = {}
+    cols = ["image_id", "image_uri", "source", "target", "passed", "error"]
+    for row in iter_rows(folder, EDITS_SCHEMA, columns=cols):
+        if not row["passed"] or row["error"] is not None or not row["target"]:
+            continue
+        uri = row["image_uri"] or ""
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        image_id = row["image_id"] or Path(path).stem
+        pid = f"{_safe(image_id)}-{_short_hash(image_id, row['source'] or '', row['target'])}"
+        seen[pid] = Pair(pid, image_id, path, row["source"] or "", row["target"])  # later shards win (newer)
+    return list(seen.values())
+
+
+def load_pairs(pairs: str | Path, limit: int | None = None) -> list[Pair]:
+    p = Path(pairs)
+    if p.is_file():
+        out = pairs_from_json(p)
+    elif p.is_dir():
+        out = pairs_from_run(p)
+        if not out and not any((p / "edits").glob("part-*.parquet")) and not any(p.glob("part-*.parquet")):
+            raise ConfigError(f"{p} has no edits shards", flag="--pairs", fix="pass a run directory written by dataprep (RUN/edits/part-*.parquet) or a prompts_editing.json")
+    else:
+        raise ConfigError(f"{p} does not exist", flag="--pairs", fix="pass a run directory or a prompts_editing.json")
+    return out[:limit] if limit else out
+
+
+def open_image(path: str) -> "Any":
+    """Open a local path or any fsspec URL as an RGB PIL image."""
+    from PIL import Image
+
+    if "://" in path:
+        import fsspec
+
+        with fsspec.open(path, "rb") as fh:
+            return Image.open(fh).convert("RGB")
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def save_image_atomic(image: "Any", path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# ------------------------------------------------------------------ summary (pure)
+
+
+def summarize(rows: Sequence[dict[str, Any]], settings: Sequence[Setting], fid: dict[str, float | None], metrics: Sequence[str]) -> list[dict[str, Any]]:
+    """Per-image score rows -> one summary row per setting (means over scored pairs).
+
+    A metric with no value for a setting (not requested, unavailable, every
+    row failed) is None there.
+    """
+    table = []
+    for s in settings:
+        mine = [r for r in rows if r["setting"] == s.setting_id]
+        row: dict[str, Any] = {"method": METHOD_LABELS[s.method], "n_max": s.n_max, "tgt_cfg": s.tgt_cfg,
+                               "pairs": sum(1 for r in mine if r["error"] is None), "failed": sum(1 for r in mine if r["error"] is not None)}
+        for m in TABLE_ORDER:
+            if m == "fid":
+                row[m] = fid.get(s.setting_id) if m in metrics else None
+                continue
+            vals = [r[m] for r in mine if r.get(m) is not None]
+            row[m] = sum(vals) / len(vals) if vals else None
+        table.append(row)
+    return table
+
+
+def table_markdown(table: Sequence[dict[str, Any]], unavailable: dict[str, str], notes: Sequence[str] = ()) -> str:
+    """The summary in the paper's Tables 5/6 layout, plus a line per missing metric."""
+    arrows = {m: ("↓" if m in LOWER_IS_BETTER else "↑") for m in TABLE_ORDER}
+    head = ["Model", "NMAX", "target CFG", "pairs"] + [f"{METRIC_LABELS[m]}{arrows[m]}" for m in TABLE_ORDER]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in table:
+        cells = [r["method"], str(r["n_max"]), f"{r['tgt_cfg']:g}", f"{r['pairs']}" + (f" ({r['failed']} failed)" if r["failed"] else "")]
+        cells += ["n/a" if r[m] is None else f"{r[m]:.3f}" for m in TABLE_ORDER]
+        lines.append("| " + " | ".join(cells) + " |")
+    bullets = [f"- {METRIC_LABELS.get(m, m)}: {why}" for m, why in unavailable.items()] + [f"- {n}" for n in notes]
+    if bullets:
+        lines += [""] + bullets
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(table: Sequence[dict[str, Any]], path: Path) -> None:
+    import csv
+
+    cols = ["method", "n_max", "tgt_cfg", "pairs", "failed", *TABLE_ORDER]
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols)
+        w.writeheader()
+        for r in table:
+            w.writerow({c: ("" if r.get(c) is None else r[c]) for c in cols})
+
+
+# ------------------------------------------------------------------ the run
+
+
+def _batches(items: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), disable=not enabled, transient=False)
+
+
+def edit_all(cfg: EvalConfig, pairs: Sequence[Pair], out: Path, log: Callable[[str], None] = print) -> tuple[dict[tuple[str, str], str], int, int]:
+    """Edit every pair under every setting; returns ({(pair, setting): error}, n_edited, n_reused).
+
+    Writes ``images/source/<pair>.png`` (the source at the edit size) and
+    ``images/<setting>/<pair>.png``; existing edited images are kept.
+    """
+    settings = cfg.settings()
+    todo = [(p, s) for p in pairs for s in settings if not (out / "images" / s.setting_id / f"{p.pair_id}.png").exists()]
+    missing_sources = [p for p in pairs if not (out / "images" / "source" / f"{p.pair_id}.png").exists()]
+    errors: dict[tuple[str, str], str] = {}
+    n_reused = len(pairs) * len(settings) - len(todo)
+    if not todo and not missing_sources:
+        return errors, 0, n_reused
+
+    import torch
+
+    from softrepa.edit import SD3FlowEditor, load_sd3
+
+    pipe = load_sd3(cfg.model, device=cfg.device, dtype=cfg.dtype, revision=cfg.revision)
+    tokens = None
+    if cfg.tokens and any(s.method == "flowedit+tokens" for s in settings):
+        from softrepa.token_files import read_official
+        from softrepa.tokens import load_tokens
+
+        try:
+            # the official release ships torch pickles (dc_tokens.pth); ours is safetensors + JSON
+            official = (Path(cfg.tokens) / "dc_tokens.pth").exists() and not (Path(cfg.tokens) / "tokens.json").exists()
+            tokens = read_official(cfg.tokens, "sd3") if official else load_tokens(cfg.tokens)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ConfigError(f"cannot load soft tokens from {cfg.tokens}: {exc}", flag="--tokens", fix="pass a folder written by softrepa train") from exc
+    editor = SD3FlowEditor(pipe, tokens)
+    n_edited = 0
+    by_pair: dict[str, list[Setting]] = {}
+    for p, s in todo:
+        by_pair.setdefault(p.pair_id, []).append(s)
+    with _progress(cfg.progress) as bar:
+        task = bar.add_task("FlowEdit", total=len(todo))
+        for p in pairs:
+            wanted = by_pair.get(p.pair_id, [])
+            src_png = out / "images" / "source" / f"{p.pair_id}.png"
+            if not wanted and src_png.exists():
+                continue
+            try:
+                image = open_image(p.image_path)
+            except Exception as exc:  # noqa: BLE001 -- bad input is a per-row error (corrupt, missing, unreadable)
+                for s in settings:
+                    errors[(p.pair_id, s.setting_id)] = f"image: {type(exc).__name__}: {exc}"
+                bar.advance(task, len(wanted))
+                continue
+            w, h = editor.target_size(*image.size, cfg.size)
+            if not src_png.exists():
+                from PIL import Image
+
+                save_image_atomic(image.resize((w, h), Image.BICUBIC), src_png)
+            x_src = editor.encode_image(image, cfg.size)
+            for s in wanted:
+                try:
+                    z = editor.edit_latent(x_src, p.source, p.target, cfg.edit_config(s), use_tokens=s.method == "flowedit+tokens")
+                    save_image_atomic(editor.decode(z)[0], out / "images" / s.setting_id / f"{p.pair_id}.png")
+                    n_edited += 1
+                except (RuntimeError, ValueError) as exc:  # e.g. out of memory on one huge image: record, go on
+                    errors[(p.pair_id, s.setting_id)] = f"edit: {type(exc).__name__}: {exc}"
+                bar.advance(task)
+    del editor, pipe
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the metric models come next
+    return errors, n_edited, n_reused
+
+
+def score_all(cfg: EvalConfig, pairs: Sequence[Pair], out: Path, errors: dict[tuple[str, str], str]) -> tuple[list[dict[str, Any]], dict[str, float | None], dict[str, str]]:
+    """Score every edited image; returns (per-image rows, FID per setting, unavailable metrics)."""
+    from softrepa.metrics import PER_IMAGE, frechet_distance, load_scorers
+
+    scorers = load_scorers(cfg.metrics)
+    per_image = [m for m in PER_IMAGE if m in cfg.metrics.metrics]
+    rows: list[dict[str, Any]] = []
+    fid: dict[str, float | None] = {}
+    unavailable = dict(scorers.unavailable)
+    src_feats = None
+    settings = cfg.settings()
+    with _progress(cfg.progress) as bar:
+        task = bar.add_task("scoring", total=len(pairs) * len(settings))
+        for s in settings:
+            ready, edited_imgs, source_imgs = [], [], []
+            for p in pairs:
+                row: dict[str, Any] = {"pair_id": p.pair_id, "image_id": p.image_id, "setting": s.setting_id, "method": s.method,
+                                       "n_max": s.n_max, "tgt_cfg": s.tgt_cfg, "source_prompt": p.source, "target_prompt": p.target,
+                                       "source_image": str(out / "images" / "source" / f"{p.pair_id}.png"),
+                                       "edited_image": str(out / "images" / s.setting_id / f"{p.pair_id}.png"),
+                                       "error": errors.get((p.pair_id, s.setting_id))}
+                row.update({m: None for m in PER_IMAGE})
+                rows.append(row)
+                if row["error"] is None:
+                    try:
+                        edited_imgs.append(open_image(row["edited_image"]))
+                        source_imgs.append(open_image(row["source_image"]))
+                        ready.append(row)
+                    except Exception as exc:  # noqa: BLE001
+                        row["error"] = f"image: {type(exc).__name__}: {exc}"
+            for idx in _batches(list(range(len(ready))), cfg.metrics.batch_size):
+                batch_rows = [ready[i] for i in idx]
+                eds, srcs = [edited_imgs[i] for i in idx], [source_imgs[i] for i in idx]
+                prompts = [r["target_prompt"] for r in batch_rows]
+                for m in per_image:
+                    scorer = scorers.per_image.get(m)
+                    if scorer is None:
+                        continue
+                    try:
+                        vals = scorer(srcs, eds) if m == "lpips" else scorer(eds, prompts)
+                    except (RuntimeError, ValueError) as exc:
+                        for r in batch_rows:
+                            r["error"] = r["error"] or f"{m}: {type(exc).__name__}: {exc}"
+                        continue
+                    for r, v in zip(batch_rows, vals):
+                        r[m] = float(v)
+                bar.advance(task, len(batch_rows))
+            bar.advance(task, len(pairs) - len(ready))
+            if scorers.fid is not None:
+                try:
+                    if src_feats is None:
+                        src_feats = _features(scorers.fid, [open_image(str(out / "images" / "source" / f"{p.pair_id}.png")) for p in pairs
+                                                            if (out / "images" / "source" / f"{p.pair_id}.png").exists()], cfg.metrics.batch_size)
+                    fid[s.setting_id] = frechet_distance(src_feats, _features(scorers.fid, edited_imgs, cfg.metrics.batch_size))
+                except (RuntimeError, ValueError) as exc:
+                    fid[s.setting_id] = None
+                    unavailable.setdefault("fid", f"not computed for {s.setting_id}: {exc}")
+    return rows, fid, unavailable
+
+
+def _features(net: Any, images: Sequence[Any], batch: int) -> Any:
+    import torch
+
+    return torch.cat([net(list(b)) for b in _batches(images, batch)]) if images else torch.empty(0, 0)
+
+
+def evaluate_edit(cfg: EvalConfig, log: Callable[[str], None] = print) -> EvalResult:
+    """Edit all pairs under all settings, score them, write scores and the summary table."""
+    import pyarrow as pa
+
+    from dataprep.store import Manifest, new_run_id, write_table_atomic
+
+    cfg.validate()
+    pairs = load_pairs(cfg.pairs, cfg.limit)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
+    manifest = Manifest(stage="evaluate-edit", config=cfg.to_dict(), run_id=new_run_id())
+
+    errors, n_edited, n_reused = edit_all(cfg, pairs, out, log)
+    rows, fid, unavailable = score_all(cfg, pairs, out, errors)
+
+    scores = pa.Table.from_pylist(rows, schema=SCORES_SCHEMA)
+    write_table_atomic(scores, out / "scores.parquet")
+    table = summarize(rows, cfg.settings(), fid, cfg.metrics.metrics)
+    for m in ALL_METRICS:
+        if m not in cfg.metrics.metrics:
+            unavailable.setdefault(m, "not requested (--metrics)")
+    notes = []
+    if cfg.metrics.lpips_model not in LPIPS_PACKAGE_NETS and "lpips" in cfg.metrics.metrics:
+        notes.append(f"LPIPS: uncalibrated form on {cfg.metrics.lpips_model} features (no learned weights); not comparable with published LPIPS")
+    if "fid" in cfg.metrics.metrics and len(pairs) < 2048 and fid:
+        notes.append(f"FID over {len(pairs)} pairs (< 2048 features): biased upward, compare only runs of the same size")
+    md = table_markdown(table, unavailable, notes)
+    (out / "summary.md").write_text(md)
+    write_csv(table, out / "summary.csv")
+
+    n_failed = sum(1 for r in rows if r["error"] is not None)
+    failures: dict[str, int] = {}
+    for r in rows:
+        if r["error"] is not None:
+            reason = r["error"].split(":", 1)[0]
+            failures[reason] = failures.get(reason, 0) + 1
+    manifest.counts = {"pairs": len(pairs), "settings": len(cfg.settings()), "edited": n_edited, "reused": n_reused, "failed": n_failed}
+    manifest.failures = failures
+    from dataprep.store import utcnow
+
+    manifest.finished_at = utcnow().isoformat()
+    manifest_path = manifest.write(out)
+    return EvalResult(out, out / "scores.parquet", out / "summary.md", out / "summary.csv", table, unavailable,
+                      len(pairs), n_edited, n_reused, n_failed, md, manifest_path)
+
+
+def _scores_schema():
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            pa.field("pair_id", pa.string()),
+            pa.field("image_id", pa.string()),
+            pa.field("setting", pa.string()),
+            pa.field("method", pa.string()),
+            pa.field("n_max", pa.int32()),
+            pa.field("tgt_cfg", pa.float64()),
+            pa.field("source_prompt", pa.string()),
+            pa.field("target_prompt", pa.string()),
+            pa.field("source_image", pa.string()),
+            pa.field("edited_image", pa.string()),
+            *[pa.field(m, pa.float64()) for m in ("clip", "pickscore", "lpips", "imagereward", "hpsv2")],
+            pa.field("error", pa.string()),
+        ]
+    )
+
+
+SCORES_SCHEMA = _scores_schema()
