@@ -253,6 +253,163 @@ def check_cmd(
 # ------------------------------------------------------------ batches, export, stats (issue 5)
 
 
+def _progress(label: str):
+    """A rich progress bar and the ``progress(done, total)`` callback that drives it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), transient=True)
+    task = bar.add_task(label, total=None)
+
+    def update(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total)
+
+    return bar, update
+
+
+@app.command("batches")
+def batches_cmd(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the batch shards, e.g. OUT/batches (part-<run>-<n>.parquet + run-<run>.json + manifest.json).")],
+    captions: Annotated[Optional[Path], typer.Option("--captions", help="Caption store of a `dataprep caption` run (OUT/captions); the newest good caption per image is used.", rich_help_panel="Input")] = None,
+    edits: Annotated[Optional[Path], typer.Option("--edits", help="Edit store of a `dataprep rewrite` run (OUT/edits): passing edits become hard negatives.", rich_help_panel="Input")] = None,
+    coco_captions: Annotated[Optional[Path], typer.Option("--coco-captions", help="COCO captions_train2017.json instead of --captions: five captions per image, one positive per epoch (rotating).", rich_help_panel="Input")] = None,
+    coco_images: Annotated[Optional[Path], typer.Option("--coco-images", help="COCO image folder (train2017/) for --coco-captions.", rich_help_panel="Input")] = None,
+    preset: Annotated[str, typer.Option("--preset", help="Grid of paper Table 3: sd3 = 4 images x 4 prompts (4 pos, 12 neg), sdxl = 1 x 16 (1, 15), sd1.5 = 4 x 8 (4, 28); or custom with --images/--prompts.", rich_help_panel="Grid")] = "sd3",
+    images: Annotated[Optional[int], typer.Option("--images", help="Images per batch (overrides the preset's).", rich_help_panel="Grid")] = None,
+    prompts: Annotated[Optional[int], typer.Option("--prompts", help="Prompts per batch, positives included (overrides the preset's); must be >= --images.", rich_help_panel="Grid")] = None,
+    hard_negatives: Annotated[Optional[int], typer.Option("--hard-negatives", help="At most K edits (hard negatives) per batch; default as many as fit: min(images, prompts - images).", rich_help_panel="Grid")] = None,
+    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the images; each image once per epoch, reshuffled each epoch.", rich_help_panel="Run")] = 1,
+    drop_last: Annotated[bool, typer.Option("--drop-last/--keep-last", help="Drop the last partial batch of an epoch (fixed grid shape, default) or keep it with fewer images.", rich_help_panel="Run")] = True,
+    seed: Annotated[int, typer.Option("--seed", help="Shuffle and negative-sampling seed; same inputs + seed give byte-identical shards.", rich_help_panel="Run")] = 0,
+    rows_per_shard: Annotated[int, typer.Option("--rows-per-shard", help="Batches per Parquet shard (memory holds at most this many beyond the caption index).", rich_help_panel="Run")] = 1024,
+) -> None:
+    """Build contrastive image x prompt batches (positives, hard negatives from passing edits, negatives) as Parquet shards."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from dataprep.batches import BatchOptions, build_batches, build_coco_batches
+
+    opts = BatchOptions(preset=preset, images=images, prompts=prompts, hard_negatives=hard_negatives, epochs=epochs, drop_last=drop_last, seed=seed, rows_per_shard=rows_per_shard)
+    console = Console()
+    try:
+        opts.validate()
+        if (captions is None) == (coco_captions is None):
+            raise ConfigError("pass exactly one caption source", "--captions / --coco-captions", "give --captions OUT/captions, or --coco-captions FILE with --coco-images DIR")
+        if coco_captions is not None and coco_images is None:
+            raise ConfigError("--coco-captions needs the image folder", "--coco-images", "pass the train2017/ folder")
+        bar, update = _progress("batches")
+        with bar:
+            if captions is not None:
+                s = build_batches(captions, out, opts, edits_dir=edits, progress=update)
+            else:
+                s = build_coco_batches(coco_captions, coco_images, out, opts, edits_dir=edits, progress=update)
+    except ConfigError as exc:
+        raise fail(str(exc))
+    t = Table(title=f"batches: {s.run_id}", header_style="bold")
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    n, m = s.grid
+    t.add_row("preset (images x prompts)", f"{s.preset} ({n} x {m})")
+    t.add_row("images with a caption", str(s.images))
+    t.add_row("batches (epochs)", f"{s.batches} ({s.epochs})")
+    t.add_row("prompts: positive / hard negative / negative", f"{s.positives} / {s.hard_negatives} / {s.negatives}")
+    t.add_row("passing edits available / unused", f"{s.edits_available} / {s.edits_unused}")
+    t.add_row("images dropped (last partial batch)", str(s.dropped_images))
+    if s.unfillable_batches:
+        t.add_row("batches not fillable (too few distinct captions)", str(s.unfillable_batches))
+    for reason, k in s.skipped.items():
+        t.add_row(f"  skipped: {reason}", str(k))
+    t.add_row("wall time", f"{s.seconds:.2f} s ({s.batches / max(s.seconds, 1e-9):.0f} batches/s)")
+    t.add_row("shards", f"{len(s.shards)} in {s.out_dir}")
+    console.print(t)
+    if s.other_runs:
+        console.print(f"[yellow]note:[/] {s.out_dir} also holds shards of other runs: {', '.join(s.other_runs)} (a reader should pick a run id)", highlight=False)
+
+
+export_app = typer.Typer(help="Export a run's caption/edit pairs: SoftREPA prompts_editing.json, PIE-Bench mapping_file.json, or a Hugging Face dataset. Only passing edits unless --include-failed.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+ExportOutArg = Annotated[Path, typer.Argument(help="Folder to write the export into (created).")]
+RunOpt = Annotated[Path, typer.Option("--run", help="Run directory holding edits/ (and captions/ for image paths), i.e. the OUT of `dataprep rewrite`.")]
+IncludeFailedOpt = Annotated[bool, typer.Option("--include-failed", help="Also export edits that failed the rule checker (an image's passing edit still wins).")]
+LinkOpt = Annotated[bool, typer.Option("--link", help="Symlink local image files instead of copying them (zip members are always copied).")]
+
+
+def _export_summary(s) -> None:
+    from rich.console import Console
+
+    console = Console()
+    skipped = ", ".join(f"{k} {v}" for k, v in s.skipped.items()) or "none"
+    console.print(f"export {s.kind}: {s.pairs} pairs -> {s.out}  (skipped: {skipped})", highlight=False)
+
+
+@export_app.command("softrepa")
+def export_softrepa_cmd(out: ExportOutArg, run: RunOpt, include_failed: IncludeFailedOpt = False, link: LinkOpt = False) -> None:
+    """Write OUT/prompts_editing.json (prompt, img_path, tgt_prompt: the official SoftREPA editing format) with the images beside it."""
+    from dataprep.export import export_softrepa
+
+    try:
+        bar, update = _progress("images")
+        with bar:
+            s = export_softrepa(run, out, include_failed=include_failed, link=link, progress=update)
+    except ConfigError as exc:
+        raise fail(str(exc))
+    _export_summary(s)
+
+
+@export_app.command("piebench")
+def export_piebench_cmd(out: ExportOutArg, run: RunOpt, include_failed: IncludeFailedOpt = False, link: LinkOpt = False) -> None:
+    """Write a PIE-Bench style OUT/mapping_file.json (changed spans in [ ], from the rule checker) and OUT/annotation_images/."""
+    from dataprep.export import export_piebench
+
+    try:
+        bar, update = _progress("images")
+        with bar:
+            s = export_piebench(run, out, include_failed=include_failed, link=link, progress=update)
+    except ConfigError as exc:
+        raise fail(str(exc))
+    _export_summary(s)
+
+
+@export_app.command("hf")
+def export_hf_cmd(
+    out: ExportOutArg,
+    run: RunOpt,
+    include_failed: IncludeFailedOpt = False,
+    push_to_hub: Annotated[Optional[str], typer.Option("--push-to-hub", help="Also push to this hub dataset repo (user/name); needs a token with write access (huggingface-cli login).")] = None,
+) -> None:
+    """Save a `datasets` dataset (image, image_id, source, target, passed, violations) with save_to_disk."""
+    from dataprep.export import export_hf
+
+    try:
+        bar, update = _progress("images")
+        with bar:
+            s = export_hf(run, out, include_failed=include_failed, push_to_hub=push_to_hub, progress=update)
+    except ConfigError as exc:
+        raise fail(str(exc))
+    _export_summary(s)
+
+
+@app.command("stats")
+def stats_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory (OUT of the stages: captions/, edits/, batches/, exports.json).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the counts as JSON instead of a table.")] = False,
+) -> None:
+    """One table of what a run directory holds: captions, edits (pass rate, violations by rule), batches, exports."""
+    import json
+
+    from rich.console import Console
+
+    from dataprep import stats
+
+    if not run_dir.is_dir():
+        raise fail(f"run directory not found: {run_dir} (argument RUN_DIR). Fix: pass the --out folder of a run")
+    s = stats.collect(run_dir)
+    if as_json:
+        print(json.dumps(s, indent=2, default=str))
+    else:
+        Console().print(stats.render(s))
+
+
 # ------------------------------------------------------------ pipeline (issue 4)
 
 
