@@ -65,3 +65,27 @@ def test_empty_run_dir(tmp_path):
     console = Console(record=True, width=120)
     console.print(stats.render(s))
     assert "none" in console.export_text()
+
+
+def test_cli_batches_export_stats(tmp_path):
+    """The README demo lines: batches, export softrepa/piebench, stats, through the CLI."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from dataprep.cli import app
+
+    run = tmp_path / "run"
+    make_run(run)
+    cli = CliRunner()
+    r = cli.invoke(app, ["batches", "--preset", "sd1.5", "--captions", str(run / "captions"), "--edits", str(run / "edits"), "--out", str(run / "batches"), "--epochs", "2"])
+    assert r.exit_code == 0, r.output
+    assert len(list((run / "batches").glob("part-*.parquet"))) == 1
+    for kind in ("softrepa", "piebench"):
+        r = cli.invoke(app, ["export", kind, str(run / "exports" / kind), "--run", str(run)])
+        assert r.exit_code == 0, r.output
+    assert len(json.loads((run / "exports" / "softrepa" / "prompts_editing.json").read_text())) == 8
+    r = cli.invoke(app, ["stats", str(run), "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["batches"]["rows"] == 6
+    r = cli.invoke(app, ["batches", "--preset", "sd1.5", "--hard-negatives", "9", "--captions", str(run / "captions"), "--out", str(tmp_path / "b")])
+    assert r.exit_code == 2 and "--hard-negatives" in r.output and not (tmp_path / "b").exists()
