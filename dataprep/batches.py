@@ -583,8 +583,9 @@ def write_batches(index: CaptionIndex, out_dir: Path | str, opts: BatchOptions, 
         other_runs=others,
     )
     config = {"options": asdict(opts), "grid": list(opts.grid), "inputs": inputs or {}, "input_fingerprint": index.fingerprint}
-    # a run's own config, beside its shards and free of timestamps (deterministic)
-    (out / f"run-{run_id}.json").write_text(json.dumps({"run_id": run_id, "preset": opts.label, **config, "counts": _counts(summary), "shards": [p.name for p in shards]}, indent=2, sort_keys=True) + "\n")
+    # a run's own config, beside its shards and free of timestamps (deterministic);
+    # the "_" keeps pyarrow/pandas/datasets from reading it as a shard of the folder
+    (out / f"_run-{run_id}.json").write_text(json.dumps({"run_id": run_id, "preset": opts.label, **config, "counts": _counts(summary), "shards": [p.name for p in shards]}, indent=2, sort_keys=True) + "\n")
     Manifest(stage="batches", config=config, run_id=run_id, counts=_counts(summary), failures=summary.skipped, started_at=started, finished_at=utcnow().isoformat()).write(out)
     return summary
 

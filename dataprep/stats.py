@@ -83,7 +83,7 @@ def _batches(run: Path) -> dict[str, Any] | None:
         return None
     kinds = {d["values"]: d["counts"] for d in pc.value_counts(pc.list_flatten(t["prompt_kinds"])).to_pylist()} if t.num_rows else {}
     runs: dict[str, dict[str, Any]] = {}
-    for p in sorted((run / "batches").glob("run-*.json")):
+    for p in sorted((run / "batches").glob("_run-*.json")):
         try:
             r = json.loads(p.read_text())
             runs[r["run_id"]] = {"preset": r.get("preset"), "epochs": r.get("options", {}).get("epochs"), "seed": r.get("options", {}).get("seed"), "batches": r.get("counts", {}).get("batches")}

@@ -170,7 +170,7 @@ def test_same_seed_gives_byte_identical_shards(run):
     b = build_batches(root / "captions", root / "b", opts, edits_dir=root / "edits")
     assert [p.name for p in a.shards] == [p.name for p in b.shards] and len(a.shards) > 1
     assert all(pa.read_bytes() == pb.read_bytes() for pa, pb in zip(a.shards, b.shards))
-    assert (root / "a" / f"run-{a.run_id}.json").exists()
+    assert (root / "a" / f"_run-{a.run_id}.json").exists()
     # a rerun into the same folder rewrites the same files, adds none
     again = build_batches(root / "captions", root / "a", opts, edits_dir=root / "edits")
     assert sorted(p.name for p in (root / "a").glob("part-*.parquet")) == [p.name for p in again.shards]
@@ -270,3 +270,11 @@ def test_coco_with_edits_uses_the_rotating_captions_edit(tmp_path):
     hard = [(r["epoch"], p, o) for r in rows for p, k, o in zip(r["prompts"], r["prompt_kinds"], r["prompt_image_ids"]) if k == "hard_negative"]
     assert hard and all(e % 2 == 0 for e, _, _ in hard)  # only passing edits (even caption slots)
     assert all(p == caps[o][e % 5].replace("scene", "EDITED scene") for e, p, o in hard)
+
+
+def test_batch_folder_reads_as_one_parquet_dataset(run):
+    """Trainers may point pyarrow/pandas at the folder: side files must not look like shards."""
+    root, _ = run
+    s = build_batches(root / "captions", root / "b", BatchOptions(preset="sdxl", rows_per_shard=10), edits_dir=root / "edits")
+    assert len(s.shards) > 1
+    assert pq.read_table(root / "b").num_rows == s.batches
