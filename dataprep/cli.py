@@ -268,7 +268,7 @@ def _progress(label: str):
 
 @app.command("batches")
 def batches_cmd(
-    out: Annotated[Path, typer.Option("--out", help="Folder for the batch shards, e.g. OUT/batches (part-<run>-<n>.parquet + run-<run>.json + manifest.json).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the batch shards, e.g. OUT/batches (part-<run>-<n>.parquet + _run-<run>.json + the manifest).")],
     captions: Annotated[Optional[Path], typer.Option("--captions", help="Caption store of a `dataprep caption` run (OUT/captions); the newest good caption per image is used.", rich_help_panel="Input")] = None,
     edits: Annotated[Optional[Path], typer.Option("--edits", help="Edit store of a `dataprep rewrite` run (OUT/edits): passing edits become hard negatives.", rich_help_panel="Input")] = None,
     coco_captions: Annotated[Optional[Path], typer.Option("--coco-captions", help="COCO captions_train2017.json instead of --captions: five captions per image, one positive per epoch (rotating).", rich_help_panel="Input")] = None,
