@@ -76,7 +76,7 @@ CropOpt = Annotated[bool, typer.Option("--crop", help="Center-crop to a square i
 MaxPixelsOpt = Annotated[int, typer.Option("--max-pixels", help="Images with more pixels are rejected as error rows (decompression-bomb guard).", rich_help_panel="Caption")]
 WorkersOpt = Annotated[int, typer.Option("--workers", help="Decode processes (0 = decode in the main process).", rich_help_panel="Run")]
 CaptionModelOpt = Annotated[str, typer.Option("--model", help="Vision-language model: hub id or local directory.", rich_help_panel="Engine")]
-OutOpt = Annotated[Path, typer.Option("--out", help="Run directory; captions go to OUT/captions/ as Parquet shards + manifest.json.")]
+OutOpt = Annotated[Path, typer.Option("--out", help="Run directory; captions go to OUT/captions/ as Parquet shards + _manifest.json.")]
 LimitOpt = Annotated[Optional[int], typer.Option("--limit", help="Caption at most N images.")]
 
 
@@ -250,6 +250,64 @@ def check_cmd(
         raise typer.Exit(1)
 
 
+@app.command("rewrite")
+def rewrite_cmd(
+    out: Annotated[Path, typer.Option("--out", help="Run directory; edits go to OUT/edits/ as Parquet shards + manifest.")] = Path("runs/div2k"),
+    captions: Annotated[Optional[Path], typer.Option("--captions", help="Caption store to rewrite (default: OUT/captions).", rich_help_panel="Input")] = None,
+    input_file: Annotated[Optional[Path], typer.Option("--input", help="Rewrite the texts of a JSONL, JSON or Parquet file instead of a caption store.", rich_help_panel="Input")] = None,
+    text_column: Annotated[str, typer.Option("--text-column", help="With --input: the column holding the captions.", rich_help_panel="Input")] = "caption",
+    id_column: Annotated[Optional[str], typer.Option("--id-column", help="With --input: the column with a stable id (default: image_id or id, else the row number).", rich_help_panel="Input")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Rewrite at most N captions.", rich_help_panel="Input")] = None,
+    rules: Annotated[str, typer.Option("--rules", help="Rewriting instruction (system message); a bare name means the shipped prompts/ file.", rich_help_panel="Rewrite")] = "edit.txt",
+    max_attempts: Annotated[int, typer.Option("--max-attempts", help="Generations per caption until one passes the rule checker; the last is kept (passed=false) if none does.", rich_help_panel="Rewrite")] = 3,
+    retry_temperature: Annotated[float, typer.Option("--retry-temperature", help="Sampling temperature of retries (attempt k uses seed --seed + k - 1).", rich_help_panel="Sampling")] = 0.7,
+    model: Annotated[str, typer.Option("--model", help="Instruction model: hub id or local directory.", rich_help_panel="Engine")] = "meta-llama/Llama-3.1-8B-Instruct",
+    engine: EngineOpt = "transformers",
+    revision: RevisionOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    batch_size: BatchOpt = "auto",
+    quantize: QuantOpt = None,
+    tensor_parallel_size: TPOpt = 1,
+    gpu_memory_utilization: GMUOpt = 0.9,
+    base_url: BaseUrlOpt = None,
+    api_key_env: ApiKeyEnvOpt = None,
+    concurrency: ConcurrencyOpt = 64,
+    temperature: Annotated[float, typer.Option("--temperature", help="Attempt 1: 0 = greedy (default); > 0 samples.", rich_help_panel="Sampling")] = 0.0,
+    top_p: TopPOpt = 1.0,
+    max_new_tokens: MaxNewOpt = 512,
+    seed: SeedOpt = 0,
+    force: ForceOpt = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any row failed or any kept rewrite breaks the rules (default: record and exit 0).", rich_help_panel="Run")] = False,
+    rows_per_shard: ShardOpt = 256,
+) -> None:
+    """Rewrite captions into single-concept edits with Llama-3.1-8B-Instruct and prompts/edit.txt; every output is rule-checked and retried."""
+    from rich.console import Console
+
+    from dataprep.rewrite import RewriteOptions, inputs_from_captions, inputs_from_file, run_rewrite
+    from dataprep.stage import print_summary
+
+    opts = RewriteOptions(rules_file=rules, max_attempts=max_attempts, temperature=temperature, retry_temperature=retry_temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, force=force, rows_per_shard=rows_per_shard)
+    cfg = engine_config(engine=engine, model=model, revision=revision, device=device, dtype=dtype, batch_size=batch_size, quantize=quantize, tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization, base_url=base_url, api_key_env=api_key_env, concurrency=concurrency)
+    try:
+        if captions is not None and input_file is not None:
+            raise ConfigError("--captions and --input both given", "--input", "pass one of them")
+        if limit is not None and limit < 1:
+            raise ConfigError(f"--limit {limit} is less than 1", "--limit", "use a positive number, or leave it out")
+        opts.validate()
+        cfg.validate()
+        if input_file is not None:
+            texts = inputs_from_file(input_file, text_column, id_column)
+        else:
+            texts = inputs_from_captions(captions if captions is not None else out / "captions")
+        summary = run_rewrite(texts[:limit] if limit else texts, out, cfg, opts)
+    except ConfigError as exc:
+        raise fail(str(exc))
+    print_summary(summary, Console())
+    if strict and (summary.n_failed or "  still failing" in " ".join(summary.extra)):
+        raise typer.Exit(1)
+
+
 # ------------------------------------------------------------ batches, export, stats (issue 5)
 
 
@@ -414,6 +472,95 @@ def stats_cmd(
 
 
 # ------------------------------------------------------------ server, serve (issue 8)
+
+server_app = typer.Typer(help="A local Prefect server (127.0.0.1, SQLite under --home, telemetry off) for the flows. For a team or cluster server set PREFECT_API_URL instead.", no_args_is_help=True)
+app.add_typer(server_app, name="server")
+HomeOpt = Annotated[Path, typer.Option("--home", help="Server directory (PREFECT_HOME): SQLite database, log, pid file.", rich_help_panel="Server")]
+PortOpt = Annotated[int, typer.Option("--port", help="Port on 127.0.0.1.", rich_help_panel="Server")]
+
+
+@server_app.command("start")
+def server_start(
+    home: HomeOpt = Path(".prefect"),
+    port: PortOpt = 4200,
+    gpu_slots: Annotated[int, typer.Option("--gpu-slots", help="Size of the global concurrency limit 'gpu' that GPU stages hold (created if missing; an existing limit keeps its size).")] = 1,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for /api/health.")] = 90.0,
+) -> None:
+    """Start a Prefect server in the background and wait until it is healthy."""
+    from rich.console import Console
+
+    from dataprep import server
+
+    try:
+        state = server.start(home, port, gpu_slots=gpu_slots, timeout_s=timeout)
+    except (ConfigError, RuntimeError) as exc:
+        raise fail(str(exc))
+    Console().print(f"prefect server running (pid {state.pid}): UI {state.ui_url}\n  export PREFECT_API_URL={state.api_url}   # for prefect CLI and workers; `dataprep serve --home {home}` finds it itself")
+
+
+@server_app.command("stop")
+def server_stop(home: HomeOpt = Path(".prefect")) -> None:
+    """Stop the server started with this --home."""
+    from dataprep import server
+
+    state = server.stop(home)
+    print(f"stopped prefect server (pid {state.pid})" if state else f"no server running for {home}")
+
+
+@server_app.command("status")
+def server_status(home: HomeOpt = Path(".prefect")) -> None:
+    """Say whether the server of this --home runs and answers /api/health (exit 1 if not)."""
+    from dataprep import server
+
+    state, ok = server.status(home)
+    if state is None:
+        print(f"no server running for {home}")
+        raise typer.Exit(1)
+    print(f"pid {state.pid}, {state.api_url}: {'healthy' if ok else 'NOT healthy'}")
+    if not ok:
+        raise typer.Exit(1)
+
+
+@app.command("serve")
+def serve(
+    cron: Annotated[str, typer.Option("--cron", help="Schedule of prepare-div2k (cron, 5 fields).")] = "0 2 * * *",
+    timezone: Annotated[Optional[str], typer.Option("--timezone", help="IANA time zone of --cron (default UTC).")] = None,
+    data: Annotated[str, typer.Option("--data", help="prepare-div2k default: DIV2K_train_HR/ folder or zip.")] = "data/DIV2K_train_HR",
+    out: Annotated[str, typer.Option("--out", help="prepare-div2k default: run directory (captions/, edits/, batches/, train/).")] = "runs/div2k",
+    limit: Annotated[Optional[int], typer.Option("--limit", help="prepare-div2k default: at most N images.")] = None,
+    caption_model: Annotated[Optional[str], typer.Option("--caption-model", help="prepare-div2k default captioner (default LLaVA-1.5-13B).")] = None,
+    rewrite_model: Annotated[Optional[str], typer.Option("--rewrite-model", help="prepare-div2k default rewriter (default Llama-3.1-8B-Instruct).")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="Device for every model (auto, cpu, cuda, cuda:N).")] = None,
+    preset: Annotated[str, typer.Option("--preset", help="Batch and training preset: sd3, sdxl or sd1.5.")] = "sd3",
+    train_model: Annotated[Optional[str], typer.Option("--train-model", help="Diffusers pipeline the triggered training uses (default: the preset's paper backbone).")] = None,
+    train_steps: Annotated[Optional[int], typer.Option("--train-steps", help="Training steps (default: Table 3 of the paper).")] = None,
+    evaluate: Annotated[bool, typer.Option("--evaluate/--no-evaluate", help="Run evaluate-edit after each training (sd3 only).")] = True,
+    home: HomeOpt = Path(".prefect"),
+    limit_runs: Annotated[Optional[int], typer.Option("--max-runs", help="Flow runs this process executes at once (default: no limit; GPU stages still queue on the 'gpu' slot).")] = None,
+) -> None:
+    """Serve prepare-div2k (cron), train-on-new-shards (event) and evaluate-edit (event) from this process until Ctrl-C.
+
+    Uses PREFECT_API_URL when set, else the server `dataprep server start --home HOME` runs.
+    """
+    import os
+
+    from dataprep import server
+
+    if not os.environ.get("PREFECT_API_URL"):
+        state, ok = server.status(home)
+        if not ok:
+            raise fail(f"no Prefect server: PREFECT_API_URL is unset and none runs for --home {home}. Fix: `dataprep server start --home {home}` or export PREFECT_API_URL")
+        os.environ.update(server.client_env(state))
+    from flows.deployments import prepare_parameters, serve_all
+
+    engine = {"device": device} if device else None
+    train_options = {k: v for k, v in {"model": train_model, "steps": train_steps, "device": device}.items() if v is not None}
+    eval_options = ({"device": device} if device else {}) if evaluate else None
+    params = prepare_parameters(data, out, limit=limit, caption_model=caption_model, rewrite_model=rewrite_model, engine=engine, preset=preset, train_options=train_options or None, eval_options=eval_options)
+    try:
+        serve_all(cron, timezone, params, limit=limit_runs)
+    except ConfigError as exc:
+        raise fail(str(exc))
 
 
 # ------------------------------------------------------------ tiny models, demo

@@ -2,7 +2,7 @@
 
 Every stage writes to its own folder (``OUT/captions``, ``OUT/edits``,
 ``OUT/batches``) as ``part-<run>-<nnnnn>.parquet`` shards plus a
-``manifest.json``. The rules that make reruns safe:
+``_manifest.json`` (config, package versions, counts, failures by reason). The rules that make reruns safe:
 
 - A shard is written to a hidden temp name and renamed, so a killed run loses
   at most the shard in flight and never leaves a half-written file.
@@ -344,6 +344,17 @@ def count_rows(folder: Path | str) -> tuple[int, int]:
     return good, bad
 
 
+# The leading underscore matters: pyarrow, pandas and datasets skip files
+# starting with "_" or ".", so `pd.read_parquet("OUT/captions")` reads the
+# shards of a stage folder directly, manifest and temp files included beside them.
+MANIFEST_NAME = "_manifest.json"
+
+
+def read_manifest(folder: Path | str) -> dict[str, Any] | None:
+    path = Path(folder) / MANIFEST_NAME
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 @dataclass
 class Manifest:
     stage: str
@@ -356,8 +367,8 @@ class Manifest:
     finished_at: str | None = None
 
     def write(self, folder: Path | str) -> Path:
-        """Write ``manifest.json``; earlier runs are kept under ``runs``."""
-        path = Path(folder) / "manifest.json"
+        """Write the manifest; earlier runs are kept under ``runs``."""
+        path = Path(folder) / MANIFEST_NAME
         history: list[dict[str, Any]] = []
         if path.exists():
             try:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from PIL import Image
+
 # A generic chat template: string or list-of-parts content, LLaVA-1.5's
 # "USER: <image>\n... ASSISTANT:" layout. The real checkpoints ship their own.
 CHAT_TEMPLATE = (
@@ -126,11 +128,58 @@ def write_tiny_llava(out: Path | str, seed: int = 0) -> Path:
     return out
 
 
+# ------------------------------------------------------------------ demo images
+
+
+def encode_image(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def exif_rotated_jpeg(w: int = 40, h: int = 20) -> bytes:
+    """A w x h JPEG whose EXIF says 'rotate 90 CW to display' (orientation 6)."""
+    img = Image.new("RGB", (w, h), (200, 10, 10))
+    img.paste((10, 10, 200), (0, 0, w // 2, h))  # left half blue, so rotation is visible
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encode_image(img, "JPEG", exif=exif.tobytes(), quality=95)
+
+
+def write_demo_images(folder: Path | str) -> list[Path]:
+    """Ten small images of awkward sizes, modes and formats that must all caption."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    made = {
+        "rgb_64x48.png": encode_image(Image.new("RGB", (64, 48), (10, 120, 200))),
+        "grey_40x80.png": encode_image(Image.new("L", (40, 80), 128)),
+        "rgba_50x50.png": encode_image(Image.new("RGBA", (50, 50), (255, 0, 0, 0))),
+        "palette_33x17.png": encode_image(Image.new("RGB", (33, 17), (0, 200, 0)).convert("P")),
+        "cmyk_20x30.jpg": encode_image(Image.new("CMYK", (20, 30), (0, 255, 255, 0)), "JPEG"),
+        "deep_32x32.png": encode_image(Image.new("I;16", (32, 32), 40000)),
+        "photo_exif.jpg": exif_rotated_jpeg(),
+        "nested/pic.webp": encode_image(Image.new("RGB", (25, 60), (90, 90, 0)), "WEBP"),
+        "nested/pic.bmp": encode_image(Image.new("RGB", (16, 16), (1, 2, 3)), "BMP"),
+        "nested/pic.tiff": encode_image(Image.new("RGB", (18, 12), (4, 5, 6)), "TIFF"),
+    }
+    paths = []
+    for name, data in made.items():
+        p = folder / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+        paths.append(p)
+    return paths
+
+
 def write_all(root: Path | str, diffusers: bool = True) -> dict[str, Path]:
     """Every tiny model the pipeline uses, one subdirectory each."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     written = {"llava": write_tiny_llava(root / "llava"), "llama": write_tiny_llama(root / "llama")}
+    write_demo_images(root / "images")
+    written["images"] = root / "images"
     if diffusers:
         try:
             from softrepa.tiny import write_tiny_pipelines

@@ -1,0 +1,38 @@
+# Two entry points (see README):
+#   make demo   set up a virtualenv and run the whole pipeline offline on tiny
+#               random models and the sample images; prints each stage's summary
+#   make test   the full test suite (what CI runs)
+#
+# TORCH picks the torch build installed before the project: the default is the
+# CPU wheel this project's machines carry; on a GPU box use e.g. TORCH=torch.
+
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+SHARED ?= ../shared
+DEMO   ?= runs/demo
+DP      = $(VENV)/bin/dataprep
+SAMPLES = $(SHARED)/reference/softrepa/samples
+
+.PHONY: demo test install clean-demo
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q "$(TORCH)"
+	$(VENV)/bin/python -m pip install -q -e ".[dev,serve]"
+	touch $@
+
+demo: install
+	rm -rf $(DEMO)
+	HF_HUB_OFFLINE=1 $(DP) tiny-models $(DEMO)/models
+	HF_HUB_OFFLINE=1 $(DP) caption div2k --data $(SAMPLES) --out $(DEMO) --model $(DEMO)/models/llava --max-new-tokens 48
+	HF_HUB_OFFLINE=1 $(DP) caption folder $(DEMO)/models/images --name generated --out $(DEMO) --model $(DEMO)/models/llava --max-new-tokens 48
+
+test: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q
+
+clean-demo:
+	rm -rf $(DEMO)

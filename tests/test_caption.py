@@ -1,0 +1,165 @@
+"""The caption stage end to end on a tiny random LLaVA loaded by path."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from dataprep.caption import CaptionOptions, run_caption
+from dataprep.engines import EngineConfig, load_engine
+from dataprep.sources import div2k, folder
+from dataprep.store import CAPTIONS_SCHEMA, read_table, shard_paths
+from tests.images_factory import bad_images, good_images
+
+OPTS = dict(max_new_tokens=8, workers=0)
+
+
+def cfg(tiny_models: Path) -> EngineConfig:
+    return EngineConfig(model=str(tiny_models / "llava"), batch_size="4")
+
+
+@pytest.fixture(scope="module")
+def llava(tiny_models):
+    engine = load_engine(cfg(tiny_models))
+    yield engine
+    engine.close()
+
+
+def rows(out: Path) -> list[dict]:
+    return read_table(out / "captions", CAPTIONS_SCHEMA).to_pylist()
+
+
+def test_samples_and_generated_images_all_caption(tmp_path, samples_dir, tiny_models, llava):
+    good_images(tmp_path / "gen")
+    refs = div2k(samples_dir) + folder(tmp_path / "gen")
+    summary = run_caption(refs, tmp_path / "run", cfg(tiny_models), CaptionOptions(**OPTS), engine=llava, progress=False)
+    out = rows(tmp_path / "run")
+    assert summary.done == len(refs) == 12 and summary.n_failed == 0
+    assert {r["image_id"] for r in out} == {r.image_id for r in refs}
+    by_id = {r["image_id"]: r for r in out}
+    assert by_id["div2k/0001"]["image_width"] == 1024
+    assert by_id["gen/photo_exif.jpg"]["image_width"] == 20  # EXIF rotation applied before measuring
+    for r in out:
+        assert r["caption"] and r["error"] is None
+        assert r["model"] == str(tiny_models / "llava") and r["engine"] == "transformers"
+        assert r["prompt_id"] == "caption.txt" and len(r["prompt_sha256"]) == 64
+        assert len(r["image_sha256"]) == 64 and r["finish_reason"] in ("stop", "length")
+        assert r["completion_tokens"] > 0 and r["prompt_tokens"] > 0 and r["created_at"] is not None
+    manifest = (tmp_path / "run" / "captions" / "_manifest.json").read_text()
+    assert '"done": 12' in manifest and "transformers" in manifest
+
+
+def test_bad_files_become_error_rows_and_the_run_completes(tmp_path, tiny_models, llava):
+    d = tmp_path / "mixed"
+    expected = bad_images(d)
+    good_images(d / "ok")
+    summary = run_caption(folder(d), tmp_path / "run", cfg(tiny_models), CaptionOptions(**OPTS), engine=llava, progress=False)
+    out = {r["image_id"].split("/", 1)[1]: r for r in rows(tmp_path / "run")}
+    assert summary.done == 10 and summary.n_failed == len(expected)
+    for name, reasons in expected.items():
+        assert out[name]["caption"] is None
+        assert out[name]["error"].split(":")[0] in reasons.split("|"), out[name]["error"]
+    assert all(r["error"] is None for k, r in out.items() if k.startswith("ok/"))
+    assert summary.failed["too_large"] == 1 and summary.failed["empty_file"] == 1
+
+
+def test_second_run_generates_nothing_and_new_settings_make_new_keys(tmp_path, samples_dir, tiny_models, llava):
+    refs = div2k(samples_dir)
+    run_caption(refs, tmp_path, cfg(tiny_models), CaptionOptions(**OPTS), engine=llava, progress=False)
+    again = run_caption(refs, tmp_path, cfg(tiny_models), CaptionOptions(**OPTS), engine=llava, progress=False)
+    assert (again.done, again.skipped) == (0, 2)
+    assert len(rows(tmp_path)) == 2
+    sampled = run_caption(refs, tmp_path, cfg(tiny_models), CaptionOptions(**OPTS, temperature=0.7), engine=llava, progress=False)
+    assert sampled.done == 2 and len(rows(tmp_path)) == 4
+    forced = run_caption(refs, tmp_path, cfg(tiny_models), CaptionOptions(**OPTS, force=True), engine=llava, progress=False)
+    assert forced.done == 2 and len(rows(tmp_path)) == 4  # recomputed rows replace, never duplicate
+
+
+class _DiesAfter:
+    """Wraps an engine; the n-th generate call raises, like a kill mid-run."""
+
+    def __init__(self, engine, calls_ok: int):
+        self.inner, self.left = engine, calls_ok
+        self.name, self.model, self.revision, self.batch_size = engine.name, engine.model, engine.revision, 2
+
+    def image_size(self):
+        return self.inner.image_size()
+
+    def generate(self, reqs):
+        if self.left == 0:
+            raise KeyboardInterrupt("killed")
+        self.left -= 1
+        return self.inner.generate(reqs)
+
+    def close(self):
+        pass
+
+
+def test_interrupted_run_resumes_with_every_image_exactly_once(tmp_path, samples_dir, tiny_models, llava):
+    good_images(tmp_path / "gen")
+    refs = folder(tmp_path / "gen")
+    opts = CaptionOptions(**OPTS, rows_per_shard=2)
+    with pytest.raises(KeyboardInterrupt):
+        run_caption(refs, tmp_path / "run", cfg(tiny_models), opts, engine=_DiesAfter(llava, 1), progress=False)
+    first = rows(tmp_path / "run")
+    assert len(first) == 2 and len(shard_paths(tmp_path / "run" / "captions")) == 1
+    resumed = run_caption(refs, tmp_path / "run", cfg(tiny_models), opts, engine=llava, progress=False)
+    assert resumed.skipped == 2 and resumed.done == len(refs) - 2
+    ids = [r["image_id"] for r in rows(tmp_path / "run")]
+    assert sorted(ids) == sorted(r.image_id for r in refs)  # each exactly once
+
+
+def test_killed_process_leaves_no_partial_shard_and_resume_is_exact(tmp_path, tiny_models):
+    """A real SIGKILL while shards are being written, then a rerun."""
+    import signal
+    import time
+
+    good_images(tmp_path / "gen")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "dataprep", "caption", "folder", str(tmp_path / "gen"), "--out", str(out), "--model", str(tiny_models / "llava"),
+           "--max-new-tokens", "64", "--batch-size", "1", "--rows-per-shard", "1", "--workers", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not shard_paths(out / "captions"):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    for p in shard_paths(out / "captions"):
+        pq.read_table(p)  # every shard on disk is complete
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ids = [r["image_id"] for r in rows(out)]
+    assert len(ids) == 10 and len(set(ids)) == 10
+
+
+def test_shards_read_back_with_pyarrow_pandas_polars_duckdb_datasets(tmp_path, samples_dir, tiny_models, llava):
+    run_caption(div2k(samples_dir), tmp_path, cfg(tiny_models), CaptionOptions(**OPTS), engine=llava, progress=False)
+    folder_ = tmp_path / "captions"
+    import datasets
+    import duckdb
+    import pandas as pd
+    import polars as pl
+
+    # the folder itself reads as a dataset: the manifest's leading "_" keeps it out
+    assert pq.read_table(folder_).num_rows == 2
+    assert len(pd.read_parquet(folder_)) == 2
+    assert pl.read_parquet(str(folder_ / "*.parquet")).height == 2
+    assert duckdb.sql(f"select count(*) from read_parquet('{folder_}/*.parquet')").fetchall()[0][0] == 2
+    ds = datasets.load_dataset("parquet", data_files=str(folder_ / "*.parquet"), split="train")
+    assert sorted(ds["image_id"]) == ["div2k/0001", "div2k/0002"]
+
+
+def test_missing_model_is_a_config_error_before_any_image_is_read(tmp_path):
+    from dataprep.engines import ConfigError
+
+    from dataprep.sources import ImageRef
+
+    never_read = [ImageRef("x/1", "folder", str(tmp_path / "does-not-exist.png"))]  # reading it would make an error row
+    with pytest.raises(ConfigError) as exc:
+        run_caption(never_read, tmp_path, EngineConfig(model=str(tmp_path / "nope")), CaptionOptions(**OPTS))
+    assert exc.value.flag == "--model"
+    assert not (tmp_path / "captions").exists() or not shard_paths(tmp_path / "captions")

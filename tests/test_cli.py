@@ -1,0 +1,56 @@
+"""The command line: help text, exit codes, lazy imports."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from dataprep.cli import app
+
+runner = CliRunner()
+
+
+def test_top_level_help_does_not_import_heavy_libraries():
+    code = "import sys; from dataprep.cli import app; heavy = [m for m in ('torch', 'transformers', 'datasets', 'diffusers', 'prefect', 'vllm') if m in sys.modules]; print(heavy)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
+
+
+@pytest.mark.parametrize(
+    "args,flags",
+    [
+        (["caption", "--help"], ["div2k", "folder", "hf"]),
+        (["caption", "div2k", "--help"], ["--data", "--split", "--ids", "--limit", "--model", "--engine", "--quantize", "--batch-size", "--device", "--dtype", "--temperature", "--seed", "--max-new-tokens", "--prompt-file", "--crop", "--max-pixels", "--force", "--strict", "--rows-per-shard", "--workers"]),
+        (["caption", "hf", "--help"], ["--image-column", "--split"]),
+    ],
+)
+def test_help_explains_every_flag(args, flags):
+    result = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for flag in flags:
+        assert flag in result.output, flag
+
+
+def test_bad_configuration_exits_2_naming_flag_and_fix(tmp_path):
+    result = runner.invoke(app, ["caption", "div2k", "--data", str(tmp_path / "missing"), "--out", str(tmp_path)], env={"COLUMNS": "200"})
+    assert result.exit_code == 2
+    assert "--data" in result.output and "Fix:" in result.output
+    result = runner.invoke(app, ["caption", "folder", str(tmp_path), "--model", "x", "--batch-size", "zero"])
+    assert result.exit_code == 2 and "--batch-size" in result.output
+
+
+def test_strict_exits_1_on_row_errors_and_0_without(tmp_path, tiny_models):
+    from tests.images_factory import bad_images, good_images
+
+    good_images(tmp_path / "imgs")
+    base = ["caption", "folder", str(tmp_path / "imgs"), "--model", str(tiny_models / "llava"), "--max-new-tokens", "4", "--workers", "0"]
+    ok = runner.invoke(app, base + ["--out", str(tmp_path / "a"), "--strict"])
+    assert ok.exit_code == 0, ok.output
+    bad_images(tmp_path / "imgs" / "bad")
+    lenient = runner.invoke(app, base + ["--out", str(tmp_path / "b")])
+    assert lenient.exit_code == 0 and "too_large" in lenient.output
+    strict = runner.invoke(app, base + ["--out", str(tmp_path / "c"), "--strict"])
+    assert strict.exit_code == 1
