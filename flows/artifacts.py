@@ -1,0 +1,147 @@
+"""What every run shows in the Prefect UI (issue 8): counts, pass rate by rule,
+throughput, links to the shard folders, and a progress bar while a stage runs.
+
+Table rows are built by pure functions (tested without a server); the
+``publish_*`` helpers only hand them to Prefect. Artifact keys name the
+dataset and stage, so the UI keeps one versioned history per stage.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow.parquet as pq
+
+from dataprep.stage import StageSummary
+from dataprep.store import shard_paths
+
+
+def artifact_key(*parts: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower())).strip("-")
+
+
+def merge_summaries(stage: str, out_dir: Path, parts: Iterable[tuple[StageSummary, int, bool]]) -> StageSummary:
+    """One summary for a stage run from its shard calls.
+
+    ``parts`` holds (summary, shard size, cached): a shard Prefect answered from
+    its cache did no work in this run, so all its rows count as skipped.
+    """
+    total = StageSummary(stage=stage, out_dir=out_dir, run_id="")
+    run_ids, wall = [], 0.0
+    for s, n, cached in parts:
+        if cached:
+            total.skipped += n
+            total.extra["cached shards"] = total.extra.get("cached shards", 0) + 1
+            continue
+        total.done += s.done
+        total.skipped += s.skipped
+        total.failed.update(s.failed)
+        total.truncated += s.truncated
+        total.shards.extend(s.shards)
+        wall += s.wall_s
+        run_ids.append(s.run_id)
+    total.run_id = ",".join(run_ids)
+    total.wall_s = wall  # time inside the stage calls (model time), not flow overhead
+    return total
+
+
+def counts_rows(summary: StageSummary) -> list[dict[str, Any]]:
+    """done / skipped / failed-by-reason / throughput as (metric, value) rows."""
+    rows = [
+        {"metric": "done (this run)", "value": summary.done},
+        {"metric": "skipped (already done)", "value": summary.skipped},
+        {"metric": "failed", "value": summary.n_failed},
+    ]
+    rows += [{"metric": f"failed: {reason}", "value": n} for reason, n in sorted(summary.failed.items(), key=lambda kv: (-kv[1], kv[0]))]
+    if summary.truncated:
+        rows.append({"metric": "hit max_new_tokens", "value": summary.truncated})
+    for k, v in summary.extra.items():
+        if isinstance(v, (int, float, str)):
+            rows.append({"metric": k, "value": round(v, 4) if isinstance(v, float) else v})
+    rows.append({"metric": "wall time in stage (s)", "value": round(summary.wall_s, 2)})
+    rows.append({"metric": "throughput (rows/s)", "value": round(summary.rate, 3)})
+    return rows
+
+
+def rule_rows(edits_dir: Path | str) -> list[dict[str, Any]]:
+    """The checker's pass rate overall and per rule, over every good edit row.
+
+    A rule's pass rate is the share of rewrites that do not violate it.
+    """
+    n = passed = 0
+    violated: Counter[str] = Counter()
+    for path in shard_paths(edits_dir):
+        t = pq.read_table(path, columns=["passed", "violations", "error"])
+        for ok, rules, err in zip(t.column("passed").to_pylist(), t.column("violations").to_pylist(), t.column("error").to_pylist()):
+            if err is not None:
+                continue
+            n += 1
+            passed += bool(ok)
+            violated.update(set(rules or ()))
+    if n == 0:
+        return []
+    rows = [{"rule": "all rules (passed)", "rows": n, "violations": n - passed, "pass_rate": round(passed / n, 4)}]
+    rows += [{"rule": r, "rows": n, "violations": v, "pass_rate": round(1 - v / n, 4)} for r, v in sorted(violated.items(), key=lambda kv: (-kv[1], kv[0]))]
+    return rows
+
+
+def links_markdown(title: str, folders: dict[str, Path | str], extra: Iterable[str] = ()) -> str:
+    """Markdown with file:// links to output folders and their shard counts."""
+    lines = [f"## {title}", ""]
+    for name, folder in folders.items():
+        p = Path(folder).resolve()
+        lines.append(f"- **{name}**: [{p}]({p.as_uri()}) ({len(shard_paths(p))} shards)")
+    lines += list(extra)
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------ publishing (needs a Prefect run context)
+
+
+def publish_counts(dataset: str, summary: StageSummary) -> None:
+    from prefect.artifacts import create_table_artifact
+
+    create_table_artifact(counts_rows(summary), key=artifact_key(dataset, summary.stage, "counts"), description=f"{summary.stage}: rows done, skipped and failed by reason; throughput")
+
+
+def publish_rules(dataset: str, edits_dir: Path | str) -> None:
+    from prefect.artifacts import create_table_artifact
+
+    rows = rule_rows(edits_dir)
+    if rows:
+        create_table_artifact(rows, key=artifact_key(dataset, "rewrite", "rules"), description="single-concept checker: pass rate overall and per rule")
+
+
+def publish_table(key: str, rows: list[dict[str, Any]], description: str) -> None:
+    from prefect.artifacts import create_table_artifact
+
+    if rows:
+        create_table_artifact(rows, key=artifact_key(key), description=description)
+
+
+def publish_markdown(key: str, markdown: str, description: str = "") -> None:
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(markdown, key=artifact_key(key), description=description)
+
+
+class Progress:
+    """A progress artifact (0-100 %) updated as shard calls finish."""
+
+    def __init__(self, dataset: str, stage: str, total: int):
+        from prefect.artifacts import create_progress_artifact
+
+        self.total = max(total, 1)
+        self.done = 0
+        self.stage = stage
+        self.id = create_progress_artifact(0.0, key=artifact_key(dataset, stage, "progress"), description=f"{stage}: shards finished")
+
+    def advance(self, n: int = 1) -> None:
+        from prefect.artifacts import update_progress_artifact
+
+        self.done += n
+        update_progress_artifact(self.id, 100.0 * self.done / self.total, description=f"{self.stage}: {self.done}/{self.total} shards")

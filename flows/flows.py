@@ -1,0 +1,314 @@
+"""Prefect flows: caption -> rewrite -> batches (``prepare``), then the hand-off to
+``train`` and ``evaluate_edit`` through events (issue 8). Wiring only.
+
+Parameters are plain JSON values so the UI and ``run_deployment`` can set
+them; the ``*_options`` dicts map one-to-one onto the stages' option
+dataclasses (``CaptionOptions``, ``RewriteOptions``, ``BatchOptions``,
+``TrainConfig``, ``EvalConfig``) and ``engine`` onto ``EngineConfig``, so every
+CLI flag is reachable without a flow parameter of its own.
+
+Events (the hand-off contract):
+
+- ``softrepa.shards.written``, resource ``softrepa.shards.<dataset>.<preset>``,
+  emitted by ``batches`` only when it wrote shards that were not there before;
+  payload: ``shards`` (absolute paths), ``dataset``, ``preset``, ``run_dir``
+  (captions + edits, the evaluator's pairs), ``train`` and ``evaluate``
+  (options handed on from ``prepare``).
+- ``softrepa.tokens.written``, resource ``softrepa.tokens.<dataset>.<preset>``
+  with label ``softrepa.evaluate`` = ``true``/``false``, emitted by ``train``;
+  payload: ``tokens`` (folder), ``model``, ``pairs``, ``evaluate``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from dataprep.engines import ConfigError, EngineConfig
+from dataprep.stage import StageSummary
+from dataprep.store import shard_paths
+from flows import artifacts
+from flows.tasks import build_batches_task, caption_ids, caption_shard, chunks, evaluate_task, gpu_slot, release_engines, rewrite_shard, train_task, uses_local_gpu
+
+SHARDS_EVENT = "softrepa.shards.written"
+TOKENS_EVENT = "softrepa.tokens.written"
+DEFAULT_DATA = "data/DIV2K_train_HR"
+DEFAULT_OUT = "runs/div2k"
+CAPTION_MODEL = "llava-hf/llava-1.5-13b-hf"
+REWRITE_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+TRAIN_MODELS = {  # the paper's backbones (Table 3), by preset
+    "sd3": "stabilityai/stable-diffusion-3-medium-diffusers",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+    "sd1.5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+}
+
+
+def build(cls: type, options: dict[str, Any] | None, flag: str, **fixed: Any) -> Any:
+    """``cls(**fixed, **options)`` with unknown option names rejected by name."""
+    options = dict(options or {})
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"unknown {flag} option(s) {unknown}", flag, f"use fields of {cls.__name__}: {', '.join(sorted(known))}")
+    for k, v in list(options.items()):  # JSON has lists where the dataclasses use tuples
+        if isinstance(v, list):
+            options[k] = tuple(v)
+    return cls(**{**fixed, **options})
+
+
+def _refs(source: str, data: str, split: str, ids: str | None, limit: int | None) -> list:
+    from dataprep.sources import div2k, folder
+
+    if source == "div2k":
+        return div2k(data, split=split, ids=ids, limit=limit)
+    if source == "folder":
+        return folder(data, limit=limit)
+    raise ConfigError(f"unknown source {source!r}", "source", "use div2k or folder")
+
+
+def _run_shards(dataset: str, stage: str, out: Path, cfg: EngineConfig, calls: list[tuple[Any, dict[str, Any], int]]) -> StageSummary:
+    """Run one stage's shard calls in order under the GPU slot; one engine load for all."""
+    progress = artifacts.Progress(dataset, stage, len(calls))
+    parts = []
+    with gpu_slot(uses_local_gpu(cfg)):
+        try:
+            for fn, kwargs, n in calls:
+                state = fn(**kwargs, return_state=True)
+                summary = state.result()  # a failed shard (after its retries) fails the flow
+                parts.append((summary, n, state.name == "Cached"))
+                progress.advance()
+        finally:
+            release_engines()  # leave the card before the next stage's model loads
+    total = artifacts.merge_summaries(stage, out, parts)
+    artifacts.publish_counts(dataset, total)
+    return total
+
+
+@flow(name="caption", log_prints=True)
+def caption(
+    data: str = DEFAULT_DATA,
+    out: str = DEFAULT_OUT,
+    dataset: str = "div2k",
+    source: str = "div2k",
+    split: str = "train",
+    ids: str | None = None,
+    limit: int | None = None,
+    model: str = CAPTION_MODEL,
+    engine: dict[str, Any] | None = None,
+    caption_options: dict[str, Any] | None = None,
+    shard_size: int = 256,
+) -> StageSummary:
+    """Caption the images of ``data`` into ``out/captions``, one task per ``shard_size`` images."""
+    from dataprep.caption import CaptionOptions
+    from dataprep.promptfile import load_prompt
+
+    cfg = build(EngineConfig, engine, "engine", model=model)
+    opts = build(CaptionOptions, caption_options, "caption_options")
+    cfg.validate()
+    opts.validate()
+    refs = _refs(source, data, split, ids, limit)  # paths are checked before a model loads
+    run = Path(out).resolve()
+    prompt_sha = load_prompt(opts.prompt_file).sha256
+    calls = [(caption_shard, dict(refs=shard, out=run, engine_cfg=cfg, opts=opts, prompt_sha256=prompt_sha), len(shard)) for shard in chunks(refs, shard_size)]
+    summary = _run_shards(dataset, "caption", run / "captions", cfg, calls)
+    artifacts.publish_markdown(f"{dataset}-caption-shards", artifacts.links_markdown("caption", {"captions": run / "captions"}))
+    return summary
+
+
+@flow(name="rewrite", log_prints=True)
+def rewrite(
+    out: str = DEFAULT_OUT,
+    dataset: str = "div2k",
+    model: str = REWRITE_MODEL,
+    engine: dict[str, Any] | None = None,
+    rewrite_options: dict[str, Any] | None = None,
+) -> StageSummary:
+    """Rewrite every caption in ``out/captions`` into ``out/edits``, one task per caption shard."""
+    from dataprep.promptfile import load_prompt
+    from dataprep.rewrite import RewriteOptions
+
+    cfg = build(EngineConfig, engine, "engine", model=model)
+    opts = build(RewriteOptions, rewrite_options, "rewrite_options")
+    cfg.validate()
+    opts.validate()
+    run = Path(out).resolve()
+    captions = shard_paths(run / "captions")
+    if not captions:
+        raise ConfigError(f"no caption shards in {run / 'captions'}", "out", "run the caption flow first")
+    prompt_sha = load_prompt(getattr(opts, "prompt_file", None) or getattr(opts, "rules", "edit.txt")).sha256
+    calls = []
+    for path in captions:
+        n = len(caption_ids(path))
+        if n:  # a shard of error rows only has nothing to rewrite
+            calls.append((rewrite_shard, dict(captions_shard=path, out=run, engine_cfg=cfg, opts=opts, prompt_sha256=prompt_sha), n))
+    summary = _run_shards(dataset, "rewrite", run / "edits", cfg, calls)
+    artifacts.publish_rules(dataset, run / "edits")
+    artifacts.publish_markdown(f"{dataset}-rewrite-shards", artifacts.links_markdown("rewrite", {"captions": run / "captions", "edits": run / "edits"}))
+    return summary
+
+
+def shards_event(dataset: str, preset: str, shards: list[Path], run_dir: Path, train: dict[str, Any] | None, evaluate: dict[str, Any] | None) -> tuple[str, dict[str, str], dict[str, Any]]:
+    """(event name, resource, payload) announcing new batch shards (pure, for tests)."""
+    resource = {"prefect.resource.id": f"softrepa.shards.{dataset}.{preset}", "prefect.resource.name": f"{dataset} {preset} batch shards", "softrepa.dataset": dataset, "softrepa.preset": preset}
+    payload = {"shards": [str(Path(p).resolve()) for p in shards], "dataset": dataset, "preset": preset, "run_dir": str(run_dir), "train": train or {}, "evaluate": evaluate}
+    return SHARDS_EVENT, resource, payload
+
+
+@flow(name="batches", log_prints=True)
+def batches(
+    out: str = DEFAULT_OUT,
+    dataset: str = "div2k",
+    preset: str = "sd3",
+    use_edits: bool = True,
+    batch_options: dict[str, Any] | None = None,
+    train_options: dict[str, Any] | None = None,
+    eval_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Contrastive batch shards in ``out/batches/<preset>``; announces new ones.
+
+    ``train_options`` and ``eval_options`` ride along in the event.
+    Returns the summary, the new shards and the emitted event (None if none).
+    """
+    from dataprep.batches import BatchOptions
+
+    opts = build(BatchOptions, batch_options, "batch_options", preset=preset)
+    opts.validate()
+    run = Path(out).resolve()
+    folder = run / "batches" / preset
+    before = {p.name for p in shard_paths(folder)}
+    edits = run / "edits" if use_edits and shard_paths(run / "edits") else None
+    summary = build_batches_task(run / "captions", folder, opts, edits)
+    new = [p for p in summary.shards if p.name not in before]
+    rows = [{"metric": k, "value": v} for k, v in (("batches", summary.batches), ("positives", summary.positives), ("hard negatives", summary.hard_negatives), ("negatives", summary.negatives), ("images", summary.images), ("dropped images (drop_last)", summary.dropped_images), ("unfillable batches", summary.unfillable_batches), ("edits available", summary.edits_available), ("edits unused", summary.edits_unused), ("shards written", len(summary.shards)), ("new shards", len(new)), ("seconds", round(summary.seconds, 2)))]
+    rows += [{"metric": f"skipped: {k}", "value": v} for k, v in summary.skipped.items()]
+    artifacts.publish_table(f"{dataset}-batches-{preset}-counts", rows, f"batches ({preset}): grid contents and shards")
+    artifacts.publish_markdown(f"{dataset}-batches-{preset}-shards", artifacts.links_markdown(f"batches ({preset})", {"batches": folder}))
+    event = None
+    if new:
+        from prefect.events import emit_event
+
+        name, resource, payload = shards_event(dataset, preset, summary.shards, run, train_options, eval_options)
+        event = emit_event(name, resource=resource, payload=payload)
+        get_run_logger().info("emitted %s for %d new shards (%s)", name, len(new), resource["prefect.resource.id"])
+    else:
+        get_run_logger().info("no new batch shards (inputs and options unchanged); no hand-off")
+    return {"summary": summary, "new_shards": new, "event": event}
+
+
+@flow(name="prepare", log_prints=True)
+def prepare(
+    data: str = DEFAULT_DATA,
+    out: str = DEFAULT_OUT,
+    dataset: str = "div2k",
+    source: str = "div2k",
+    split: str = "train",
+    ids: str | None = None,
+    limit: int | None = None,
+    caption_model: str = CAPTION_MODEL,
+    rewrite_model: str = REWRITE_MODEL,
+    engine: dict[str, Any] | None = None,
+    caption_options: dict[str, Any] | None = None,
+    rewrite_options: dict[str, Any] | None = None,
+    preset: str = "sd3",
+    batch_options: dict[str, Any] | None = None,
+    shard_size: int = 256,
+    train_options: dict[str, Any] | None = None,
+    eval_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """caption -> rewrite -> batches; new shards are handed to training by event.
+
+    ``engine`` applies to both models (device, dtype, batch size, ...).
+    ``train_options`` (TrainConfig fields, e.g. model, steps, out) and
+    ``eval_options`` (EvalConfig fields; None: no evaluation) travel with the event.
+    """
+    cap = caption(data=data, out=out, dataset=dataset, source=source, split=split, ids=ids, limit=limit, model=caption_model, engine=engine, caption_options=caption_options, shard_size=shard_size)
+    rew = rewrite(out=out, dataset=dataset, model=rewrite_model, engine=engine, rewrite_options=rewrite_options)
+    bat = batches(out=out, dataset=dataset, preset=preset, batch_options=batch_options, train_options=train_options, eval_options=eval_options)
+    return {"caption": cap, "rewrite": rew, "batches": bat}
+
+
+def shard_folder(shards: list[str], root: Path) -> Path:
+    """A folder of links to exactly ``shards`` (the trainer reads a folder).
+
+    Named by the shard set, so the same set maps to the same folder and a
+    rerun resumes there.
+    """
+    paths = [Path(s).resolve() for s in shards]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise ConfigError(f"batch shards not found: {missing[:3]}", "shards", "pass shard paths written by the batches flow")
+    digest = hashlib.sha256("\n".join(sorted(map(str, paths))).encode()).hexdigest()[:12]
+    folder = root / f"shards-{digest}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, p in enumerate(sorted(paths)):
+        link = folder / f"part-{i:05d}-{p.name.removeprefix('part-')}"
+        if not link.exists():
+            link.symlink_to(p)
+    return folder
+
+
+@flow(name="train", log_prints=True)
+def train(
+    shards: list[str],
+    preset: str = "sd3",
+    dataset: str = "div2k",
+    run_dir: str | None = None,
+    train_options: dict[str, Any] | None = None,
+    eval_options: dict[str, Any] | None = None,
+) -> Any:
+    """Train soft tokens on exactly ``shards`` (softrepa.train); then announce the tokens.
+
+    ``train_options``: TrainConfig fields (model defaults to the preset's paper
+    backbone, out to ``<run_dir>/train/<preset>-<shard set>``).
+    """
+    from softrepa.train import TrainConfig
+
+    options = dict(train_options or {})
+    model = options.pop("model", None) or TRAIN_MODELS.get(preset, "")
+    base = Path(run_dir).resolve() if run_dir else Path(shards[0]).resolve().parent.parent.parent
+    inputs = shard_folder(shards, base / "train" / "inputs")
+    out = options.pop("out", None) or str(base / "train" / f"{preset}-{inputs.name.removeprefix('shards-')}")
+    options.setdefault("progress", False)
+    cfg = build(TrainConfig, options, "train", preset=preset, batches=str(inputs), model=model, out=out)
+    cfg.validate()
+    with gpu_slot(getattr(cfg, "device", "auto") != "cpu"):
+        result = train_task(cfg)
+    artifacts.publish_table(
+        f"{dataset}-train-{preset}",
+        [{"metric": "steps", "value": result.steps}, {"metric": "final loss", "value": round(result.final_loss, 5)}, {"metric": "mean accuracy", "value": round(result.mean_accuracy, 4)}, {"metric": "seconds", "value": round(result.seconds, 1)}, {"metric": "shards", "value": len(shards)}]
+        + [{"metric": f"skipped rows: {k}", "value": v} for k, v in result.skipped.items()],
+        f"soft-token training ({preset}) on {len(shards)} shards",
+    )
+    artifacts.publish_markdown(f"{dataset}-train-{preset}-tokens", f"## tokens ({preset})\n\n- tokens: [{result.tokens_dir}]({Path(result.tokens_dir).resolve().as_uri()})\n- log: [{result.log_path}]({Path(result.log_path).resolve().as_uri()})\n")
+    from prefect.events import emit_event
+
+    evaluable = eval_options is not None and preset == "sd3"  # FlowEdit is defined on SD3 (issue 7)
+    emit_event(
+        TOKENS_EVENT,
+        resource={"prefect.resource.id": f"softrepa.tokens.{dataset}.{preset}", "softrepa.evaluate": str(evaluable).lower()},
+        payload={"tokens": str(Path(result.tokens_dir).resolve()), "model": model, "pairs": str(base), "preset": preset, "evaluate": eval_options or {}},
+    )
+    return result
+
+
+@flow(name="evaluate_edit", log_prints=True)
+def evaluate_edit(pairs: str, model: str = TRAIN_MODELS["sd3"], tokens: str | None = None, out: str | None = None, eval_options: dict[str, Any] | None = None) -> Any:
+    """FlowEdit with and without soft tokens on the caption/edit pairs of a run (softrepa.evaluate)."""
+    from softrepa.evaluate import EvalConfig
+    from softrepa.metrics import MetricConfig
+
+    options = dict(eval_options or {})
+    metrics = build(MetricConfig, options.pop("metrics", None), "evaluate.metrics")
+    out = out or options.pop("out", None) or str(Path(pairs).resolve() / "eval" / (Path(tokens).name if tokens else "vanilla"))
+    options.setdefault("progress", False)
+    cfg = build(EvalConfig, options, "evaluate", pairs=pairs, model=model, out=out, tokens=tokens, metrics=metrics)
+    cfg.validate()
+    with gpu_slot(cfg.device != "cpu"):
+        result = evaluate_task(cfg)
+    artifacts.publish_table("evaluate-edit-summary", result.table, "FlowEdit with/without soft tokens (rows: method x target CFG)")
+    artifacts.publish_markdown("evaluate-edit-report", result.markdown or f"scores: {result.scores_path}", "evaluation summary")
+    return result
