@@ -284,7 +284,7 @@ def rewrite_cmd(
     """Rewrite captions into single-concept edits with Llama-3.1-8B-Instruct and prompts/edit.txt; every output is rule-checked and retried."""
     from rich.console import Console
 
-    from dataprep.rewrite import RewriteOptions, inputs_from_captions, inputs_from_file, run_rewrite
+    from dataprep.rewrite import KEPT_FAILING, RewriteOptions, inputs_from_captions, inputs_from_file, run_rewrite
     from dataprep.stage import print_summary
 
     opts = RewriteOptions(rules_file=rules, max_attempts=max_attempts, temperature=temperature, retry_temperature=retry_temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, force=force, rows_per_shard=rows_per_shard)
@@ -304,7 +304,7 @@ def rewrite_cmd(
     except ConfigError as exc:
         raise fail(str(exc))
     print_summary(summary, Console())
-    if strict and (summary.n_failed or "  still failing" in " ".join(summary.extra)):
+    if strict and (summary.n_failed or summary.extra.get(KEPT_FAILING, 0)):
         raise typer.Exit(1)
 
 
