@@ -90,7 +90,7 @@ COLORS = frozenset(
     crimson scarlet magenta cyan indigo khaki burgundy golden silvery ochre auburn azure vermilion
     chartreuse fuchsia aqua lilac mauve taupe blond blonde brunette greyish grayish reddish bluish
     greenish yellowish brownish pinkish purplish whitish blackish orangish orangey multicolored
-    multicoloured colorless colourless monochrome sepia tawny russet sienna umber cerulean cobalt
+    multicoloured colorful colourful colorless colourless monochrome sepia tawny russet sienna umber cerulean cobalt
     ultramarine emerald""".split()
 )
 AMBIGUOUS_COLORS = frozenset(
@@ -115,7 +115,7 @@ BUILDINGS = frozenset(
 # Words that carry no concept of their own: a region that changes only these
 # is grammar (or, alone, a small concept such as on -> under).
 FUNCTION_WORDS = frozenset(
-    """a an the this that these those its their his her our your my some any each every no
+    """himself herself itself hers a an the this that these those its their his her our your my some any each every no
     and or but nor so yet of in on at to for from by with without within into onto over under
     above below near behind beside between among through across along around about against
     up down off out as than then there here it they them he she we you i is are was were be been
@@ -127,7 +127,11 @@ ARTICLES = frozenset({"a", "an"})
 AGREEMENT = {
     frozenset(p)
     for p in [("is", "are"), ("was", "were"), ("has", "have"), ("its", "their"), ("it", "they"),
-              ("it", "them"), ("this", "these"), ("that", "those"), ("does", "do")]
+              ("it", "them"), ("this", "these"), ("that", "those"), ("does", "do"),
+              # a man -> a woman (his -> her), a dog -> a boy (its -> his)
+              ("he", "she"), ("him", "her"), ("his", "her"), ("his", "hers"), ("himself", "herself"),
+              ("it", "he"), ("it", "she"), ("its", "his"), ("its", "her"), ("it", "him"), ("itself", "himself"),
+              ("itself", "herself"), ("he", "they"), ("she", "they"), ("his", "their"), ("her", "their")]
 }
 # Caption verbs that follow a subject noun: "an orange lies" is a fruit.
 SUBJECT_VERBS = frozenset(
