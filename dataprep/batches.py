@@ -38,6 +38,7 @@ that index and :func:`build_batches` writes the rows shard by shard, so at most
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import random
@@ -49,6 +50,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dataprep.engines import ConfigError
@@ -138,8 +140,8 @@ class CaptionIndex:
     caption store, about five for COCO). ``edits`` is parallel to ``texts``:
     the caption's passing single-concept edit, or None. ``skipped`` counts
     what was left out and why (error rows, images without a caption, failed
-    edits, ...); ``fingerprint`` is a sha256 of the content, so a rebuild with
-    other inputs gets other shard names.
+    edits, ...); :meth:`fingerprint` is a sha256 of the content, so a rebuild
+    with other inputs gets other shard names.
     """
 
     image_ids: list[str]
@@ -148,7 +150,6 @@ class CaptionIndex:
     texts: list[str]
     edits: list[str | None]
     skipped: Counter = field(default_factory=Counter)
-    fingerprint: str = ""
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -159,6 +160,17 @@ class CaptionIndex:
     def n_edits(self) -> int:
         return sum(e is not None for e in self.edits)
 
+    def fingerprint(self) -> str:
+        """sha256 over ids, uris, captions and edits, in index order."""
+        h = hashlib.sha256()
+        sep, end = b"\x1f", b"\x1e"  # ASCII unit / record separators between fields
+        for i, image_id in enumerate(self.image_ids):
+            parts = [image_id, self.image_uris[i] or "", str(self.starts[i + 1] - self.starts[i])]
+            for k in range(self.starts[i], self.starts[i + 1]):
+                parts += [self.texts[k], "\x00" if self.edits[k] is None else self.edits[k]]
+            h.update(sep.join(p.encode("utf-8", "surrogatepass") for p in parts) + end)
+        return h.hexdigest()
+
 
 def make_index(rows: list[tuple[str, str | None, list[str]]], skipped: Counter | None = None) -> CaptionIndex:
     """Build an index from ``(image_id, uri, captions)`` tuples (sorted by id here)."""
@@ -168,16 +180,7 @@ def make_index(rows: list[tuple[str, str | None, list[str]]], skipped: Counter |
     for _, _, caps in rows:
         texts.extend(caps)
         starts.append(len(texts))
-    index = CaptionIndex([r[0] for r in rows], [r[1] for r in rows], starts, texts, [None] * len(texts), skipped or Counter())
-    index.fingerprint = _fingerprint(index)
-    return index
-
-
-def _fingerprint(index: CaptionIndex) -> str:
-    h = hashlib.sha256()
-    for i, image_id in enumerate(index.image_ids):
-        h.update(json.dumps([image_id, index.image_uris[i], index.captions(i), index.edits[index.starts[i] : index.starts[i + 1]]]).encode())
-    return h.hexdigest()
+    return CaptionIndex([r[0] for r in rows], [r[1] for r in rows], starts, texts, [None] * len(texts), skipped or Counter())
 
 
 def _ts(col: pa.Array) -> list[int]:
@@ -186,7 +189,7 @@ def _ts(col: pa.Array) -> list[int]:
 
 
 def load_caption_index(captions_dir: Path | str) -> CaptionIndex:
-    """Newest good caption per image_id from a caption store (streamed by shard).
+    """Newest good caption per image_id from a caption store (read shard by shard).
 
     A store may hold several good rows for one image (other model or prompt,
     hence other keys): the newest ``created_at`` wins, ties go to the later
@@ -196,28 +199,44 @@ def load_caption_index(captions_dir: Path | str) -> CaptionIndex:
     paths = shard_paths(captions_dir)
     if not paths:
         raise ConfigError(f"no caption shards in {captions_dir}", "--captions", "point it at OUT/captions of a `dataprep caption` run")
-    best: dict[str, tuple[int, str, str | None]] = {}
-    errored: set[str] = set()
+    # Dedup in Arrow, not in a dict of Python rows: only the winning rows ever
+    # become Python strings, which keeps the peak near the final index (issue 5, scale).
+    cols = ["image_id", "image_uri", "caption", "created_at"]
+    good_parts: list[pa.Table] = []
+    bad_ids: set[str] = set()
     skipped: Counter = Counter()
-    for path in paths:
-        pf = pq.ParquetFile(path)
-        for b in pf.iter_batches(columns=["image_id", "image_uri", "caption", "error", "created_at"]):
-            ids, uris, caps, errs = (b.column(c).to_pylist() for c in ("image_id", "image_uri", "caption", "error"))
-            for image_id, uri, cap, err, ts in zip(ids, uris, caps, errs, _ts(b.column("created_at"))):
-                if err is not None:
-                    skipped["caption_error_rows"] += 1
-                    errored.add(image_id)
-                    continue
-                if not cap or not cap.strip():
-                    skipped["caption_empty_rows"] += 1
-                    errored.add(image_id)
-                    continue
-                cur = best.get(image_id)
-                if cur is None or ts >= cur[0]:
-                    best[image_id] = (ts, cap, uri)
-    skipped["images_without_caption"] = len(errored - best.keys())
-    index = make_index([(k, v[2], [v[1]]) for k, v in best.items()], skipped)
-    return index
+    for si, path in enumerate(paths):
+        t = pq.read_table(path, columns=[*cols, "error"])
+        is_error = pc.is_valid(t["error"])
+        is_empty = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(pc.fill_null(t["caption"], "")), ""), True)
+        n_error = pc.sum(is_error).as_py() or 0
+        bad = pc.or_(is_error, is_empty)
+        skipped["caption_error_rows"] += n_error
+        skipped["caption_empty_rows"] += (pc.sum(bad).as_py() or 0) - n_error
+        bad_ids.update(t.filter(bad)["image_id"].to_pylist())
+        good = t.filter(pc.invert(bad)).select(cols)
+        # a row without a timestamp counts as the oldest
+        good = good.set_column(3, "created_at", pc.fill_null(good["created_at"].cast(pa.int64()), -(2**63)))
+        order = pa.array(range(good.num_rows), pa.int64())  # ties on created_at: later shard, then later row wins
+        good_parts.append(good.append_column("_shard", pa.array([si] * good.num_rows, pa.int32())).append_column("_row", order))
+    t = pa.concat_tables(good_parts)
+    del good_parts
+    idx = pc.sort_indices(t, sort_keys=[("image_id", "ascending"), ("created_at", "ascending"), ("_shard", "ascending"), ("_row", "ascending")])
+    ids = t["image_id"].take(idx)
+    n = len(ids)
+    if n:
+        last = pc.not_equal(ids.slice(0, n - 1), ids.slice(1)).combine_chunks() if n > 1 else pa.array([], pa.bool_())
+        keep = pa.concat_arrays([last, pa.array([True])])  # the newest row of each id is the last of its run
+        t = t.take(idx.filter(keep))
+    del idx, ids
+    image_ids = t["image_id"].to_pylist()
+    uris = t["image_uri"].to_pylist()
+    texts = t["caption"].to_pylist()
+    del t
+    if bad_ids:
+        skipped["images_without_caption"] = len(bad_ids.difference(image_ids))
+    skipped = Counter({k: v for k, v in skipped.items() if v})
+    return CaptionIndex(image_ids, uris, array("q", range(len(texts) + 1)), texts, [None] * len(texts), skipped)
 
 
 def attach_edits(index: CaptionIndex, edits_dir: Path | str) -> CaptionIndex:
@@ -231,37 +250,36 @@ def attach_edits(index: CaptionIndex, edits_dir: Path | str) -> CaptionIndex:
     paths = shard_paths(edits_dir)
     if not paths:
         raise ConfigError(f"no edit shards in {edits_dir}", "--edits", "point it at OUT/edits of a `dataprep rewrite` run, or leave it out")
-    pos = {image_id: i for i, image_id in enumerate(index.image_ids)}
+    ids = index.image_ids  # sorted: found by bisection, no second id -> row dict at 1M scale
     newest: dict[int, int] = {}
     sk = index.skipped
     for path in paths:
         pf = pq.ParquetFile(path)
         for b in pf.iter_batches(columns=["image_id", "source", "target", "passed", "error", "created_at"]):
-            cols = [b.column(c).to_pylist() for c in ("image_id", "source", "target", "passed", "error")]
-            for image_id, source, target, passed, err, ts in zip(*cols, _ts(b.column("created_at"))):
-                if err is not None:
-                    sk["edit_error_rows"] += 1
-                    continue
-                if passed is not True:
-                    sk["edit_failed_rows"] += 1
-                    continue
-                if not target or not target.strip():
-                    sk["edit_empty_rows"] += 1
-                    continue
-                i = pos.get(image_id)
-                if i is None:
+            # count and drop unusable rows in Arrow; only usable ones become Python objects
+            is_error = pc.is_valid(b.column("error"))
+            failed = pc.and_(pc.invert(is_error), pc.invert(pc.fill_null(b.column("passed"), False)))
+            empty = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(pc.fill_null(b.column("target"), "")), ""), True)
+            empty = pc.and_(empty, pc.invert(pc.or_(is_error, failed)))
+            for name, mask in (("edit_error_rows", is_error), ("edit_failed_rows", failed), ("edit_empty_rows", empty)):
+                sk[name] += pc.sum(mask).as_py() or 0
+            b = b.filter(pc.invert(pc.or_(pc.or_(is_error, failed), empty)))
+            cols = [b.column(c).to_pylist() for c in ("image_id", "source", "target")]
+            for image_id, source, target, ts in zip(*cols, _ts(b.column("created_at"))):
+                i = bisect.bisect_left(ids, image_id)
+                if i == len(ids) or ids[i] != image_id:
                     sk["edit_without_caption"] += 1
                     continue
                 src = (source or "").strip()
-                lo, hi = index.starts[i], index.starts[i + 1]
-                k = next((k for k in range(lo, hi) if index.texts[k].strip() == src), None)
+                k = next((k for k in range(index.starts[i], index.starts[i + 1]) if index.texts[k].strip() == src), None)
                 if k is None:
                     sk["edit_stale"] += 1
                     continue
                 if k not in newest or ts >= newest[k]:
                     newest[k] = ts
                     index.edits[k] = target
-    index.fingerprint = _fingerprint(index)
+    for name in [k for k, v in sk.items() if not v]:
+        del sk[name]
     return index
 
 
@@ -320,9 +338,9 @@ class BuildCounts:
     edits_unused: int = 0  # an edit equal to another text of its batch, or over --hard-negatives
 
 
-def run_id_for(opts: BatchOptions, index: CaptionIndex) -> str:
-    """Deterministic run id: preset + hash of options and input content."""
-    payload = json.dumps([asdict(opts), index.fingerprint], sort_keys=True)
+def run_id_for(opts: BatchOptions, fingerprint: str) -> str:
+    """Deterministic run id: preset + hash of options and the index fingerprint."""
+    payload = json.dumps([asdict(opts), fingerprint], sort_keys=True)
     return f"{opts.label}-s{opts.seed}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
 
 
@@ -431,8 +449,8 @@ def _fill(index: CaptionIndex, members: list[int], positive_at: Callable[[int], 
     need = n_prompt - len(prompts)
     inside = set(members)
     N = len(index)
-    tries = 0
-    while need and tries < 32 * need and N > len(inside):
+    tries, max_tries = 0, 32 * need
+    while need and tries < max_tries and N > len(inside):
         tries += 1
         j = rng.randrange(N)
         if j in inside:
@@ -532,7 +550,8 @@ def write_batches(index: CaptionIndex, out_dir: Path | str, opts: BatchOptions, 
     t0, started = time.perf_counter(), utcnow().isoformat()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    run_id = run_id_for(opts, index)
+    fingerprint = index.fingerprint()
+    run_id = run_id_for(opts, fingerprint)
     counts = BuildCounts()
     n_img = opts.grid[0]
     per_epoch = len(index) // n_img if opts.drop_last else -(-len(index) // n_img)
@@ -582,7 +601,7 @@ def write_batches(index: CaptionIndex, out_dir: Path | str, opts: BatchOptions, 
         seconds=time.perf_counter() - t0,
         other_runs=others,
     )
-    config = {"options": asdict(opts), "grid": list(opts.grid), "inputs": inputs or {}, "input_fingerprint": index.fingerprint}
+    config = {"options": asdict(opts), "grid": list(opts.grid), "inputs": inputs or {}, "input_fingerprint": fingerprint}
     # a run's own config, beside its shards and free of timestamps (deterministic);
     # the "_" keeps pyarrow/pandas/datasets from reading it as a shard of the folder
     (out / f"_run-{run_id}.json").write_text(json.dumps({"run_id": run_id, "preset": opts.label, **config, "counts": _counts(summary), "shards": [p.name for p in shards]}, indent=2, sort_keys=True) + "\n")
