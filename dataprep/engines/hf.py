@@ -1,14 +1,26 @@
 """The embedded transformers engine (default).
 
 Loads the model once per process and serves every batch: batched, left-padded
-``generate`` with requests grouped by sampling settings and sorted by length
-to cut padding. Vision-language models (LLaVA) go through their processor and
-``AutoModelForImageTextToText``; text models through the tokenizer and
-``AutoModelForCausalLM``. Hub ids and local directories load the same way.
+``generate`` with requests grouped by sampling settings and sorted by token
+length to cut padding, SDPA attention, and the batch size chosen from free
+accelerator memory (``--batch-size auto``). Vision-language models (LLaVA) go
+through their processor and ``AutoModelForImageTextToText``; text models
+through the tokenizer and ``AutoModelForCausalLM``. Hub ids and local
+directories load the same way.
+
+Shared prefix (issue 4): every rewrite request starts with the same ~600-token
+rules prompt (appendix C). For text models the engine computes the KV cache of
+the token prefix shared by a batch once, keeps it across calls, and lays each
+batch out as ``[prefix][pad...][own suffix]`` with the pads masked, so prefill
+only runs on each request's own tokens. Positions come from the attention
+mask's cumulative sum, so every row sees exactly the positions and context of
+the plain left-padded path (same greedy outputs; a test checks this).
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import logging
 from pathlib import Path
 from typing import Any
@@ -18,6 +30,53 @@ from dataprep.engines import ChatRequest, ChatResult, ConfigError, EngineConfig
 log = logging.getLogger(__name__)
 
 CPU_BATCH_SIZE = 8
+# A shared prefix shorter than this is not worth a cache copy per batch.
+MIN_PREFIX_TOKENS = 32
+# Tokens per sequence that --batch-size auto budgets for: ~700 prompt tokens
+# (rules prompt + caption, or 576 image tokens + text) plus the new tokens.
+AUTO_TOKENS_PER_SEQ = 1024
+
+
+def shared_prefix_len(seqs: list[list[int]], min_suffix: int = 1) -> int:
+    """Length of the longest common prefix of ``seqs``, leaving every sequence at least ``min_suffix`` own tokens.
+
+    (generate needs at least one uncached token per row to start from.)
+    """
+    if not seqs:
+        return 0
+    limit = min(len(s) for s in seqs) - min_suffix
+    n = 0
+    first = seqs[0]
+    while n < limit and all(s[n] == first[n] for s in seqs):
+        n += 1
+    return max(0, n)
+
+
+def middle_pad(prefix: list[int], suffixes: list[list[int]], pad_id: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Rows ``prefix + pads + suffix`` of equal length and their attention masks (pads 0).
+
+    Shape: B rows of ``len(prefix) + max(len(suffix))`` tokens. With positions
+    taken from the mask's cumulative sum, each row is the plain unpadded
+    prompt ``prefix + suffix`` to the model.
+    """
+    width = max(len(s) for s in suffixes)
+    ids, mask = [], []
+    for s in suffixes:
+        gap = width - len(s)
+        ids.append(list(prefix) + [pad_id] * gap + list(s))
+        mask.append([1] * len(prefix) + [0] * gap + [1] * len(s))
+    return ids, mask
+
+
+def auto_batch_size(free_bytes: int, text_config, tokens_per_seq: int = AUTO_TOKENS_PER_SEQ, dtype_bytes: int = 2, cap: int = 256) -> int:
+    """Sequences that fit in 85% of ``free_bytes``: KV cache per token
+    (2 x layers x kv_heads x head_dim x dtype bytes) x tokens, plus 25% for
+    prefill activations and the cache growing by concatenation."""
+    tc = text_config
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    kv_heads = getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads
+    per_seq = 2 * tc.num_hidden_layers * kv_heads * head_dim * dtype_bytes * tokens_per_seq * 1.25
+    return int(max(1, min(cap, 0.85 * free_bytes // per_seq)))
 
 
 def resolve_device(device: str) -> str:
@@ -102,11 +161,43 @@ class TransformersEngine:
             raise ConfigError(f"cannot load model {cfg.model!r}: {exc}", "--model", "check the id or directory") from None
         if not cfg.quantize:
             self.net.to(self.device)
+        self._setup()
+
+    @classmethod
+    def from_model(cls, net, tokenizer, processor=None, cfg: EngineConfig | None = None) -> "TransformersEngine":
+        """Wrap a model already in memory (benchmarks with random weights of real shapes; callers that built it).
+
+        ``net`` must be on its device already; ``processor`` is required for a vision model.
+        """
+        self = cls.__new__(cls)
+        self.cfg = cfg or EngineConfig(model=getattr(net.config, "_name_or_path", "") or "in-memory")
+        self.model = self.cfg.model
+        self.revision = self.cfg.revision
+        self.device = str(net.device)
+        self.dtype = net.dtype
+        self.is_vision = getattr(net.config, "vision_config", None) is not None
+        if self.is_vision and processor is None:
+            raise ConfigError("a vision model needs its processor", None, "pass processor=")
+        self.processor = processor
+        self.tokenizer = processor.tokenizer if processor is not None else tokenizer
+        self.net = net
+        self._setup()
+        return self
+
+    def _setup(self) -> None:
+        import torch
+
         self.net.eval()
         self.tokenizer.padding_side = "left"  # decoder-only batching: pad on the left
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.batch_size = self._batch_size()
+        # the shared-prefix KV cache: (prefix token ids, cache of batch 1), reused across calls
+        self.share_prefix = not self.is_vision
+        self._prefix: tuple[tuple[int, ...], Any] | None = None
+        self._cache_kw = "cache" if "cache" in inspect.signature(self.net.forward).parameters else "past_key_values"
+        # extra generate() kwargs for benchmarks (e.g. min_new_tokens for a fixed output length)
+        self.generate_kwargs: dict[str, Any] = {}
         torch.set_grad_enabled(False)
 
     # ------------------------------------------------------------ info
@@ -127,14 +218,8 @@ class TransformersEngine:
         import torch
 
         free, _ = torch.cuda.mem_get_info(torch.device(self.device))
-        # KV cache per sequence ~ 2 * layers * kv_heads * head_dim * bytes * tokens;
-        # budget 1.5k tokens per sequence and keep 20% of the free memory spare.
         tc = getattr(self.net.config, "text_config", self.net.config)
-        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-        kv_heads = getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads
-        per_seq = 2 * tc.num_hidden_layers * kv_heads * head_dim * 2 * 1536
-        per_seq *= 3 if self.is_vision else 1  # vision tower activations + 576 image tokens
-        return int(max(1, min(256, 0.8 * free // per_seq)))
+        return auto_batch_size(free, tc, dtype_bytes=torch.finfo(self.dtype).bits // 8 if self.dtype.is_floating_point else 2)
 
     # ------------------------------------------------------------ generation
 
@@ -166,8 +251,13 @@ class TransformersEngine:
         for i, r in enumerate(requests):
             if prompts[i] is not None:
                 groups.setdefault(r.sampling, []).append(i)
+        # token length for text models (what padding costs); LLaVA's 576 image
+        # tokens are the same for every row, so text length orders those
+        lengths = {i: len(p) for i, p in enumerate(prompts) if p is not None}
+        if not self.is_vision:
+            lengths = {i: len(self.tokenizer(prompts[i], add_special_tokens=False)["input_ids"]) for i in lengths}
         for sampling, idx in groups.items():
-            idx.sort(key=lambda i: len(prompts[i]))
+            idx.sort(key=lambda i: lengths[i])
             for start in range(0, len(idx), self.batch_size):
                 chunk = idx[start : start + self.batch_size]
                 for i, res in zip(chunk, self._generate_safe([requests[i] for i in chunk], [prompts[i] for i in chunk])):
@@ -207,21 +297,50 @@ class TransformersEngine:
         # the chat template already holds BOS; do not add a second one
         return self.tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
 
+    def _prefix_inputs(self, prompts: list[str]) -> tuple[dict[str, Any], Any] | None:
+        """Middle-padded inputs and a per-batch copy of the shared-prefix cache, or None (no useful prefix)."""
+        import torch
+
+        ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        n = shared_prefix_len(ids)
+        if self._prefix is not None:
+            cached = self._prefix[0]
+            # keep a cached prefix that every row still starts with: no recomputation
+            if len(cached) <= n and tuple(ids[0][: len(cached)]) == cached:
+                n = len(cached)
+        if n < MIN_PREFIX_TOKENS:
+            return None
+        prefix = tuple(ids[0][:n])
+        if self._prefix is None or self._prefix[0] != prefix:
+            t = torch.tensor([prefix], device=self.device)
+            out = self.net(input_ids=t, attention_mask=torch.ones_like(t), use_cache=True)
+            cache = out["cache"] if "cache" in out.keys() else out["past_key_values"]  # renamed in transformers 5.2x
+            self._prefix = (prefix, cache)
+        past = copy.deepcopy(self._prefix[1])
+        past.batch_repeat_interleave(len(prompts))
+        rows, mask = middle_pad(list(prefix), [x[n:] for x in ids], self.tokenizer.pad_token_id)
+        inputs = {"input_ids": torch.tensor(rows, device=self.device), "attention_mask": torch.tensor(mask, device=self.device)}
+        return inputs, past
+
     def _generate_batch(self, reqs: list[ChatRequest], prompts: list[str]) -> list[ChatResult]:
         import torch
 
         s = reqs[0].sampling
-        inputs = self._inputs(reqs, prompts).to(self.device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         gen: dict[str, Any] = dict(max_new_tokens=s.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
+        shared = self._prefix_inputs(prompts) if self.share_prefix else None
+        if shared is not None:
+            inputs, gen[self._cache_kw] = shared
+        else:
+            inputs = self._inputs(reqs, prompts).to(self.device)
+            if "pixel_values" in inputs:
+                inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         if s.greedy:
             gen.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
             gen.update(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=None)
             if s.seed is not None:
                 torch.manual_seed(s.seed)
-        out = self.net.generate(**inputs, **gen)
+        out = self.net.generate(**inputs, **gen, **self.generate_kwargs)
         n_in = inputs["input_ids"].shape[1]
         new = out[:, n_in:]
         eos = self._eos_ids()
@@ -261,6 +380,7 @@ class TransformersEngine:
         import torch
 
         self.net = None
+        self._prefix = None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
