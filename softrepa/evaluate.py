@@ -33,7 +33,7 @@ import os
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from dataprep.engines import ConfigError
 from softrepa.edit import EditConfig
@@ -297,7 +297,7 @@ def _progress(enabled: bool):
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), disable=not enabled, transient=False)
 
 
-def edit_all(cfg: EvalConfig, pairs: Sequence[Pair], out: Path, log: Callable[[str], None] = print) -> tuple[dict[tuple[str, str], str], int, int]:
+def edit_all(cfg: EvalConfig, pairs: Sequence[Pair], out: Path) -> tuple[dict[tuple[str, str], str], int, int]:
     """Edit every pair under every setting; returns ({(pair, setting): error}, n_edited, n_reused).
 
     Writes ``images/source/<pair>.png`` (the source at the edit size) and
@@ -367,72 +367,71 @@ def edit_all(cfg: EvalConfig, pairs: Sequence[Pair], out: Path, log: Callable[[s
 
 
 def score_all(cfg: EvalConfig, pairs: Sequence[Pair], out: Path, errors: dict[tuple[str, str], str]) -> tuple[list[dict[str, Any]], dict[str, float | None], dict[str, str]]:
-    """Score every edited image; returns (per-image rows, FID per setting, unavailable metrics)."""
+    """Score every edited image; returns (per-image rows, FID per setting, unavailable metrics).
+
+    Images are opened one batch at a time (an 800-pair DIV2K run at 1024 px
+    would not fit in memory at once); FID features accumulate per batch.
+    """
+    import torch
+
     from softrepa.metrics import PER_IMAGE, frechet_distance, load_scorers
 
     scorers = load_scorers(cfg.metrics)
-    per_image = [m for m in PER_IMAGE if m in cfg.metrics.metrics]
+    per_image = [m for m in PER_IMAGE if m in cfg.metrics.metrics and m in scorers.per_image]
+    unavailable = dict(scorers.unavailable)
     rows: list[dict[str, Any]] = []
     fid: dict[str, float | None] = {}
-    unavailable = dict(scorers.unavailable)
-    src_feats = None
+    src_feats: list[torch.Tensor] = []
     settings = cfg.settings()
     with _progress(cfg.progress) as bar:
         task = bar.add_task("scoring", total=len(pairs) * len(settings))
-        for s in settings:
-            ready, edited_imgs, source_imgs = [], [], []
+        for si, s in enumerate(settings):
+            edit_feats: list[torch.Tensor] = []
+            mine = []
             for p in pairs:
                 row: dict[str, Any] = {"pair_id": p.pair_id, "image_id": p.image_id, "setting": s.setting_id, "method": s.method,
                                        "n_max": s.n_max, "tgt_cfg": s.tgt_cfg, "source_prompt": p.source, "target_prompt": p.target,
                                        "source_image": str(out / "images" / "source" / f"{p.pair_id}.png"),
                                        "edited_image": str(out / "images" / s.setting_id / f"{p.pair_id}.png"),
-                                       "error": errors.get((p.pair_id, s.setting_id))}
-                row.update({m: None for m in PER_IMAGE})
+                                       "error": errors.get((p.pair_id, s.setting_id)), **{m: None for m in PER_IMAGE}}
                 rows.append(row)
-                if row["error"] is None:
-                    try:
-                        edited_imgs.append(open_image(row["edited_image"]))
-                        source_imgs.append(open_image(row["source_image"]))
-                        ready.append(row)
-                    except Exception as exc:  # noqa: BLE001
-                        row["error"] = f"image: {type(exc).__name__}: {exc}"
-            for idx in _batches(list(range(len(ready))), cfg.metrics.batch_size):
-                batch_rows = [ready[i] for i in idx]
-                eds, srcs = [edited_imgs[i] for i in idx], [source_imgs[i] for i in idx]
-                prompts = [r["target_prompt"] for r in batch_rows]
-                for m in per_image:
-                    scorer = scorers.per_image.get(m)
-                    if scorer is None:
+                mine.append(row)
+            for batch in _batches(mine, cfg.metrics.batch_size):
+                ready, eds, srcs = [], [], []
+                for r in batch:
+                    if r["error"] is not None:
                         continue
                     try:
-                        vals = scorer(srcs, eds) if m == "lpips" else scorer(eds, prompts)
+                        eds.append(open_image(r["edited_image"]))
+                        srcs.append(open_image(r["source_image"]))
+                        ready.append(r)
+                    except Exception as exc:  # noqa: BLE001 -- a missing/corrupt file is this row's error
+                        del eds[len(ready):], srcs[len(ready):]
+                        r["error"] = f"image: {type(exc).__name__}: {exc}"
+                for m in per_image if ready else []:
+                    try:
+                        vals = scorers.per_image[m](srcs, eds) if m == "lpips" else scorers.per_image[m](eds, [r["target_prompt"] for r in ready])
                     except (RuntimeError, ValueError) as exc:
-                        for r in batch_rows:
+                        for r in ready:
                             r["error"] = r["error"] or f"{m}: {type(exc).__name__}: {exc}"
                         continue
-                    for r, v in zip(batch_rows, vals):
+                    for r, v in zip(ready, vals):
                         r[m] = float(v)
-                bar.advance(task, len(batch_rows))
-            bar.advance(task, len(pairs) - len(ready))
+                if scorers.fid is not None and ready:
+                    edit_feats.append(scorers.fid(eds))
+                    if si == 0:  # the source set is the same for every setting
+                        src_feats.append(scorers.fid(srcs))
+                bar.advance(task, len(batch))
             if scorers.fid is not None:
                 try:
-                    if src_feats is None:
-                        src_feats = _features(scorers.fid, [open_image(str(out / "images" / "source" / f"{p.pair_id}.png")) for p in pairs
-                                                            if (out / "images" / "source" / f"{p.pair_id}.png").exists()], cfg.metrics.batch_size)
-                    fid[s.setting_id] = frechet_distance(src_feats, _features(scorers.fid, edited_imgs, cfg.metrics.batch_size))
+                    fid[s.setting_id] = frechet_distance(torch.cat(src_feats), torch.cat(edit_feats)) if edit_feats else None
                 except (RuntimeError, ValueError) as exc:
                     fid[s.setting_id] = None
                     unavailable.setdefault("fid", f"not computed for {s.setting_id}: {exc}")
     return rows, fid, unavailable
 
 
-def _features(net: Any, images: Sequence[Any], batch: int) -> Any:
-    import torch
-
-    return torch.cat([net(list(b)) for b in _batches(images, batch)]) if images else torch.empty(0, 0)
-
-
-def evaluate_edit(cfg: EvalConfig, log: Callable[[str], None] = print) -> EvalResult:
+def evaluate_edit(cfg: EvalConfig) -> EvalResult:
     """Edit all pairs under all settings, score them, write scores and the summary table."""
     import pyarrow as pa
 
@@ -445,7 +444,7 @@ def evaluate_edit(cfg: EvalConfig, log: Callable[[str], None] = print) -> EvalRe
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
     manifest = Manifest(stage="evaluate-edit", config=cfg.to_dict(), run_id=new_run_id())
 
-    errors, n_edited, n_reused = edit_all(cfg, pairs, out, log)
+    errors, n_edited, n_reused = edit_all(cfg, pairs, out)
     rows, fid, unavailable = score_all(cfg, pairs, out, errors)
 
     scores = pa.Table.from_pylist(rows, schema=SCORES_SCHEMA)

@@ -186,3 +186,37 @@ def test_bad_eval_config_names_the_flag_before_any_work(tmp_path, kwargs, flag):
         EvalConfig(**{**base, **kwargs}).validate()
     assert err.value.flag == flag
     assert not (tmp_path / "out").exists()
+
+
+def test_fid_is_computed_per_setting_from_source_and_edited_features(tiny, tmp_path, monkeypatch):
+    """FID wiring with a stand-in feature network (pytorch-fid's Inception needs a download)."""
+    import softrepa.metrics as metrics
+
+    real_load = metrics.load_scorers
+    seen = []
+
+    def features(images):  # [B, 3]: mean colour per image
+        seen.append(len(images))
+        return metrics.pil_to_tensor(images).mean(dim=(2, 3))
+
+    def load_with_fid(cfg):
+        s = real_load(cfg)
+        s.fid = features
+        s.unavailable.pop("fid", None)
+        return s
+
+    monkeypatch.setattr(metrics, "load_scorers", load_with_fid)
+    pairs = tmp_path / "pairs.json"
+    items = []
+    for i in range(3):
+        _png(tmp_path / f"{i}.png", 10 + i)
+        items.append({"prompt": f"a photo {i}", "img_path": f"{i}.png", "tgt_prompt": f"a painting {i}"})
+    pairs.write_text(json.dumps(items))
+    cfg = EvalConfig(pairs=str(pairs), model=str(tiny["sd3"]), out=str(tmp_path / "eval"), n_max=2, tgt_cfgs=(3.0, 6.0),
+                     metrics=_metrics(tiny, ("clip", "fid")), **FAST)
+    res = evaluate_edit(cfg)
+    fids = [r["fid"] for r in res.table]
+    assert all(f is not None and f >= 0 for f in fids)
+    assert fids[0] != fids[1]  # different guidance -> different edited sets
+    assert sum(seen) == 3 + 3 + 3  # sources once, edited once per setting
+    assert "pytorch-fid" not in res.markdown
