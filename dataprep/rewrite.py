@@ -15,7 +15,7 @@ the caption as the user message. Every output is judged by the rule checker
 Rows follow ``EDITS_SCHEMA``; keys, shards, manifest, resume and compaction
 work as in the caption stage. A rerun skips keys that already have a good row
 that passed or used every allowed attempt, so raising ``--max-attempts``
-retries exactly the rows that still fail. Captions that are error rows are
+retries exactly the rows that still fail, continuing from their next attempt. Captions that are error rows are
 skipped and counted; a row whose text is missing becomes an error row.
 """
 
@@ -110,37 +110,49 @@ def messages(rules_text: str, caption: str) -> list[dict[str, str]]:
     return [{"role": "system", "content": rules_text}, {"role": "user", "content": caption}]
 
 
-def rewrite_with_retries(engine: Engine, rules_text: str, captions: list[str], opts: RewriteOptions, ids: list[str] | None = None) -> list[Outcome]:
+def rewrite_with_retries(
+    engine: Engine,
+    rules_text: str,
+    captions: list[str],
+    opts: RewriteOptions,
+    ids: list[str] | None = None,
+    start: list[int] | None = None,
+) -> list[Outcome]:
     """Rewrite ``captions`` (one batch) under the retry policy; one Outcome each, same order.
 
-    Each attempt sends one ``engine.generate`` call holding only the captions
-    still failing. An engine error for a caption ends its attempts with
-    ``error`` set (the next run retries it); empty or rule-breaking output is
-    a checker failure and is retried.
+    Each round sends one ``engine.generate`` call holding only the captions
+    still failing (the engine groups requests by sampling). An engine error
+    for a caption ends its attempts with ``error`` set (the next run retries
+    it); empty or rule-breaking output is a checker failure and is retried.
+    ``start[i]`` is caption i's first attempt (default 1): a rerun with a
+    larger ``max_attempts`` continues after the attempts already made, which
+    would only repeat (greedy, then fixed seeds).
     """
-    ids = ids or [str(i) for i in range(len(captions))]
-    outcomes: list[Outcome | None] = [None] * len(captions)
-    todo = list(range(len(captions)))
-    for attempt in range(1, opts.max_attempts + 1):
-        if not todo:
-            break
-        sampling = opts.attempt_sampling(attempt)
-        requests = [ChatRequest(messages=messages(rules_text, captions[i]), sampling=sampling, request_id=f"{ids[i]}#{attempt}") for i in todo]
+    n = len(captions)
+    ids = ids or [str(i) for i in range(n)]
+    attempt = list(start) if start is not None else [1] * n
+    outcomes: list[Outcome | None] = [None] * n
+    todo = [i for i in range(n) if attempt[i] <= opts.max_attempts]
+    while todo:
+        requests = [
+            ChatRequest(messages=messages(rules_text, captions[i]), sampling=opts.attempt_sampling(attempt[i]), request_id=f"{ids[i]}#{attempt[i]}")
+            for i in todo
+        ]
         results = engine.generate(requests)
         still: list[int] = []
-        for i, res in zip(todo, results):
+        for i, req, res in zip(todo, requests, results):
             if res.error is not None:
-                outcomes[i] = Outcome(None, res.text or None, None, attempt, sampling, res, error=res.error)
+                outcomes[i] = Outcome(None, res.text or None, None, attempt[i], req.sampling, res, error=res.error)
                 continue
-            target = res.text.strip()
             verdict = check(captions[i], res.text)
-            first = outcomes[i].first_passed if outcomes[i] is not None else (attempt == 1 and verdict.passed)
-            outcomes[i] = Outcome(target, res.text, verdict, attempt, sampling, res, first_passed=first)
-            if not verdict.passed:
+            first = attempt[i] == 1 and verdict.passed
+            outcomes[i] = Outcome(res.text.strip(), res.text, verdict, attempt[i], req.sampling, res, first_passed=first)
+            if not verdict.passed and attempt[i] < opts.max_attempts:
+                attempt[i] += 1
                 still.append(i)
         todo = still
-    missing = ChatResult.failed("internal: the engine returned fewer results than requests")
-    return [o if o is not None else Outcome(None, None, None, 1, opts.attempt_sampling(1), missing, error=missing.error) for o in outcomes]
+    missing = ChatResult.failed("internal: the engine returned no result for this request")
+    return [o if o is not None else Outcome(None, None, None, 0, opts.attempt_sampling(1), missing, error=missing.error) for o in outcomes]
 
 
 # ------------------------------------------------------------ inputs
@@ -183,17 +195,27 @@ def rewrite_key(item: RewriteInput, model: str, revision: str | None, rules_sha2
     return content_key(STAGE, input_sha, model, revision, rules_sha256, opts.policy(), opts.seed)
 
 
-def finished_keys(folder: Path | str, max_attempts: int) -> set[str]:
-    """Keys whose good row passed, or failed after at least ``max_attempts`` attempts."""
+def resume_state(folder: Path | str, max_attempts: int) -> tuple[set[str], dict[str, int]]:
+    """(finished keys, attempts made per key still failing).
+
+    A key is finished when its good row passed, or failed after at least
+    ``max_attempts`` attempts; a good row that failed with fewer attempts is
+    continued from its next attempt.
+    """
     import pyarrow.parquet as pq
 
     done: set[str] = set()
+    tried: dict[str, int] = {}
     for path in shard_paths(folder):
         t = pq.read_table(path, columns=["key", "error", "passed", "attempts"]).to_pydict()
         for k, e, p, a in zip(t["key"], t["error"], t["passed"], t["attempts"]):
-            if e is None and (p or (a or 0) >= max_attempts):
+            if e is not None:
+                continue
+            if p or (a or 0) >= max_attempts:
                 done.add(k)
-    return done
+            else:
+                tried[k] = max(tried.get(k, 0), a or 0)
+    return done, {k: a for k, a in tried.items() if k not in done}
 
 
 # ------------------------------------------------------------ the stage
@@ -257,7 +279,7 @@ def run_rewrite(
     folder.mkdir(parents=True, exist_ok=True)
     compact(folder, EDITS_SCHEMA)  # a killed earlier run may have left superseded rows
     run_id = new_run_id()
-    done = set() if opts.force else finished_keys(folder, opts.max_attempts)
+    done, tried = (set(), {}) if opts.force else resume_state(folder, opts.max_attempts)
     items = list(texts)
     summary = StageSummary(stage=STAGE, out_dir=folder, run_id=run_id)
     tally = _Tally()
@@ -301,7 +323,9 @@ def run_rewrite(
             def flush() -> None:
                 if not pending:
                     return
-                outcomes = rewrite_with_retries(engine, rules.text, [it.text for it, _ in pending], opts, [it.image_id or "" for it, _ in pending])
+                outcomes = rewrite_with_retries(
+                    engine, rules.text, [it.text for it, _ in pending], opts, [it.image_id or "" for it, _ in pending], [tried.get(k, 0) + 1 for _, k in pending]
+                )
                 for (it, key), o in zip(pending, outcomes):
                     writer.add(row(it, key, o))
                     if o.error:

@@ -152,6 +152,8 @@ def test_resume_skips_finished_rows_and_more_attempts_retry_only_failing_ones(tm
     s = run_rewrite(inputs(DOG, CAR), tmp_path, EngineConfig(model="m"), RewriteOptions(max_attempts=3), engine=more, progress=False)
     assert (s.done, s.skipped) == (1, 1)
     assert {r.messages[1]["content"] for c in more.calls for r in c} == {CAR}
+    # continued after the attempt already made: attempts 2 and 3, sampled, seeds 1 and 2
+    assert [(c[0].sampling.temperature, c[0].sampling.seed) for c in more.calls] == [(0.7, 1), (0.7, 2)]
     rows = edits(tmp_path)
     assert len(rows) == 2 and rows["img/1"]["attempts"] == 3  # the retried row replaced the old one
     forced = ScriptedEngine()
