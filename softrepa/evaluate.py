@@ -14,8 +14,9 @@ Every pair is edited under every *setting* (method x n_max x target CFG):
 Output folder::
 
     OUT/config.json                      the EvalConfig, as run
-    OUT/images/source/<pair>.png         the source at the edit size (what LPIPS/FID compare)
-    OUT/images/<setting>/<pair>.png      one edited image per pair and setting
+    OUT/images/source_<size>/<pair>.png  the source at the edit size (what LPIPS/FID compare)
+    OUT/images/<setting>/<pair>.png      one edited image per pair and setting; <setting> =
+                                         method_n<NMAX>_cfg<CFG>-<hash of model, tokens, steps, seed, ...>
     OUT/scores.parquet                   one row per pair x setting (scores or error)
     OUT/summary.md, OUT/summary.csv      Tables 5/6 layout: rows method x CFG, columns metrics
     OUT/<manifest>                       dataprep.store.Manifest: counts, failures, versions
@@ -60,13 +61,19 @@ class Pair:
 
 @dataclass(frozen=True)
 class Setting:
+    """One row of the summary table. ``fingerprint`` hashes everything else
+    that changes the edited pixels (model, tokens, steps, seed, size, ...), so
+    a rerun with other settings never reuses stale images from the same OUT."""
+
     method: str
     n_max: int
     tgt_cfg: float
+    fingerprint: str = ""
 
     @property
     def setting_id(self) -> str:
-        return f"{self.method.replace('+', '-')}_n{self.n_max}_cfg{self.tgt_cfg:g}"
+        base = f"{self.method.replace('+', '-')}_n{self.n_max}_cfg{self.tgt_cfg:g}"
+        return f"{base}-{self.fingerprint}" if self.fingerprint else base
 
 
 @dataclass
@@ -106,8 +113,16 @@ class EvalConfig:
         for m in self.resolved_methods():
             n_max = self.n_max if self.n_max is not None else DEFAULT_N_MAX[m]
             for w in self.tgt_cfgs or DEFAULT_TGT_CFG[m]:
-                out.append(Setting(m, n_max, float(w)))
+                e = self.edit_config(Setting(m, n_max, float(w)))
+                tokens = _dir_digest(self.tokens) if m == "flowedit+tokens" and self.tokens else ""
+                fp = _short_hash(json.dumps([e.to_dict(), self.model, self.revision or "", tokens], sort_keys=True))[:8]
+                out.append(Setting(m, n_max, float(w), fp))
         return out
+
+    @property
+    def source_folder(self) -> str:
+        """Sources are stored at the edit size, so the folder is per size."""
+        return f"source_{self.size}" if self.size else "source_native"
 
     def edit_config(self, s: Setting) -> EditConfig:
         return EditConfig(steps=self.steps, n_max=s.n_max, n_min=self.n_min, src_cfg=self.src_cfg, tgt_cfg=s.tgt_cfg, seed=self.seed, size=self.size, cfg_rule=self.cfg_rule)
@@ -154,6 +169,16 @@ class EvalResult:
 
 def _short_hash(*parts: str) -> str:
     return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()[:10]
+
+
+def _dir_digest(folder: str) -> str:
+    """Content hash of the files in a folder (soft tokens: a few MB)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(folder).iterdir()) if Path(folder).is_dir() else []:
+        if f.is_file():
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
 
 
 def _safe(name: str) -> str:
@@ -305,7 +330,7 @@ def edit_all(cfg: EvalConfig, pairs: Sequence[Pair], out: Path) -> tuple[dict[tu
     """
     settings = cfg.settings()
     todo = [(p, s) for p in pairs for s in settings if not (out / "images" / s.setting_id / f"{p.pair_id}.png").exists()]
-    missing_sources = [p for p in pairs if not (out / "images" / "source" / f"{p.pair_id}.png").exists()]
+    missing_sources = [p for p in pairs if not (out / "images" / cfg.source_folder / f"{p.pair_id}.png").exists()]
     errors: dict[tuple[str, str], str] = {}
     n_reused = len(pairs) * len(settings) - len(todo)
     if not todo and not missing_sources:
@@ -336,7 +361,7 @@ def edit_all(cfg: EvalConfig, pairs: Sequence[Pair], out: Path) -> tuple[dict[tu
         task = bar.add_task("FlowEdit", total=len(todo))
         for p in pairs:
             wanted = by_pair.get(p.pair_id, [])
-            src_png = out / "images" / "source" / f"{p.pair_id}.png"
+            src_png = out / "images" / cfg.source_folder / f"{p.pair_id}.png"
             if not wanted and src_png.exists():
                 continue
             try:
@@ -351,7 +376,13 @@ def edit_all(cfg: EvalConfig, pairs: Sequence[Pair], out: Path) -> tuple[dict[tu
                 from PIL import Image
 
                 save_image_atomic(image.resize((w, h), Image.BICUBIC), src_png)
-            x_src = editor.encode_image(image, cfg.size)
+            try:
+                x_src = editor.encode_image(image, cfg.size)
+            except (RuntimeError, ValueError) as exc:  # e.g. out of memory at size 0 on a huge image
+                for s in wanted:
+                    errors[(p.pair_id, s.setting_id)] = f"encode: {type(exc).__name__}: {exc}"
+                bar.advance(task, len(wanted))
+                continue
             for s in wanted:
                 try:
                     z = editor.edit_latent(x_src, p.source, p.target, cfg.edit_config(s), use_tokens=s.method == "flowedit+tokens")
@@ -391,7 +422,7 @@ def score_all(cfg: EvalConfig, pairs: Sequence[Pair], out: Path, errors: dict[tu
             for p in pairs:
                 row: dict[str, Any] = {"pair_id": p.pair_id, "image_id": p.image_id, "setting": s.setting_id, "method": s.method,
                                        "n_max": s.n_max, "tgt_cfg": s.tgt_cfg, "source_prompt": p.source, "target_prompt": p.target,
-                                       "source_image": str(out / "images" / "source" / f"{p.pair_id}.png"),
+                                       "source_image": str(out / "images" / cfg.source_folder / f"{p.pair_id}.png"),
                                        "edited_image": str(out / "images" / s.setting_id / f"{p.pair_id}.png"),
                                        "error": errors.get((p.pair_id, s.setting_id)), **{m: None for m in PER_IMAGE}}
                 rows.append(row)

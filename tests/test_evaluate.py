@@ -132,6 +132,11 @@ def test_rerun_reuses_edited_images_and_redoes_only_what_is_missing(tiny, tmp_pa
     assert pq.read_table(second.scores_path).num_rows == 2
     # metrics not requested are reported as such, not silently dropped
     assert "not requested" in second.unavailable["pickscore"]
+    # anything else that changes the pixels (here the seed) must not reuse those images
+    from dataclasses import replace
+
+    third = evaluate_edit(replace(cfg, seed=1))
+    assert (third.n_edited, third.n_reused) == (2, 0)
 
 
 def test_official_prompts_editing_json_resolves_images_next_to_it(tmp_path):
