@@ -68,6 +68,25 @@ def middle_pad(prefix: list[int], suffixes: list[list[int]], pad_id: int) -> tup
     return ids, mask
 
 
+def chat_messages(req: ChatRequest, is_vision: bool) -> list[dict[str, Any]]:
+    """Messages for a chat template. Vision models get list-of-parts content
+    with an ``{"type": "image"}`` part first in the last user turn (LLaVA's
+    ``<image>\n text``); text models get the messages as they are."""
+    messages: list[dict[str, Any]] = [dict(m) for m in req.messages]
+    if not is_vision:
+        return messages
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    if not users:
+        raise ValueError("a request needs a user message")
+    out = []
+    for i, m in enumerate(messages):
+        parts: list[dict[str, Any]] = [{"type": "text", "text": m["content"]}]
+        if i == users[-1] and req.image is not None:
+            parts.insert(0, {"type": "image"})
+        out.append({"role": m["role"], "content": parts})
+    return out
+
+
 def auto_batch_size(free_bytes: int, text_config, tokens_per_seq: int = AUTO_TOKENS_PER_SEQ, dtype_bytes: int = 2, cap: int = 256) -> int:
     """Sequences that fit in 85% of ``free_bytes``: KV cache per token
     (2 x layers x kv_heads x head_dim x dtype bytes) x tokens, plus 25% for
@@ -225,16 +244,9 @@ class TransformersEngine:
 
     def render(self, req: ChatRequest) -> str:
         """Messages -> prompt text with the model's chat template (image placeholder included)."""
-        messages: list[dict[str, Any]] = [dict(m) for m in req.messages]
+        messages = chat_messages(req, self.is_vision)
         if self.is_vision:
-            out = []
-            last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
-            for i, m in enumerate(messages):
-                parts: list[dict[str, Any]] = [{"type": "text", "text": m["content"]}]
-                if i == last_user and req.image is not None:
-                    parts.insert(0, {"type": "image"})
-                out.append({"role": m["role"], "content": parts})
-            return self.processor.apply_chat_template(out, add_generation_prompt=True, tokenize=False)
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def generate(self, requests: list[ChatRequest]) -> list[ChatResult]:
