@@ -225,9 +225,9 @@ def print_check_summary(summary: CheckSummary, console=None, title: str = "check
 
     console = console or Console()
     t = Table(title=title, header_style="bold")
-    t.add_column("rule")
-    t.add_column("pairs", justify="right")
-    t.add_column("share", justify="right")
+    t.add_column("rule", no_wrap=True, min_width=max(map(len, RULES)))
+    t.add_column("pairs", justify="right", no_wrap=True, min_width=5)
+    t.add_column("share", justify="right", no_wrap=True, min_width=6)
     t.add_column("reason")
     n = summary.checked
     for rule, reason in RULES.items():
