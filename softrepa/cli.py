@@ -1,0 +1,227 @@
+"""The ``softrepa`` command line: train soft tokens, import official tokens, sample.
+
+Commands only parse flags, call the library and print summaries; torch and
+diffusers are imported inside them so ``softrepa --help`` starts fast.
+Exit status: 0 on success, 2 for usage or configuration errors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    name="softrepa",
+    help="SoftREPA: train soft text tokens with the contrastive score-matching loss on a frozen diffusion model, "
+    "import the official tokens, sample with and without them.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _split_apply(value: Optional[str]) -> Optional[tuple[str, ...]]:
+    if value is None:
+        return None
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+# ------------------------------------------------------------ train (issue 6)
+
+
+@app.command("train")
+def train_cmd(
+    preset: Annotated[str, typer.Option("--preset", help="Backbone preset: sd3, sdxl or sd1.5 (tokens, layers, loss weights, iterations per the paper's Table 3).")],
+    batches: Annotated[Path, typer.Option("--batches", help="Folder of contrastive batch shards (output of `dataprep batches`, e.g. OUT/batches).")],
+    model: Annotated[str, typer.Option("--model", help="Diffusers pipeline: hub id (e.g. stabilityai/stable-diffusion-3-medium-diffusers) or local folder.")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder: tokens/, checkpoints/, train_log.jsonl, train_config.json.")],
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps (default: Table 3, 30000 sd3/sdxl, 26000 sd1.5). Batch rows are cycled in shard order.")] = None,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Save tokens + optimizer/scheduler/RNG state every N steps (and at the end).")] = 500,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out (same trajectory as an uninterrupted run).")] = False,
+    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate (paper: 1e-3).", rich_help_panel="Optimizer")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay (paper: 1e-4).", rich_help_panel="Optimizer")] = 1e-4,
+    restart_every: Annotated[int, typer.Option("--restart-every", help="CosineAnnealingWarmRestarts period T_0 in steps.", rich_help_panel="Optimizer")] = 5000,
+    min_lr: Annotated[float, typer.Option("--min-lr", help="CosineAnnealingWarmRestarts eta_min.", rich_help_panel="Optimizer")] = 1e-5,
+    n_tokens: Annotated[Optional[int], typer.Option("--n-tokens", help="Soft tokens per layer (default: 4 sd3/sd1.5, 8 sdxl).", rich_help_panel="Tokens")] = None,
+    n_layers: Annotated[Optional[int], typer.Option("--n-layers", help="sd3: first N transformer blocks get tokens (default 5).", rich_help_panel="Tokens")] = None,
+    apply: Annotated[Optional[str], typer.Option("--apply", help="UNet block groups that get tokens, comma-separated from down,mid,up (default: down for sd1.5, down,mid for sdxl).", rich_help_panel="Tokens")] = None,
+    t_dependent: Annotated[Optional[bool], typer.Option("--t-dependent/--no-t-dependent", help="Add timestep-dependent tokens, Embedding(100, dim x layers) at t // 10 (default: on for sd3/sd1.5, off for sdxl).", rich_help_panel="Tokens")] = None,
+    denoise_weight: Annotated[Optional[float], typer.Option("--denoise-weight", help="Weight of the positives' denoising error added to the loss (default: 0 sd3; 10 sd1.5/sdxl as the official scripts).", rich_help_panel="Loss")] = None,
+    scale: Annotated[float, typer.Option("--scale", help="Logit scale in scale * exp(-E / temperature).", rich_help_panel="Loss")] = 4.0,
+    temperature: Annotated[float, typer.Option("--temperature", help="Temperature in scale * exp(-E / temperature).", rich_help_panel="Loss")] = 0.07,
+    min_t: Annotated[int, typer.Option("--min-t", help="Smallest training timestep (0..999).", rich_help_panel="Loss")] = 0,
+    max_t: Annotated[int, typer.Option("--max-t", help="Timesteps are drawn from [min-t, max-t).", rich_help_panel="Loss")] = 1000,
+    resolution: Annotated[Optional[int], typer.Option("--resolution", help="Training image size (shortest side resized, center crop). Default: the model's native size (1024 sd3/sdxl, 512 sd1.5).", rich_help_panel="Run")] = None,
+    precision: Annotated[str, typer.Option("--precision", help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16, fp16.", rich_help_panel="Run")] = "auto",
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.", rich_help_panel="Run")] = "auto",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of token init, timesteps, noise and VAE samples.", rich_help_panel="Run")] = 0,
+) -> None:
+    """Train soft tokens on contrastive batch shards with the frozen diffusion model; write OUT/tokens."""
+    from rich.console import Console
+
+    from softrepa.train import ConfigError, TrainConfig, train
+
+    cfg = TrainConfig(
+        preset=preset, batches=str(batches), model=model, out=str(out), steps=steps, checkpoint_every=checkpoint_every,
+        resume=resume, lr=lr, weight_decay=weight_decay, restart_every=restart_every, min_lr=min_lr, n_tokens=n_tokens,
+        n_layers=n_layers, apply=_split_apply(apply), t_dependent=t_dependent, denoise_weight=denoise_weight, scale=scale,
+        temperature=temperature, min_t=min_t, max_t=max_t, resolution=resolution, precision=precision, device=device, seed=seed,
+    )
+    try:
+        result = train(cfg)
+    except ConfigError as exc:
+        raise fail(str(exc))
+    console = Console()
+    console.print(
+        f"[bold]trained[/] {result.steps} steps in {result.seconds:.1f}s: final loss {result.final_loss:.4f}, "
+        f"mean accuracy {result.mean_accuracy:.3f}", highlight=False)
+    if result.skipped:
+        console.print(f"skipped batch rows by reason: {result.skipped}", highlight=False)
+    console.print(f"tokens: {result.tokens_dir}\nlog: {result.log_path}", highlight=False)
+
+
+# ------------------------------------------------------------ import-tokens (issue 6)
+
+
+@app.command("import-tokens")
+def import_tokens_cmd(
+    src_dir: Annotated[Path, typer.Argument(help="Folder with the official dc_tokens.pth (and dc_t_tokens.pth), e.g. shared/reference/softrepa/tokens/sd3.")],
+    out_dir: Annotated[Path, typer.Argument(help="Where to write tokens.safetensors + tokens.json.")],
+    backbone: Annotated[str, typer.Option("--backbone", help="sd3, sdxl or sd1.5: which model the tokens were trained for.")],
+) -> None:
+    """Convert official SoftREPA .pth token files (safe loading only: weights_only + an allow-list) to our format."""
+    from softrepa.token_files import import_official
+
+    try:
+        module = import_official(src_dir, out_dir, backbone)
+    except (FileNotFoundError, ValueError) as exc:
+        raise fail(str(exc))
+    c = module.config
+    t_shape = None if module.t_embedding is None else list(module.t_embedding.weight.shape)
+    typer.echo(f"imported {backbone}: tokens {list(module.tokens.shape)}, t_embedding {t_shape}, "
+               f"apply {list(c.apply) or '-'} -> {out_dir}")
+
+
+# ------------------------------------------------------------ sample (issue 6)
+
+
+@app.command("sample")
+def sample_cmd(
+    model: Annotated[str, typer.Option("--model", help="Diffusers pipeline (hub id or folder) the tokens were trained for.")],
+    tokens: Annotated[Path, typer.Option("--tokens", help="Token folder (tokens.json + tokens.safetensors), e.g. RUN/tokens.")],
+    prompt: Annotated[str, typer.Option("--prompt", help="Text prompt.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for base.png, tokens.png, side_by_side.png.")] = Path("samples"),
+    seed: Annotated[int, typer.Option("--seed", help="Generator seed, the same for both images.")] = 0,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Inference steps (default: 28 sd3, 30 sdxl/sd1.5).")] = None,
+    guidance: Annotated[Optional[float], typer.Option("--guidance", help="Classifier-free guidance scale (default: 4 sd3, 7 sdxl/sd1.5).")] = None,
+    size: Annotated[Optional[int], typer.Option("--size", help="Image height and width (default: the model's).")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """Generate the prompt with and without soft tokens (same seed) and save them side by side."""
+    from softrepa.sample import sample_pair
+
+    try:
+        res = sample_pair(model, tokens, prompt, out, seed=seed, steps=steps, guidance=guidance, device=device, height=size, width=size)
+    except (FileNotFoundError, ValueError) as exc:
+        raise fail(str(exc))
+    typer.echo(f"without tokens: {res.base}\nwith tokens:    {res.with_tokens}\nside by side:   {res.side_by_side}")
+
+
+# --- evaluate-edit (issue 7) ---
+
+
+def _eval_float_list(value: str | None, flag: str) -> "tuple[float, ...] | None":
+    from dataprep.engines import ConfigError
+
+    if value is None:
+        return None
+    try:
+        out = tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"not a comma-separated list of numbers: {value!r}", flag=flag, fix="e.g. 9,11,13") from None
+    if not out:
+        raise ConfigError("empty list", flag=flag, fix="e.g. 9,11,13")
+    return out
+
+
+@app.command("evaluate-edit")
+def evaluate_edit_cmd(
+    pairs: Annotated[Path, typer.Option("--pairs", help="A run directory (RUN/edits Parquet shards; passed, error-free edits only) or an official prompts_editing.json (img_path relative to the JSON).")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: images/<setting>/<pair>.png, scores.parquet, summary.md, summary.csv, config.json, manifest. Rerunning reuses edited images already there.")],
+    model: Annotated[str, typer.Option("--model", help="SD3 diffusers pipeline: hub id or local folder.")] = "stabilityai/stable-diffusion-3-medium-diffusers",
+    tokens: Annotated[Optional[Path], typer.Option("--tokens", help="Soft tokens folder (softrepa train output, or the official tokens/sd3 with dc_tokens.pth); adds the method flowedit+tokens.")] = None,
+    methods: Annotated[Optional[str], typer.Option("--methods", help="Comma list of flowedit, flowedit+tokens. Default: flowedit, plus flowedit+tokens with --tokens.", rich_help_panel="FlowEdit")] = None,
+    tgt_cfg: Annotated[Optional[str], typer.Option("--tgt-cfg", help="Target guidance scales, comma list (e.g. 9,11,13); applies to every method. Default per method as in the paper: 13.5 (flowedit), 9,11,13 (flowedit+tokens).", rich_help_panel="FlowEdit")] = None,
+    n_max: Annotated[Optional[int], typer.Option("--n-max", help="Edit over the last N of --steps steps; applies to every method. Default per method: 33 (flowedit), 30 (flowedit+tokens).", rich_help_panel="FlowEdit")] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Sampling steps of the flow-matching schedule.", rich_help_panel="FlowEdit")] = 50,
+    n_min: Annotated[int, typer.Option("--n-min", help="Finish the last N steps with plain sampling of the target (paper: 0).", rich_help_panel="FlowEdit")] = 0,
+    src_cfg: Annotated[float, typer.Option("--src-cfg", help="Source guidance scale.", rich_help_panel="FlowEdit")] = 3.5,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the per-step FlowEdit noise (same seed -> same edits).", rich_help_panel="FlowEdit")] = 0,
+    size: Annotated[int, typer.Option("--size", help="Edit at SIZE x SIZE pixels (the official script uses 1024); 0 keeps each source's size.", rich_help_panel="FlowEdit")] = 1024,
+    cfg_rule: Annotated[str, typer.Option("--cfg-rule", help="standard: u + w(c - u) for both branches (FlowEdit); softrepa-official: target branch c + w(c - u) as in the SoftREPA script (effective scale w + 1).", rich_help_panel="FlowEdit")] = "standard",
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Edit only the first N pairs.", rich_help_panel="Run")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps (editing and metrics).", rich_help_panel="Run")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.", rich_help_panel="Run")] = "auto",
+    revision: Annotated[Optional[str], typer.Option("--revision", help="Revision of --model on the hub.", rich_help_panel="Run")] = None,
+    metrics: Annotated[str, typer.Option("--metrics", help="Comma list of clip, pickscore, lpips, imagereward, hpsv2, fid. Missing optional packages are reported with their install command.", rich_help_panel="Metrics")] = "clip,pickscore,lpips,imagereward,hpsv2,fid",
+    clip_model: Annotated[str, typer.Option("--clip-model", help="CLIP for the CLIP score (hub id or folder).", rich_help_panel="Metrics")] = "openai/clip-vit-large-patch14",
+    pickscore_model: Annotated[str, typer.Option("--pickscore-model", help="PickScore CLIP (hub id or folder).", rich_help_panel="Metrics")] = "yuvalkirstain/PickScore_v1",
+    pickscore_processor: Annotated[Optional[str], typer.Option("--pickscore-processor", help="Processor for --pickscore-model; default the LAION ViT-H/14 one PickScore was trained with; 'model' = the model's own.", rich_help_panel="Metrics")] = None,
+    lpips_model: Annotated[str, typer.Option("--lpips-model", help="alex, vgg or squeeze (the lpips package; paper-comparable), or a transformers vision backbone id/folder (uncalibrated LPIPS form).", rich_help_panel="Metrics")] = "alex",
+    metric_batch_size: Annotated[int, typer.Option("--metric-batch-size", help="Images per metric forward pass.", rich_help_panel="Metrics")] = 8,
+    tiny_metrics: Annotated[bool, typer.Option("--tiny-metrics", help="Offline demo: write tiny random CLIP and LPIPS networks under OUT/tiny-metrics and use them for clip, pickscore and lpips (scores are meaningless).", rich_help_panel="Metrics")] = False,
+) -> None:
+    """Edit caption/target pairs with FlowEdit on SD3 (with and without soft tokens) and score them (paper, Tables 5 and 6)."""
+    from rich.console import Console
+
+    from dataprep.engines import ConfigError
+    from softrepa.evaluate import EvalConfig, evaluate_edit
+    from softrepa.metrics import MetricConfig
+
+    console = Console()
+    try:
+        mcfg = MetricConfig(
+            metrics=tuple(m.strip() for m in metrics.split(",") if m.strip()), clip_model=clip_model, pickscore_model=pickscore_model,
+            lpips_model=lpips_model, batch_size=metric_batch_size, device=device,
+        )
+        if pickscore_processor == "model":
+            mcfg.pickscore_processor = None
+        elif pickscore_processor is not None:
+            mcfg.pickscore_processor = pickscore_processor
+        if tiny_metrics:
+            from softrepa.metrics import write_tiny_metric_models
+
+            tiny = write_tiny_metric_models(out / "tiny-metrics")
+            mcfg.clip_model = mcfg.pickscore_model = str(tiny["clip"])
+            mcfg.pickscore_processor = None
+            mcfg.lpips_model = str(tiny["lpips"])
+        cfg = EvalConfig(
+            pairs=str(pairs), model=model, out=str(out), tokens=str(tokens) if tokens else None,
+            methods=tuple(m.strip() for m in methods.split(",") if m.strip()) if methods else None,
+            tgt_cfgs=_eval_float_list(tgt_cfg, "--tgt-cfg"), n_max=n_max, steps=steps, n_min=n_min, src_cfg=src_cfg, seed=seed, size=size,
+            cfg_rule=cfg_rule, limit=limit, device=device, dtype=dtype, revision=revision, metrics=mcfg,
+        )
+        res = evaluate_edit(cfg)
+    except ConfigError as exc:
+        raise fail(str(exc))
+    # the Markdown table (= summary.md) reads at any terminal width and pastes into a paper draft
+    typer.echo(res.markdown)
+    console.print(f"pairs {res.n_pairs}; edited {res.n_edited}, reused {res.n_reused}, failed {res.n_failed} (pair x setting)", highlight=False)
+    console.print(f"scores: {res.scores_path}\nsummary: {res.summary_md} and {res.summary_csv}", highlight=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
