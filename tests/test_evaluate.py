@@ -225,3 +225,29 @@ def test_fid_is_computed_per_setting_from_source_and_edited_features(tiny, tmp_p
     assert fids[0] != fids[1]  # different guidance -> different edited sets
     assert sum(seen) == 3 + 3 + 3  # sources once, edited once per setting
     assert "pytorch-fid" not in res.markdown
+
+
+def test_cli_evaluate_edit_on_a_run_directory_prints_the_table(tiny, tmp_path):
+    from typer.testing import CliRunner
+
+    from softrepa.cli import app
+
+    run = _run_dir(tmp_path / "run")
+    out = tmp_path / "eval"
+    args = ["evaluate-edit", "--pairs", str(run), "--model", str(tiny["sd3"]), "--out", str(out), "--tokens", str(tiny["tokens"]),
+            "--steps", "4", "--n-max", "2", "--tgt-cfg", "6", "--size", "32", "--device", "cpu", "--tiny-metrics", "--limit", "2"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "| FlowEdit | 2 | 6 | 2 |" in res.output and "| FlowEdit + soft tokens | 2 | 6 | 2 |" in res.output
+    assert "pip install" in res.output  # missing optional metrics are named
+    assert (out / "summary.md").exists() and (out / "scores.parquet").exists()
+
+
+def test_cli_bad_flag_value_exits_2_with_the_flag(tmp_path):
+    from typer.testing import CliRunner
+
+    from softrepa.cli import app
+
+    res = CliRunner().invoke(app, ["evaluate-edit", "--pairs", str(tmp_path), "--out", str(tmp_path / "o"), "--tgt-cfg", "nine"])
+    assert res.exit_code == 2
+    assert "--tgt-cfg" in res.output
