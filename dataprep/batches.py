@@ -184,8 +184,8 @@ def make_index(rows: list[tuple[str, str | None, list[str]]], skipped: Counter |
 
 
 def _ts(col: pa.Array) -> list[int]:
-    """Timestamps as int microseconds (nulls as -1), cheap to compare."""
-    return [(-1 if v is None else v) for v in col.cast(pa.int64()).to_pylist()]
+    """Timestamps as int microseconds, cheap to compare; a null counts as the oldest."""
+    return pc.fill_null(col.cast(pa.int64()), -(2**63)).to_pylist()
 
 
 def load_caption_index(captions_dir: Path | str) -> CaptionIndex:
@@ -199,43 +199,53 @@ def load_caption_index(captions_dir: Path | str) -> CaptionIndex:
     paths = shard_paths(captions_dir)
     if not paths:
         raise ConfigError(f"no caption shards in {captions_dir}", "--captions", "point it at OUT/captions of a `dataprep caption` run")
-    # Dedup in Arrow, not in a dict of Python rows: only the winning rows ever
-    # become Python strings, which keeps the peak near the final index (issue 5, scale).
-    cols = ["image_id", "image_uri", "caption", "created_at"]
-    good_parts: list[pa.Table] = []
+    # Two passes so that only the winning rows ever become Python strings and
+    # at most one shard's text is in Arrow at a time (issue 5, scale):
+    # 1) per shard, the good rows' (image_id, created_at, shard, row); pick the
+    #    newest per id in Arrow; 2) per shard, fetch the winners' caption/uri.
+    keys: list[pa.Table] = []
     bad_ids: set[str] = set()
     skipped: Counter = Counter()
     for si, path in enumerate(paths):
-        t = pq.read_table(path, columns=[*cols, "error"])
+        t = pq.read_table(path, columns=["image_id", "caption", "error", "created_at"])
         is_error = pc.is_valid(t["error"])
         is_empty = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(pc.fill_null(t["caption"], "")), ""), True)
-        n_error = pc.sum(is_error).as_py() or 0
         bad = pc.or_(is_error, is_empty)
+        n_error, n_bad = pc.sum(is_error).as_py() or 0, pc.sum(bad).as_py() or 0
         skipped["caption_error_rows"] += n_error
-        skipped["caption_empty_rows"] += (pc.sum(bad).as_py() or 0) - n_error
-        bad_ids.update(t.filter(bad)["image_id"].to_pylist())
-        good = t.filter(pc.invert(bad)).select(cols)
-        # a row without a timestamp counts as the oldest
-        good = good.set_column(3, "created_at", pc.fill_null(good["created_at"].cast(pa.int64()), -(2**63)))
-        order = pa.array(range(good.num_rows), pa.int64())  # ties on created_at: later shard, then later row wins
-        good_parts.append(good.append_column("_shard", pa.array([si] * good.num_rows, pa.int32())).append_column("_row", order))
-    t = pa.concat_tables(good_parts)
-    del good_parts
-    idx = pc.sort_indices(t, sort_keys=[("image_id", "ascending"), ("created_at", "ascending"), ("_shard", "ascending"), ("_row", "ascending")])
-    ids = t["image_id"].take(idx)
-    n = len(ids)
-    if n:
-        last = pc.not_equal(ids.slice(0, n - 1), ids.slice(1)).combine_chunks() if n > 1 else pa.array([], pa.bool_())
-        keep = pa.concat_arrays([last, pa.array([True])])  # the newest row of each id is the last of its run
-        t = t.take(idx.filter(keep))
-    del idx, ids
-    image_ids = t["image_id"].to_pylist()
-    uris = t["image_uri"].to_pylist()
-    texts = t["caption"].to_pylist()
-    del t
+        skipped["caption_empty_rows"] += n_bad - n_error
+        if n_bad:
+            bad_ids.update(t.filter(bad)["image_id"].to_pylist())
+        rows = pa.array(range(t.num_rows), pa.int64())
+        # a row without a timestamp counts as the oldest; ties: later shard, then later row wins
+        created = pc.fill_null(t["created_at"].cast(pa.int64()), -(2**63))
+        k = pa.table({"image_id": t["image_id"], "created_at": created, "_shard": pa.array([si] * t.num_rows, pa.int32()), "_row": rows})
+        keys.append(k.filter(pc.invert(bad)))
+        del t
+    k = pa.concat_tables(keys)
+    del keys
+    k = k.take(pc.sort_indices(k, sort_keys=[("image_id", "ascending"), ("created_at", "ascending"), ("_shard", "ascending"), ("_row", "ascending")]))
+    n = k.num_rows
+    if n > 1:  # the newest row of each id is the last of its run
+        ids = k["image_id"].combine_chunks()
+        k = k.filter(pa.concat_arrays([pc.not_equal(ids.slice(0, n - 1), ids.slice(1)), pa.array([True])]))
+        del ids
+    image_ids = k["image_id"].to_pylist()
+    k = k.append_column("_pos", pa.array(range(k.num_rows), pa.int64()))
+    texts: list[str] = [""] * k.num_rows
+    uris: list[str | None] = [None] * k.num_rows
+    for si, path in enumerate(paths):
+        mine = k.filter(pc.equal(k["_shard"], si))
+        if not mine.num_rows:
+            continue
+        t = pq.read_table(path, columns=["image_uri", "caption"]).take(mine["_row"])
+        for pos, uri, cap in zip(mine["_pos"].to_pylist(), t["image_uri"].to_pylist(), t["caption"].to_pylist()):
+            texts[pos], uris[pos] = cap, uri
+        del t
+    del k
     if bad_ids:
         skipped["images_without_caption"] = len(bad_ids.difference(image_ids))
-    skipped = Counter({k: v for k, v in skipped.items() if v})
+    skipped = Counter({name: v for name, v in skipped.items() if v})
     return CaptionIndex(image_ids, uris, array("q", range(len(texts) + 1)), texts, [None] * len(texts), skipped)
 
 
@@ -251,7 +261,7 @@ def attach_edits(index: CaptionIndex, edits_dir: Path | str) -> CaptionIndex:
     if not paths:
         raise ConfigError(f"no edit shards in {edits_dir}", "--edits", "point it at OUT/edits of a `dataprep rewrite` run, or leave it out")
     ids = index.image_ids  # sorted: found by bisection, no second id -> row dict at 1M scale
-    newest: dict[int, int] = {}
+    newest = array("q", [-(2**63)]) * len(index.texts)  # created_at of the edit kept per caption
     sk = index.skipped
     for path in paths:
         pf = pq.ParquetFile(path)
@@ -275,7 +285,7 @@ def attach_edits(index: CaptionIndex, edits_dir: Path | str) -> CaptionIndex:
                 if k is None:
                     sk["edit_stale"] += 1
                     continue
-                if k not in newest or ts >= newest[k]:
+                if index.edits[k] is None or ts >= newest[k]:
                     newest[k] = ts
                     index.edits[k] = target
     for name in [k for k, v in sk.items() if not v]:

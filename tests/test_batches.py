@@ -278,3 +278,19 @@ def test_batch_folder_reads_as_one_parquet_dataset(run):
     s = build_batches(root / "captions", root / "b", BatchOptions(preset="sdxl", rows_per_shard=10), edits_dir=root / "edits")
     assert len(s.shards) > 1
     assert pq.read_table(root / "b").num_rows == s.batches
+
+
+def test_newest_passing_edit_wins(tmp_path):
+    from dataprep.batches import attach_edits
+
+    with ShardWriter(tmp_path / "captions", CAPTIONS_SCHEMA, "r1") as w:
+        for i in range(3):
+            w.add(dict(image_id=f"img/{i}", caption=caption_of(i), key=f"c{i}", created_at=T0))
+    with ShardWriter(tmp_path / "edits", EDITS_SCHEMA, "r1", rows_per_shard=1) as w:
+        w.add(dict(image_id="img/0", source=caption_of(0), target="newer edit", passed=True, key="a", created_at=T0 + dt.timedelta(hours=2)))
+        w.add(dict(image_id="img/0", source=caption_of(0), target="older edit", passed=True, key="b", created_at=T0 + dt.timedelta(hours=1)))
+        w.add(dict(image_id="img/0", source=caption_of(0), target="newest but failed", passed=False, key="c", created_at=T0 + dt.timedelta(hours=3)))
+        w.add(dict(image_id="img/9", source="no such caption", target="orphan edit", passed=True, key="d", created_at=T0))
+    index = attach_edits(load_caption_index(tmp_path / "captions"), tmp_path / "edits")
+    assert index.edits == ["newer edit", None, None]
+    assert index.skipped["edit_failed_rows"] == 1 and index.skipped["edit_without_caption"] == 1
