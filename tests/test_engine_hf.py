@@ -3,6 +3,8 @@ outputs as the plain path), middle padding, length grouping, auto batch size."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from dataprep.engines import ChatRequest, EngineConfig, Sampling, load_engine
@@ -99,3 +101,46 @@ def test_from_model_wraps_a_loaded_model(llama):
     llama._prefix = None
     b = llama.generate(rewrite_requests(CAPTIONS[:2], max_new_tokens=5))
     assert [r.text for r in a] == [r.text for r in b]
+
+
+def test_pipeline_closes_the_caption_engine_before_loading_the_rewriter(tiny_models, samples_dir, tmp_path, monkeypatch):
+    """One GPU holds one model at a time: close(caption) happens before load(rewrite)."""
+    import dataprep.pipeline as pipeline
+    from dataprep.caption import CaptionOptions
+    from dataprep.rewrite import RewriteOptions
+    from dataprep.sources import div2k
+    from dataprep.store import CAPTIONS_SCHEMA, EDITS_SCHEMA, read_table
+
+    events: list[str] = []
+    real_load = pipeline.load_engine
+
+    def load(cfg):
+        events.append(f"load {Path(cfg.model).name}")
+        engine = real_load(cfg)
+        real_close = engine.close
+        engine.close = lambda: (events.append(f"close {Path(cfg.model).name}"), real_close())
+        return engine
+
+    monkeypatch.setattr(pipeline, "load_engine", load)
+    cfg = EngineConfig(device="cpu", batch_size="2")
+    s = pipeline.run_pipeline(div2k(samples_dir), tmp_path, cfg, str(tiny_models / "llava"), str(tiny_models / "llama"),
+                              CaptionOptions(max_new_tokens=6, workers=0), RewriteOptions(max_new_tokens=6, max_attempts=1), progress=False)
+    assert events == ["load llava", "close llava", "load llama", "close llama"]
+    assert s.caption.done == 2 and s.rewrite.done + s.rewrite.n_failed == 2
+    caps = read_table(tmp_path / "captions", CAPTIONS_SCHEMA).to_pylist()
+    edits = read_table(tmp_path / "edits", EDITS_SCHEMA).to_pylist()
+    assert {r["image_id"] for r in caps} == {r["image_id"] for r in edits} == {"div2k/0001", "div2k/0002"}
+    assert all(r["engine"] == "transformers" and r["model"] == str(tiny_models / "llama") for r in edits)
+
+
+def test_pipeline_checks_every_flag_before_work(tiny_models, samples_dir, tmp_path):
+    from dataprep.engines import ConfigError
+    from dataprep.pipeline import run_pipeline
+    from dataprep.rewrite import RewriteOptions
+    from dataprep.sources import div2k
+
+    with pytest.raises(ConfigError, match="--max-attempts"):
+        run_pipeline(div2k(samples_dir), tmp_path, EngineConfig(device="cpu"), str(tiny_models / "llava"), str(tiny_models / "llama"), rewrite_opts=RewriteOptions(max_attempts=0), progress=False)
+    with pytest.raises(ConfigError, match="--model"):
+        run_pipeline(div2k(samples_dir), tmp_path, EngineConfig(device="cpu"), str(tiny_models / "llava"), "", progress=False)
+    assert not (tmp_path / "captions").exists()  # nothing captioned before the rewrite flags were known good

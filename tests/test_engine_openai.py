@@ -273,9 +273,35 @@ def test_caption_through_transformers_serve(server, tiny_models, samples_dir, tm
 
 
 @pytest.mark.server
-def test_rewrite_through_transformers_serve(server, tiny_models, tmp_path):
-    pytest.importorskip("dataprep.rewrite", reason="the rewrite stage (issue 3) has not landed")
-    pytest.skip("rewrite stage landed after this test was written; see report")
+def test_pipeline_cli_runs_both_stages_through_the_server(server, tiny_models, samples_dir, tmp_path, monkeypatch):
+    """`dataprep pipeline div2k --engine openai`: captions by the tiny LLaVA, rewrites by the tiny Llama, one server."""
+    from typer.testing import CliRunner
+
+    from dataprep.cli import app
+
+    monkeypatch.setenv("TINY_KEY", "unused-by-transformers-serve")
+    args = ["pipeline", "div2k", "--data", str(samples_dir), "--out", str(tmp_path / "run"), "--engine", "openai", "--base-url", server,
+            "--api-key-env", "TINY_KEY", "--concurrency", "4", "--caption-model", str(tiny_models / "llava"), "--rewrite-model", str(tiny_models / "llama"),
+            "--caption-max-new-tokens", "6", "--rewrite-max-new-tokens", "8", "--max-attempts", "2", "--workers", "0"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    caps, edits = read_rows(tmp_path / "run"), read_rows(tmp_path / "run", "edits")
+    assert sorted(r["image_id"] for r in caps) == sorted(r["image_id"] for r in edits) == ["div2k/0001", "div2k/0002"]
+    assert all(r["engine"] == "openai" and r["caption"] and r["error"] is None for r in caps)
+    by_id = {r["image_id"]: r for r in caps}
+    for e in edits:
+        assert e["engine"] == "openai" and e["model"] == str(tiny_models / "llama") and e["error"] is None
+        assert e["source"] == by_id[e["image_id"]]["caption"] and 1 <= e["attempts"] <= 2 and e["completion_tokens"] >= 1
+    from dataprep.store import read_manifest
+
+    for stage in ("captions", "edits"):  # the key's value is never written, only the variable's name
+        text = (tmp_path / "run" / stage).joinpath(next(p.name for p in (tmp_path / "run" / stage).iterdir() if "manifest" in p.name)).read_text()
+        assert "unused-by-transformers-serve" not in text and read_manifest(tmp_path / "run" / stage)["config"]["engine"]["api_key_env"] == "TINY_KEY"
+    # a second run finds every row done: nothing is generated again
+    before = {(r["image_id"], r["run_id"]) for r in caps + edits}
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert {(r["image_id"], r["run_id"]) for r in read_rows(tmp_path / "run") + read_rows(tmp_path / "run", "edits")} == before
 
 
 @pytest.mark.server
