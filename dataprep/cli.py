@@ -470,6 +470,62 @@ def stats_cmd(
 
 # ------------------------------------------------------------ pipeline (issue 4)
 
+pipeline_app = typer.Typer(help="Caption, then rewrite, in one command with one engine choice (OUT/captions then OUT/edits; the same resume rules as the two stage commands).", no_args_is_help=True)
+app.add_typer(pipeline_app, name="pipeline")
+
+
+@pipeline_app.command("div2k")
+def pipeline_div2k(
+    data: Annotated[Path, typer.Option("--data", help="Extracted DIV2K_train_HR/ (or DIV2K_valid_HR/) folder, or the official zip.")],
+    out: Annotated[Path, typer.Option("--out", help="Run directory: OUT/captions/ and OUT/edits/ (Parquet shards + manifests).")] = Path("runs/div2k"),
+    split: Annotated[str, typer.Option("--split", help="train (ids 0001-0800) or valid (0801-0900).")] = "train",
+    ids: Annotated[Optional[str], typer.Option("--ids", help="Only these image numbers, e.g. 1-100 or 1,5,9-12.")] = None,
+    limit: LimitOpt = None,
+    caption_model: Annotated[str, typer.Option("--caption-model", help="Vision-language model for captions: hub id or local directory.", rich_help_panel="Engine")] = "llava-hf/llava-1.5-13b-hf",
+    rewrite_model: Annotated[str, typer.Option("--rewrite-model", help="Instruction model for rewrites: hub id or local directory.", rich_help_panel="Engine")] = "meta-llama/Llama-3.1-8B-Instruct",
+    engine: EngineOpt = "transformers",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    batch_size: BatchOpt = "auto",
+    quantize: QuantOpt = None,
+    tensor_parallel_size: TPOpt = 1,
+    gpu_memory_utilization: GMUOpt = 0.9,
+    base_url: BaseUrlOpt = None,
+    api_key_env: ApiKeyEnvOpt = None,
+    concurrency: ConcurrencyOpt = 64,
+    crop: CropOpt = False,
+    caption_max_new_tokens: Annotated[int, typer.Option("--caption-max-new-tokens", help="Caption generation budget per image.", rich_help_panel="Sampling")] = 256,
+    rewrite_max_new_tokens: Annotated[int, typer.Option("--rewrite-max-new-tokens", help="Rewrite generation budget per attempt.", rich_help_panel="Sampling")] = 512,
+    max_attempts: Annotated[int, typer.Option("--max-attempts", help="Rewrite generations per caption until one passes the rule checker.", rich_help_panel="Sampling")] = 3,
+    seed: SeedOpt = 0,
+    force: ForceOpt = False,
+    strict: StrictOpt = False,
+    rows_per_shard: ShardOpt = 256,
+    workers: WorkersOpt = 2,
+) -> None:
+    """Caption DIV2K with LLaVA-1.5, then rewrite every caption with Llama-3.1 (greedy captions; rule-checked rewrites with retries)."""
+    from rich.console import Console
+
+    from dataprep.caption import CaptionOptions
+    from dataprep.pipeline import run_pipeline
+    from dataprep.rewrite import KEPT_FAILING, RewriteOptions
+    from dataprep.sources import div2k
+    from dataprep.stage import print_summary
+
+    cfg = engine_config(engine=engine, device=device, dtype=dtype, batch_size=batch_size, quantize=quantize, tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization, base_url=base_url, api_key_env=api_key_env, concurrency=concurrency)
+    copts = CaptionOptions(crop=crop, max_new_tokens=caption_max_new_tokens, seed=seed, force=force, rows_per_shard=rows_per_shard, workers=workers)
+    ropts = RewriteOptions(max_attempts=max_attempts, max_new_tokens=rewrite_max_new_tokens, seed=seed, force=force, rows_per_shard=rows_per_shard)
+    console = Console()
+    try:
+        refs = div2k(data, split=split, ids=ids, limit=limit)
+        summary = run_pipeline(refs, out, cfg, caption_model, rewrite_model, copts, ropts, console=console)
+    except ConfigError as exc:
+        raise fail(str(exc))
+    print_summary(summary.caption, console)
+    print_summary(summary.rewrite, console)
+    if strict and (summary.n_failed or summary.rewrite.extra.get(KEPT_FAILING, 0)):
+        raise typer.Exit(1)
+
 
 # ------------------------------------------------------------ server, serve (issue 8)
 
