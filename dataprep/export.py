@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dataprep.engines import ConfigError
@@ -290,17 +291,22 @@ def export_hf(run_dir: Path | str, out: Path | str, include_failed: bool = False
         }
     )
     out.parent.mkdir(parents=True, exist_ok=True)
+    schema = features.arrow_schema
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".hf-export-") as tmp:
-        staged = Path(tmp) / "images"
-
-        def rows() -> Iterator[dict[str, Any]]:
+        staged, table_path = Path(tmp) / "images", Path(tmp) / "pairs.parquet"
+        # Rows go to a Parquet file in small chunks, so DIV2K's multi-MB PNGs never
+        # sit in memory together; `datasets` then reads that file by path.
+        with pq.ParquetWriter(table_path, schema) as writer:
+            chunk: list[dict[str, Any]] = []
             for p, name in _with_images(pairs, staged, False, skipped, progress):
                 data = (staged / name).read_bytes()
-                (staged / name).unlink()  # bounded disk: one image staged at a time
-                yield {"image": {"bytes": data, "path": name}, "image_id": p.image_id, "source": p.source, "target": p.target, "passed": p.passed, "violations": list(p.violations)}
-
-        # from_generator streams rows to Arrow files: DIV2K's PNGs never sit in memory together
-        ds = datasets.Dataset.from_generator(rows, features=features, cache_dir=str(Path(tmp) / "cache"))
+                (staged / name).unlink()  # one image staged at a time
+                chunk.append({"image": {"bytes": data, "path": name}, "image_id": p.image_id, "source": p.source, "target": p.target, "passed": p.passed, "violations": list(p.violations)})
+                if len(chunk) >= 32:
+                    writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
+                    chunk.clear()
+            writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
+        ds = datasets.Dataset.from_parquet(str(table_path), features=features, cache_dir=str(Path(tmp) / "cache"))
         ds.save_to_disk(str(out))
         if push_to_hub:
             ds.push_to_hub(push_to_hub)

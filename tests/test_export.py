@@ -139,8 +139,17 @@ def test_piebench_brackets_are_the_checkers_spans(run, tmp_path, include_failed)
 def test_hf_dataset(run, tmp_path):
     import datasets
 
+    import threading
+
     root, fx = run
-    s = export_hf(root, tmp_path / "hf")
+    lock, seen = threading.Lock(), []  # an unpicklable progress callback, like the CLI's rich bar
+
+    def progress(done: int, total: int) -> None:
+        with lock:
+            seen.append((done, total))
+
+    s = export_hf(root, tmp_path / "hf", progress=progress)
+    assert seen[-1] == (6, 6)
     ds = datasets.load_from_disk(str(tmp_path / "hf"))
     assert len(ds) == s.pairs == 5 and isinstance(ds.features["image"], datasets.Image)
     row = ds.filter(lambda r: r["image_id"] == "div2k/0003")[0]
