@@ -294,3 +294,19 @@ def test_newest_passing_edit_wins(tmp_path):
     index = attach_edits(load_caption_index(tmp_path / "captions"), tmp_path / "edits")
     assert index.edits == ["newer edit", None, None]
     assert index.skipped["edit_failed_rows"] == 1 and index.skipped["edit_without_caption"] == 1
+
+
+def test_cli_coco_and_source_flags(tmp_path):
+    from typer.testing import CliRunner
+
+    from dataprep.cli import app
+
+    path, images_dir, _ = write_coco(tmp_path)
+    cli = CliRunner()
+    r = cli.invoke(app, ["batches", "--preset", "sd3", "--coco-captions", str(path), "--coco-images", str(images_dir), "--out", str(tmp_path / "b"), "--epochs", "5", "--keep-last"])
+    assert r.exit_code == 0, r.output
+    assert {row["epoch"] for row in pq.read_table(tmp_path / "b").to_pylist()} == set(range(5))
+    r = cli.invoke(app, ["batches", "--coco-captions", str(path), "--out", str(tmp_path / "c")])
+    assert r.exit_code == 2 and "--coco-images" in r.output
+    r = cli.invoke(app, ["batches", "--out", str(tmp_path / "c")])
+    assert r.exit_code == 2 and "--captions" in r.output
