@@ -485,6 +485,8 @@ def evaluate_edit(cfg: EvalConfig) -> EvalResult:
         if m not in cfg.metrics.metrics:
             unavailable.setdefault(m, "not requested (--metrics)")
     notes = []
+    if not pairs:
+        notes.append("no pairs to evaluate: the input has no passed, error-free edits (see dataprep check / the edits manifest)")
     if cfg.metrics.lpips_model not in LPIPS_PACKAGE_NETS and "lpips" in cfg.metrics.metrics:
         notes.append(f"LPIPS: uncalibrated form on {cfg.metrics.lpips_model} features (no learned weights); not comparable with published LPIPS")
     if "fid" in cfg.metrics.metrics and len(pairs) < 2048 and fid:
