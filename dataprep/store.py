@@ -155,7 +155,9 @@ def content_key(
 
 
 def new_run_id() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    """UTC time to the microsecond first: shard names sort in run order, which
+    :func:`compact` relies on to find the newest row."""
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f") + "-" + uuid.uuid4().hex[:6]
 
 
 def utcnow() -> _dt.datetime:
