@@ -7,9 +7,11 @@ For each size it writes a synthetic caption store (about 300-character
 captions, like LLaVA's) and an edit store (a passing edit for half the
 images, a failed one for a quarter), then builds batches in a fresh child
 process so the figures are the builder's own: captions/s and batch rows/s,
-RSS after the id/text index is loaded, and peak RSS (``ru_maxrss``) of the
-whole build. Peak minus index is what the streaming writer adds: about one
-shard of rows, independent of the number of captions. Prints one JSON line
+RSS after the id/text index is loaded, the peak RSS while building the index
+and, separately (the peak is reset between phases via /proc/self/clear_refs),
+while writing the batches; ``writing_over_index_mib`` is what the streaming
+writer adds on top of the index: about one shard of rows, independent of the
+number of captions. ``peak_rss_mib`` is the whole process. Prints one JSON line
 per size. Never part of CI.
 """
 
@@ -56,11 +58,21 @@ def write_stores(folder: Path, n: int, rows_per_shard: int = 50_000) -> None:
             w.add({"image_id": f"synth/{i:07d}", "source": src, "target": target, "passed": ok, "violations": [] if ok else ["multiple_concepts"], "key": f"e{i:063x}", "created_at": t})
 
 
-def rss_mib() -> float:
+def rss_mib(field: str = "VmRSS") -> float:
+    """Current RSS (VmRSS) or peak RSS since the last reset (VmHWM), in MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def reset_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0), so the next peak is one phase's own."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def child(folder: Path, preset: str, epochs: int, rows_per_shard: int) -> None:
@@ -72,10 +84,14 @@ def child(folder: Path, preset: str, epochs: int, rows_per_shard: int) -> None:
     attach_edits(index, folder / "edits")
     t_index = time.perf_counter() - t0
     after_index = rss_mib()
+    index_peak = rss_mib("VmHWM")
+    phase_peaks = reset_peak()
     opts = BatchOptions(preset=preset, epochs=epochs, rows_per_shard=rows_per_shard)
     s = write_batches(index, folder / "batches", opts)
     total = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    write_peak = rss_mib("VmHWM") if phase_peaks else float("nan")
+    # ru_maxrss follows the reset too, so the process peak is the larger phase peak
+    peak = max(index_peak, write_peak if write_peak == write_peak else 0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(json.dumps({
         "captions": len(index),
         "preset": s.preset,
@@ -88,8 +104,10 @@ def child(folder: Path, preset: str, epochs: int, rows_per_shard: int) -> None:
         "batch_rows_per_s": round(s.batches / s.seconds),
         "rss_start_mib": round(base),
         "rss_after_index_mib": round(after_index),
+        "peak_rss_index_build_mib": round(index_peak),
+        "peak_rss_writing_mib": round(write_peak) if write_peak == write_peak else None,
+        "writing_over_index_mib": round(write_peak - after_index) if write_peak == write_peak else None,
         "peak_rss_mib": round(peak),
-        "peak_minus_index_mib": round(peak - after_index),
         "shards": len(s.shards),
         "rows_per_shard": rows_per_shard,
     }))
