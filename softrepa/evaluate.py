@@ -405,7 +405,7 @@ def score_all(cfg: EvalConfig, pairs: Sequence[Pair], out: Path, errors: dict[tu
     """
     import torch
 
-    from softrepa.metrics import PER_IMAGE, frechet_distance, load_scorers
+    from softrepa.metrics import PER_IMAGE, TAKES_PATHS, frechet_distance, load_scorers
 
     scorers = load_scorers(cfg.metrics)
     per_image = [m for m in PER_IMAGE if m in cfg.metrics.metrics and m in scorers.per_image]
@@ -441,7 +441,13 @@ def score_all(cfg: EvalConfig, pairs: Sequence[Pair], out: Path, errors: dict[tu
                         r["error"] = f"image: {type(exc).__name__}: {exc}"
                 for m in per_image if ready else []:
                     try:
-                        vals = scorers.per_image[m](srcs, eds) if m == "lpips" else scorers.per_image[m](eds, [r["target_prompt"] for r in ready])
+                        prompts = [r["target_prompt"] for r in ready]
+                        if m == "lpips":
+                            vals = scorers.per_image[m](srcs, eds)
+                        elif m in TAKES_PATHS:
+                            vals = scorers.per_image[m]([r["edited_image"] for r in ready], prompts)
+                        else:
+                            vals = scorers.per_image[m](eds, prompts)
                     except (RuntimeError, ValueError) as exc:
                         for r in ready:
                             r["error"] = r["error"] or f"{m}: {type(exc).__name__}: {exc}"

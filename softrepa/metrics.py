@@ -261,31 +261,39 @@ class LpipsScorer:
 
 
 class ImageRewardScorer:
+    """ImageReward-v1.0 (THUDM). Takes image *paths*: every released version of
+    the package opens files itself; only newer ones also accept PIL images."""
+
     def __init__(self, device: str = "auto"):
         import ImageReward
 
         self.model = ImageReward.load("ImageReward-v1.0", device=_device(device))
 
-    def __call__(self, images: Sequence["Image"], prompts: Sequence[str]) -> list[float]:
-        out = []
-        for im, p in zip(images, prompts):  # the package scores one prompt against many images
-            s = self.model.score(p, [im])
-            out.append(float(s[0] if isinstance(s, (list, tuple)) else s))
-        return out
+    def __call__(self, paths: Sequence[str], prompts: Sequence[str]) -> list[float]:
+        import torch
+
+        with torch.no_grad():
+            return [float(self.model.score(p, str(path))) for path, p in zip(paths, prompts)]  # a single path -> a float
 
 
 class HPSv2Scorer:
+    """HPS v2.1. Takes image paths (see :class:`ImageRewardScorer`)."""
+
     def __init__(self, device: str = "auto"):
         import hpsv2
 
         self.hpsv2 = hpsv2
 
-    def __call__(self, images: Sequence["Image"], prompts: Sequence[str]) -> list[float]:
+    def __call__(self, paths: Sequence[str], prompts: Sequence[str]) -> list[float]:
         out = []
-        for im, p in zip(images, prompts):
-            s = self.hpsv2.score([im], p, hps_version="v2.1")
+        for path, p in zip(paths, prompts):
+            s = self.hpsv2.score([str(path)], p, hps_version="v2.1")
             out.append(float(s[0] if isinstance(s, (list, tuple)) else s))
         return out
+
+
+#: per-image metrics whose scorer reads image files rather than PIL images
+TAKES_PATHS = ("imagereward", "hpsv2")
 
 
 class InceptionFeatures:

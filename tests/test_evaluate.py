@@ -251,3 +251,33 @@ def test_cli_bad_flag_value_exits_2_with_the_flag(tmp_path):
     res = CliRunner().invoke(app, ["evaluate-edit", "--pairs", str(tmp_path), "--out", str(tmp_path / "o"), "--tgt-cfg", "nine"])
     assert res.exit_code == 2
     assert "--tgt-cfg" in res.output
+
+
+def test_an_installed_optional_metric_is_scored_from_the_edited_files(tiny, tmp_path, monkeypatch):
+    """Stand-in ImageReward package with the real API (load(name, device).score(prompt, path) -> float)."""
+    import importlib.machinery
+    import sys
+    import types
+
+    calls = []
+
+    class Model:
+        def score(self, prompt, path):
+            calls.append((prompt, path))
+            return float(np.asarray(Image.open(path)).mean())  # a function of the edited pixels
+
+    fake = types.ModuleType("ImageReward")
+    fake.__spec__ = importlib.machinery.ModuleSpec("ImageReward", None)
+    fake.load = lambda name, device="cpu": Model()
+    monkeypatch.setitem(sys.modules, "ImageReward", fake)
+
+    pairs = tmp_path / "pairs.json"
+    _png(tmp_path / "a.png", 21)
+    pairs.write_text(json.dumps([{"prompt": "a red car", "img_path": "a.png", "tgt_prompt": "a red bus"}]))
+    cfg = EvalConfig(pairs=str(pairs), model=str(tiny["sd3"]), out=str(tmp_path / "eval"), n_max=2, tgt_cfgs=(4.0,),
+                     metrics=_metrics(tiny, ("clip", "imagereward")), **FAST)
+    res = evaluate_edit(cfg)
+    (row,) = pq.read_table(res.scores_path).to_pylist()
+    assert calls == [("a red bus", row["edited_image"])]
+    assert row["imagereward"] == pytest.approx(float(np.asarray(Image.open(row["edited_image"])).mean()))
+    assert "imagereward" not in res.unavailable and res.table[0]["imagereward"] == pytest.approx(row["imagereward"])
