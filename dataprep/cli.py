@@ -387,7 +387,7 @@ export_app = typer.Typer(help="Export a run's caption/edit pairs: SoftREPA promp
 app.add_typer(export_app, name="export")
 
 ExportOutArg = Annotated[Path, typer.Argument(help="Folder to write the export into (created).")]
-RunOpt = Annotated[Path, typer.Option("--run", help="Run directory holding edits/ (and captions/ for image paths), i.e. the OUT of `dataprep rewrite`.")]
+ExportRunOpt = Annotated[Path, typer.Option("--run", help="Run directory holding edits/ (and captions/ for image paths), i.e. the OUT of `dataprep rewrite`.")]
 IncludeFailedOpt = Annotated[bool, typer.Option("--include-failed", help="Also export edits that failed the rule checker (an image's passing edit still wins).")]
 LinkOpt = Annotated[bool, typer.Option("--link", help="Symlink local image files instead of copying them (zip members are always copied).")]
 
@@ -401,7 +401,7 @@ def _export_summary(s) -> None:
 
 
 @export_app.command("softrepa")
-def export_softrepa_cmd(out: ExportOutArg, run: RunOpt, include_failed: IncludeFailedOpt = False, link: LinkOpt = False) -> None:
+def export_softrepa_cmd(out: ExportOutArg, run: ExportRunOpt, include_failed: IncludeFailedOpt = False, link: LinkOpt = False) -> None:
     """Write OUT/prompts_editing.json (prompt, img_path, tgt_prompt: the official SoftREPA editing format) with the images beside it."""
     from dataprep.export import export_softrepa
 
@@ -415,7 +415,7 @@ def export_softrepa_cmd(out: ExportOutArg, run: RunOpt, include_failed: IncludeF
 
 
 @export_app.command("piebench")
-def export_piebench_cmd(out: ExportOutArg, run: RunOpt, include_failed: IncludeFailedOpt = False, link: LinkOpt = False) -> None:
+def export_piebench_cmd(out: ExportOutArg, run: ExportRunOpt, include_failed: IncludeFailedOpt = False, link: LinkOpt = False) -> None:
     """Write a PIE-Bench style OUT/mapping_file.json (changed spans in [ ], from the rule checker) and OUT/annotation_images/."""
     from dataprep.export import export_piebench
 
@@ -431,7 +431,7 @@ def export_piebench_cmd(out: ExportOutArg, run: RunOpt, include_failed: IncludeF
 @export_app.command("hf")
 def export_hf_cmd(
     out: ExportOutArg,
-    run: RunOpt,
+    run: ExportRunOpt,
     include_failed: IncludeFailedOpt = False,
     push_to_hub: Annotated[Optional[str], typer.Option("--push-to-hub", help="Also push to this hub dataset repo (user/name); needs a token with write access (huggingface-cli login).")] = None,
 ) -> None:
