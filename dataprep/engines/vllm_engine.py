@@ -122,7 +122,8 @@ def require_vllm(device: str) -> None:
 class VLLMEngine:
     name = "vllm"
 
-    def __init__(self, cfg: EngineConfig):
+    def __init__(self, cfg: EngineConfig, **llm_overrides: Any):
+        """``llm_overrides`` go to ``vllm.LLM`` last (benchmarks: ``load_format="dummy"`` for random weights)."""
         require_vllm(cfg.device)
         from vllm import LLM
 
@@ -132,7 +133,7 @@ class VLLMEngine:
         config = load_config(cfg.model, cfg.revision, cfg.trust_remote_code)  # clear errors for a missing model
         self.is_vision = getattr(config, "vision_config", None) is not None
         tc = getattr(config, "text_config", config)
-        kwargs = llm_kwargs(cfg, self.is_vision, getattr(tc, "max_position_embeddings", None))
+        kwargs = llm_kwargs(cfg, self.is_vision, getattr(tc, "max_position_embeddings", None)) | llm_overrides
         self.batch_size = int(cfg.batch_size) if cfg.batch_size != "auto" else DEFAULT_BATCH
         self.sampling_extra: dict[str, Any] = {}  # benchmarks: e.g. min_tokens/ignore_eos for a fixed length
         try:
