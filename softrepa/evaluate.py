@@ -413,6 +413,7 @@ def score_all(cfg: EvalConfig, pairs: Sequence[Pair], out: Path, errors: dict[tu
     rows: list[dict[str, Any]] = []
     fid: dict[str, float | None] = {}
     src_feats: list[torch.Tensor] = []
+    fid_failed = False
     settings = cfg.settings()
     with _progress(cfg.progress) as bar:
         task = bar.add_task("scoring", total=len(pairs) * len(settings))
@@ -455,11 +456,15 @@ def score_all(cfg: EvalConfig, pairs: Sequence[Pair], out: Path, errors: dict[tu
                     for r, v in zip(ready, vals):
                         r[m] = float(v)
                 if scorers.fid is not None and ready:
-                    edit_feats.append(scorers.fid(eds))
-                    if si == 0:  # the source set is the same for every setting
-                        src_feats.append(scorers.fid(srcs))
+                    try:
+                        edit_feats.append(scorers.fid(eds))
+                        if si == 0:  # the source set is the same for every setting
+                            src_feats.append(scorers.fid(srcs))
+                    except (RuntimeError, ValueError) as exc:  # FID over a partial set would mislead: drop it
+                        unavailable.setdefault("fid", f"feature extraction failed: {type(exc).__name__}: {exc}")
+                        fid_failed = True
                 bar.advance(task, len(batch))
-            if scorers.fid is not None:
+            if scorers.fid is not None and not fid_failed:
                 try:
                     fid[s.setting_id] = frechet_distance(torch.cat(src_feats), torch.cat(edit_feats)) if edit_feats else None
                 except (RuntimeError, ValueError) as exc:

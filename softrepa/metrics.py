@@ -248,6 +248,11 @@ class LpipsScorer:
             self.features = FeatureNet(model, device=self.device)
 
     def __call__(self, sources: Sequence["Image"], edits: Sequence["Image"]) -> list[float]:
+        if len({im.size for im in [*sources, *edits]}) > 1:  # --size 0: every pair has its own size
+            return [v for s, e in zip(sources, edits) for v in self._batch([s], [e])]
+        return self._batch(sources, edits)
+
+    def _batch(self, sources: Sequence["Image"], edits: Sequence["Image"]) -> list[float]:
         import torch
 
         x, y = pil_to_tensor(sources), pil_to_tensor(edits)
@@ -308,6 +313,8 @@ class InceptionFeatures:
     def __call__(self, images: Sequence["Image"]) -> "torch.Tensor":
         import torch
 
+        if len({im.size for im in images}) > 1:  # mixed sizes cannot stack: one at a time
+            return torch.cat([self([im]) for im in images])
         with torch.no_grad():
             feats = self.net(pil_to_tensor(images).to(self.device))[0]  # [B, 2048, 1, 1]; resizes to 299 itself
         return feats.flatten(1).cpu()

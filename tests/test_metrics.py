@@ -138,3 +138,10 @@ def test_package_lpips_without_the_package_is_a_config_error():
     with pytest.raises(ConfigError) as err:
         MetricConfig(metrics=("lpips",), lpips_model="alex").validate()
     assert "pip install lpips" in str(err.value)
+
+
+def test_lpips_handles_pairs_of_different_sizes_in_one_batch(models):
+    lp = LpipsScorer(str(models["lpips"]), device="cpu")
+    a, b = _images(1, 32, seed=4) + _images(1, 48, seed=5), _images(1, 32, seed=6) + _images(1, 48, seed=7)
+    mixed = lp(a, b)
+    assert np.allclose(mixed, [lp([a[0]], [b[0]])[0], lp([a[1]], [b[1]])[0]], atol=1e-6)
