@@ -1,0 +1,166 @@
+"""The trainer on tiny random pipelines loaded by path: frozen base, learning, resume, CLI."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from softrepa.tokens import SoftTokens, TokenConfig, load_tokens, wrap_model
+from softrepa.train import (
+    ConfigError,
+    PromptCache,
+    TrainConfig,
+    assert_only_tokens_train,
+    encode_images,
+    load_parts,
+    make_optimizer,
+    train,
+    train_step,
+)
+from tests.softrepa_fixtures import PROMPTS, tiny_pipelines, write_batch_shards, write_pngs
+
+torch.set_num_threads(1)
+SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "softrepa" / "samples"
+
+
+def _fixed_batch(parts, n_images: int, prompts: list[str]):
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.rand(n_images, 3, parts.resolution, parts.resolution, generator=g) * 2 - 1
+    latents = encode_images(parts, pixels, g)
+    noise = torch.randn((1, *latents.shape[1:]), generator=g)
+    return latents, PromptCache(parts)(prompts), torch.arange(n_images), noise
+
+
+def _state(parts) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, comp in parts.pipe.components.items():
+        if isinstance(comp, torch.nn.Module):
+            out.update({f"{name}.{k}": v.clone() for k, v in comp.state_dict().items()})
+    return out
+
+
+def test_a_training_step_changes_only_the_tokens():
+    parts = load_parts(str(tiny_pipelines()["sd3"]), "sd3")
+    torch.manual_seed(0)
+    tokens = SoftTokens(TokenConfig.preset("sd3", parts.denoiser))
+    model = wrap_model(parts.denoiser, tokens)
+    assert_only_tokens_train(parts, tokens)
+    latents, prompts, pos, noise = _fixed_batch(parts, 2, PROMPTS[:2])
+    before, tok_before = _state(parts), {k: v.clone() for k, v in tokens.state_dict().items()}
+    opt, _ = make_optimizer(tokens, TrainConfig("sd3", ".", "m", "o", lr=0.1))
+    # a temperature where the tiny model's errors (~5) do not underflow the logits
+    out = train_step(parts, model, opt, latents, prompts, pos, 500, noise, temperature=5.0, scale=1e4)
+    assert torch.isfinite(out.loss)
+    after = _state(parts)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before), "a frozen weight changed"
+    assert not torch.equal(tok_before["tokens"], tokens.tokens)
+    assert not torch.equal(tok_before["t_embedding.weight"], tokens.t_embedding.weight)
+    model.remove()
+
+
+def test_an_unfrozen_base_weight_is_caught():
+    parts = load_parts(str(tiny_pipelines()["sd1.5"]), "sd1.5")
+    tokens = SoftTokens(TokenConfig.preset("sd1.5", parts.denoiser))
+    parts.denoiser.conv_in.weight.requires_grad_(True)
+    with pytest.raises(AssertionError, match="only the soft tokens"):
+        assert_only_tokens_train(parts, tokens)
+
+
+def test_thirty_steps_on_a_fixed_batch_lower_the_contrastive_loss():
+    """Fixed images, prompts, timestep (500) and noise; 30 AdamW steps on SD1.5 tokens.
+
+    A random tiny UNet barely listens to its text (prompt-to-prompt error
+    differences ~1e-3 of E ~ 1.07), so at the paper's scale 4 / temperature
+    0.07 the logits underflow to 0 and no gradient flows; scale 1000 and
+    temperature 1 put the same loss in its working range. Margin: the loss
+    must fall by at least 0.1 nats (log 4 = 1.386 is chance; ~0.25 observed).
+    """
+    parts = load_parts(str(tiny_pipelines()["sd1.5"]), "sd1.5")
+    torch.manual_seed(0)
+    tokens = SoftTokens(TokenConfig.preset("sd1.5", parts.denoiser))
+    model = wrap_model(parts.denoiser, tokens)
+    latents, prompts, pos, noise = _fixed_batch(parts, 4, PROMPTS[:4])
+    opt, _ = make_optimizer(tokens, TrainConfig("sd1.5", ".", "m", "o", lr=0.2))
+    kw = dict(scale=1000.0, temperature=1.0)
+    losses = [train_step(parts, model, opt, latents, prompts, pos, 500, noise, **kw).loss.item() for _ in range(30)]
+    from softrepa.loss import softrepa_loss
+    from softrepa.train import grid_errors
+
+    with torch.no_grad():
+        final = softrepa_loss(grid_errors(parts, model, latents, prompts, 500, noise), pos, **kw).loss.item()
+    assert final <= losses[0] - 0.1, (losses[0], final)
+    model.remove()
+
+
+@pytest.fixture()
+def shards(tmp_path) -> dict[str, Path]:
+    """Batch shards for sd3 (4 x 4) and sd1.5 (2 x 4): PNG paths, a zip:// URL and one missing file."""
+    pngs = [str(p) for p in write_pngs(tmp_path / "img", 3)]
+    with zipfile.ZipFile(tmp_path / "imgs.zip", "w") as zf:
+        zf.write(pngs[0], "inside/zipped.png")
+    uris = pngs + [f"zip://inside/zipped.png::{tmp_path / 'imgs.zip'}"]
+    if (SAMPLES / "0001.png").exists():
+        uris.append(str(SAMPLES / "0001.png"))
+    write_batch_shards(tmp_path / "sd3", "sd3", uris, PROMPTS, n_rows=3, n_images=4, n_prompts=4, bad_uri_rows=(1,))
+    write_batch_shards(tmp_path / "sd15", "sd1.5", uris, PROMPTS, n_rows=3, n_images=2, n_prompts=4, bad_uri_rows=(1,))
+    return {"sd3": tmp_path / "sd3", "sd1.5": tmp_path / "sd15", "root": tmp_path}
+
+
+def _log_steps(path: Path) -> list[dict]:
+    return [r for r in map(json.loads, path.read_text().splitlines()) if "step" in r]
+
+
+def test_resume_continues_the_same_trajectory(shards):
+    root, model = shards["root"], str(tiny_pipelines()["sd1.5"])
+    common = dict(preset="sd1.5", batches=str(shards["sd1.5"]), model=model, checkpoint_every=2, lr=0.05, progress=False)
+    full = train(TrainConfig(out=str(root / "full"), steps=5, **common))
+    train(TrainConfig(out=str(root / "part"), steps=2, **common))
+    resumed = train(TrainConfig(out=str(root / "part"), steps=5, resume=True, **common))
+    assert full.steps == resumed.steps == 5
+    a, b = load_tokens(full.tokens_dir), load_tokens(resumed.tokens_dir)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.t_embedding.weight, b.t_embedding.weight)
+    la, lb = _log_steps(full.log_path), _log_steps(resumed.log_path)
+    assert [(r["step"], r["batch_id"], r["t"], r["loss"]) for r in la] == [(r["step"], r["batch_id"], r["t"], r["loss"]) for r in lb]
+    # a run that never resumed would differ (the RNG and optimizer state matter)
+    fresh = train(TrainConfig(out=str(root / "fresh"), steps=3, **{**common, "seed": 1}))
+    assert not torch.equal(load_tokens(fresh.tokens_dir).tokens, a.tokens)
+
+
+def test_softrepa_train_cli_three_steps_writes_tokens(shards):
+    from typer.testing import CliRunner
+
+    from softrepa.cli import app
+
+    out = shards["root"] / "run"
+    args = ["train", "--preset", "sd3", "--batches", str(shards["sd3"]), "--model", str(tiny_pipelines()["sd3"]),
+            "--out", str(out), "--steps", "3", "--checkpoint-every", "2"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    tokens = load_tokens(out / "tokens")
+    assert tokens.config.backbone == "sd3" and tuple(tokens.tokens.shape) == (4, 4, 32)
+    steps = _log_steps(out / "train_log.jsonl")
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["loss"] > 0 for r in steps)
+    assert "image_unreadable" in res.output  # the row with a missing file was skipped and counted
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002", "step-0000003"]
+    # rerunning into the same folder without --resume is a configuration error
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and "--resume" in res.output
+
+
+def test_configuration_errors_stop_before_any_work(shards, tmp_path):
+    model = str(tiny_pipelines()["sd1.5"])
+    with pytest.raises(ConfigError, match="--preset"):  # shards were built for sd3
+        train(TrainConfig(preset="sd1.5", batches=str(shards["sd3"]), model=model, out=str(tmp_path / "a")))
+    with pytest.raises(ConfigError, match="--batches"):
+        train(TrainConfig(preset="sd1.5", batches=str(tmp_path / "none"), model=model, out=str(tmp_path / "b")))
+    with pytest.raises(ConfigError, match="--model"):
+        train(TrainConfig(preset="sd1.5", batches=str(shards["sd1.5"]), model=str(tmp_path), out=str(tmp_path / "c")))
+    with pytest.raises(ConfigError, match="--apply"):
+        train(TrainConfig(preset="sdxl", batches=str(shards["sd1.5"]), model=model, out=str(tmp_path / "d"), apply=("left",)))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
