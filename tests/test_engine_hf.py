@@ -144,3 +144,34 @@ def test_pipeline_checks_every_flag_before_work(tiny_models, samples_dir, tmp_pa
     with pytest.raises(ConfigError, match="--model"):
         run_pipeline(div2k(samples_dir), tmp_path, EngineConfig(device="cpu"), str(tiny_models / "llava"), "", progress=False)
     assert not (tmp_path / "captions").exists()  # nothing captioned before the rewrite flags were known good
+
+
+def test_lone_request_reuses_but_never_replaces_the_shared_prefix(llama):
+    llama.share_prefix, llama._prefix = True, None
+    llama.generate(rewrite_requests(CAPTIONS[:1]))
+    assert llama._prefix is None  # one request alone does not define a "shared" prefix
+    llama.generate(rewrite_requests(CAPTIONS[:3]))
+    shared = llama._prefix
+    lone = llama.generate(rewrite_requests(CAPTIONS[4:5]))
+    assert llama._prefix is shared and lone[0].error is None
+
+
+def test_prefill_runs_only_on_each_rows_own_tokens(llama, monkeypatch):
+    """The point of the cache: generate's first forward sees the suffixes, not the shared prefix again."""
+    llama.share_prefix, llama._prefix = True, None
+    llama.generate(rewrite_requests(CAPTIONS[:2], max_new_tokens=2))  # builds the prefix cache
+    n_prefix = len(llama._prefix[0])
+    widths: list[int] = []
+    real_forward = llama.net.forward
+
+    def forward(*args, **kwargs):
+        ids = kwargs.get("input_ids")
+        widths.append(ids.shape[1] if ids is not None else -1)
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(llama.net, "forward", forward)
+    reqs = rewrite_requests(CAPTIONS[2:4], max_new_tokens=3)
+    full = max(len(llama.tokenizer(llama.render(r), add_special_tokens=False)["input_ids"]) for r in reqs)
+    llama.generate(reqs)
+    assert widths[0] == full - n_prefix  # prefill: own tokens only
+    assert widths[1:] == [1, 1]  # then one token per step

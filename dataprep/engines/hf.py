@@ -322,6 +322,8 @@ class TransformersEngine:
                 n = len(cached)
         if n < MIN_PREFIX_TOKENS:
             return None
+        if len(ids) == 1 and (self._prefix is None or n != len(self._prefix[0])):
+            return None  # a lone request (an isolated retry): keep the shared cache, run it plainly
         prefix = tuple(ids[0][:n])
         if self._prefix is None or self._prefix[0] != prefix:
             t = torch.tensor([prefix], device=self.device)

@@ -140,8 +140,9 @@ class OpenAIEngine:
         self.base = api_base(cfg.base_url)
         self.__key = self._read_key(cfg.api_key_env)
         self.concurrency = cfg.concurrency
-        # enough requests per generate() call to keep every slot busy most of the time
-        self.batch_size = int(cfg.batch_size) if cfg.batch_size != "auto" else 4 * cfg.concurrency
+        # requests per generate() call: two per slot keeps the slots busy while the
+        # last ones finish, and bounds the images a caption stage holds decoded
+        self.batch_size = int(cfg.batch_size) if cfg.batch_size != "auto" else 2 * cfg.concurrency
         self.max_retries = max(0, cfg.max_retries)
         self.timeout_s = cfg.timeout_s
         self._check_server()
