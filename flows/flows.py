@@ -32,7 +32,7 @@ from dataprep.engines import ConfigError, EngineConfig
 from dataprep.stage import StageSummary
 from dataprep.store import shard_paths
 from flows import artifacts
-from flows.tasks import build_batches_task, caption_ids, caption_shard, chunks, evaluate_task, gpu_slot, release_engines, rewrite_shard, train_task, uses_local_gpu
+from flows.tasks import build_batches_task, caption_shard, chunks, evaluate_task, gpu_slot, release_engines, rewrite_shard, train_task, uses_local_gpu
 
 SHARDS_EVENT = "softrepa.shards.written"
 TOKENS_EVENT = "softrepa.tokens.written"
@@ -126,25 +126,20 @@ def rewrite(
     model: str = REWRITE_MODEL,
     engine: dict[str, Any] | None = None,
     rewrite_options: dict[str, Any] | None = None,
+    shard_size: int = 256,
 ) -> StageSummary:
-    """Rewrite every caption in ``out/captions`` into ``out/edits``, one task per caption shard."""
+    """Rewrite every caption in ``out/captions`` into ``out/edits``, one task per ``shard_size`` captions."""
     from dataprep.promptfile import load_prompt
-    from dataprep.rewrite import RewriteOptions
+    from dataprep.rewrite import RewriteOptions, inputs_from_captions
 
     cfg = build(EngineConfig, engine, "engine", model=model)
     opts = build(RewriteOptions, rewrite_options, "rewrite_options")
     cfg.validate()
     opts.validate()
     run = Path(out).resolve()
-    captions = shard_paths(run / "captions")
-    if not captions:
-        raise ConfigError(f"no caption shards in {run / 'captions'}", "out", "run the caption flow first")
-    prompt_sha = load_prompt(getattr(opts, "prompt_file", None) or getattr(opts, "rules", "edit.txt")).sha256
-    calls = []
-    for path in captions:
-        n = len(caption_ids(path))
-        if n:  # a shard of error rows only has nothing to rewrite
-            calls.append((rewrite_shard, dict(captions_shard=path, out=run, engine_cfg=cfg, opts=opts, prompt_sha256=prompt_sha), n))
+    items = inputs_from_captions(run / "captions")  # caption error rows included: the stage counts them
+    prompt_sha = load_prompt(opts.rules_file, flag="--rules").sha256
+    calls = [(rewrite_shard, dict(items=shard, out=run, engine_cfg=cfg, opts=opts, prompt_sha256=prompt_sha), len(shard)) for shard in chunks(items, shard_size)]
     summary = _run_shards(dataset, "rewrite", run / "edits", cfg, calls)
     artifacts.publish_rules(dataset, run / "edits")
     artifacts.publish_markdown(f"{dataset}-rewrite-shards", artifacts.links_markdown("rewrite", {"captions": run / "captions", "edits": run / "edits"}))
@@ -179,8 +174,14 @@ def batches(
     opts.validate()
     run = Path(out).resolve()
     folder = run / "batches" / preset
-    before = {p.name for p in shard_paths(folder)}
     edits = run / "edits" if use_edits and shard_paths(run / "edits") else None
+    existing = finished_batches(run / "captions", edits, folder, opts)
+    if existing is not None:  # same captions, edits and options as a finished run: nothing to redo
+        run_id, shards = existing
+        get_run_logger().info("batches up to date (run %s, %d shards); no hand-off", run_id, len(shards))
+        artifacts.publish_table(f"{dataset}-batches-{preset}-counts", [{"metric": "up to date: run", "value": run_id}, {"metric": "shards", "value": len(shards)}, {"metric": "new shards", "value": 0}], f"batches ({preset}): nothing new")
+        return {"summary": None, "shards": shards, "new_shards": [], "event": None}
+    before = {p.name for p in shard_paths(folder)}
     summary = build_batches_task(run / "captions", folder, opts, edits)
     new = [p for p in summary.shards if p.name not in before]
     rows = [{"metric": k, "value": v} for k, v in (("batches", summary.batches), ("positives", summary.positives), ("hard negatives", summary.hard_negatives), ("negatives", summary.negatives), ("images", summary.images), ("dropped images (drop_last)", summary.dropped_images), ("unfillable batches", summary.unfillable_batches), ("edits available", summary.edits_available), ("edits unused", summary.edits_unused), ("shards written", len(summary.shards)), ("new shards", len(new)), ("seconds", round(summary.seconds, 2)))]
@@ -194,9 +195,31 @@ def batches(
         name, resource, payload = shards_event(dataset, preset, summary.shards, run, train_options, eval_options)
         event = emit_event(name, resource=resource, payload=payload)
         get_run_logger().info("emitted %s for %d new shards (%s)", name, len(new), resource["prefect.resource.id"])
-    else:
-        get_run_logger().info("no new batch shards (inputs and options unchanged); no hand-off")
-    return {"summary": summary, "new_shards": new, "event": event}
+    elif not summary.shards:
+        get_run_logger().warning("no batch could be filled (%d unfillable, %d images dropped); no hand-off", summary.unfillable_batches, summary.dropped_images)
+    return {"summary": summary, "shards": summary.shards, "new_shards": new, "event": event}
+
+
+def finished_batches(captions: Path, edits: Path | None, folder: Path, opts: Any) -> tuple[str, list[Path]] | None:
+    """(run id, shards) when ``folder`` holds a complete run for these inputs and options.
+
+    The batch run id is a function of the options and the input index
+    (dataprep.batches.run_id_for); a finished run left ``_run-<id>.json`` listing
+    its shards. Rebuilding would only rewrite identical bytes.
+    """
+    import json
+
+    from dataprep.batches import attach_edits, load_caption_index, run_id_for
+
+    index = load_caption_index(captions)
+    if edits is not None:
+        attach_edits(index, edits)
+    run_id = run_id_for(opts, index.fingerprint())
+    record = folder / f"_run-{run_id}.json"
+    if not record.exists():
+        return None
+    shards = [folder / name for name in json.loads(record.read_text()).get("shards", [])]
+    return (run_id, shards) if shards and all(p.is_file() for p in shards) else None
 
 
 @flow(name="prepare", log_prints=True)
@@ -226,7 +249,7 @@ def prepare(
     ``eval_options`` (EvalConfig fields; None: no evaluation) travel with the event.
     """
     cap = caption(data=data, out=out, dataset=dataset, source=source, split=split, ids=ids, limit=limit, model=caption_model, engine=engine, caption_options=caption_options, shard_size=shard_size)
-    rew = rewrite(out=out, dataset=dataset, model=rewrite_model, engine=engine, rewrite_options=rewrite_options)
+    rew = rewrite(out=out, dataset=dataset, model=rewrite_model, engine=engine, rewrite_options=rewrite_options, shard_size=shard_size)
     bat = batches(out=out, dataset=dataset, preset=preset, batch_options=batch_options, train_options=train_options, eval_options=eval_options)
     return {"caption": cap, "rewrite": rew, "batches": bat}
 

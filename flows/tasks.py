@@ -97,7 +97,9 @@ def retry_engine_errors(task: Any, task_run: Any, state: Any) -> bool:
         state.result()
     except ConfigError:
         return False
-    except Exception:
+    except Exception as exc:
+        if type(exc).__name__ == "ConfigError":  # softrepa's own ConfigError (a ValueError)
+            return False
         release_engines()
         return True
     return False
@@ -156,12 +158,6 @@ def chunks(items: Sequence[Any], size: int) -> list[list[Any]]:
     return [list(items[i : i + size]) for i in range(0, len(items), size)]
 
 
-def caption_ids(path: Path | str) -> list[str]:
-    """Image ids of the good rows of one caption shard (the inputs of a rewrite shard)."""
-    t = pq.read_table(path, columns=["image_id", "error"])
-    return [i for i, e in zip(t.column("image_id").to_pylist(), t.column("error").to_pylist()) if e is None]
-
-
 # ------------------------------------------------------------ stage tasks
 
 
@@ -177,12 +173,15 @@ def caption_shard(refs: list, out: Path, engine_cfg: EngineConfig, opts: Any, pr
     return run_caption(refs, out, engine_cfg, opts, engine=engine_for(engine_cfg), progress=False)
 
 
-@task(name="rewrite-shard", cache_policy=store_cache_policy(lambda p: Path(p["out"]) / "edits", lambda p: caption_ids(p["captions_shard"])), persist_result=True, **_retry)
-def rewrite_shard(captions_shard: Path, out: Path, engine_cfg: EngineConfig, opts: Any, prompt_sha256: str) -> Any:
-    """Rewrite the captions of one caption shard into ``out/edits`` (see dataprep.rewrite.run_rewrite)."""
+@task(name="rewrite-shard", cache_policy=store_cache_policy(lambda p: Path(p["out"]) / "edits", lambda p: [i.image_id for i in p["items"] if i.error is None and i.text]), persist_result=True, **_retry)
+def rewrite_shard(items: list, out: Path, engine_cfg: EngineConfig, opts: Any, prompt_sha256: str) -> Any:
+    """Rewrite one shard of captions (RewriteInput) into ``out/edits`` (see dataprep.rewrite.run_rewrite).
+
+    ``prompt_sha256`` is the rules file's content hash (cache key only).
+    """
     from dataprep.rewrite import run_rewrite
 
-    return run_rewrite(captions_shard, out, engine_cfg, opts, engine=engine_for(engine_cfg), progress=False)
+    return run_rewrite(items, out, engine_cfg, opts, engine=engine_for(engine_cfg), progress=False)
 
 
 @task(name="build-batches")

@@ -192,6 +192,7 @@ def harness(tmp_path_factory):
     from prefect.testing.utilities import prefect_test_harness
 
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     with prefect_test_harness(server_startup_timeout=180), temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path_factory.mktemp("prefect-results")}):
         from prefect.client.orchestration import get_client
 
@@ -242,7 +243,7 @@ def test_prepare_flow_then_rerun_recomputes_nothing(harness, tiny_models, sample
     assert first["rewrite"].done + first["rewrite"].n_failed == 2
     assert shard_paths(run / "captions") and shard_paths(run / "edits") and shard_paths(run / "batches" / "sdxl")
     assert first["batches"]["event"] is not None
-    assert first["batches"]["event"].payload["shards"] == [str(p) for p in first["batches"]["summary"].shards]
+    assert first["batches"]["event"].payload["shards"] == [str(p) for p in first["batches"]["shards"]]
     before = _shard_state(run)
 
     second = prepare(**params)  # the store skips every key; no new shards, so no event
