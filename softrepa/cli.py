@@ -63,6 +63,7 @@ def train_cmd(
     resolution: Annotated[Optional[int], typer.Option("--resolution", help="Training image size (shortest side resized, center crop). Default: the model's native size (1024 sd3/sdxl, 512 sd1.5).", rich_help_panel="Run")] = None,
     precision: Annotated[str, typer.Option("--precision", help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16, fp16.", rich_help_panel="Run")] = "auto",
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.", rich_help_panel="Run")] = "auto",
+    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute the frozen denoiser's blocks during backward: much less activation memory (SD3 at 1024 px with a 4 x 4 grid), slower steps.", rich_help_panel="Run")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of token init, timesteps, noise and VAE samples.", rich_help_panel="Run")] = 0,
 ) -> None:
     """Train soft tokens on contrastive batch shards with the frozen diffusion model; write OUT/tokens."""
@@ -74,7 +75,8 @@ def train_cmd(
         preset=preset, batches=str(batches), model=model, out=str(out), steps=steps, checkpoint_every=checkpoint_every,
         resume=resume, lr=lr, weight_decay=weight_decay, restart_every=restart_every, min_lr=min_lr, n_tokens=n_tokens,
         n_layers=n_layers, apply=_split_apply(apply), t_dependent=t_dependent, denoise_weight=denoise_weight, scale=scale,
-        temperature=temperature, min_t=min_t, max_t=max_t, resolution=resolution, precision=precision, device=device, seed=seed,
+        temperature=temperature, min_t=min_t, max_t=max_t, resolution=resolution, precision=precision, device=device,
+        gradient_checkpointing=gradient_checkpointing, seed=seed,
     )
     try:
         result = train(cfg)

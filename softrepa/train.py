@@ -84,6 +84,7 @@ class TrainConfig:
     resolution: int | None = None  # default: the model's native (sample_size x VAE factor)
     precision: str = "auto"  # bf16 autocast on CUDA, fp32 on CPU
     device: str = "auto"
+    gradient_checkpointing: bool = False  # recompute denoiser blocks in backward: less memory, slower
     seed: int = 0
     progress: bool = True
 
@@ -492,6 +493,9 @@ def train(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = N
     init_tokens(tokens, parts, prompts)
     tokens.to(device)
     model = wrap_model(parts.denoiser, tokens)
+    if cfg.gradient_checkpointing:
+        # the token hooks run again on recomputation and reuse this call's tokens
+        parts.denoiser.enable_gradient_checkpointing()
     assert_only_tokens_train(parts, tokens)
     optimizer, scheduler = make_optimizer(tokens, cfg)
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None

@@ -164,3 +164,26 @@ def test_configuration_errors_stop_before_any_work(shards, tmp_path):
     with pytest.raises(ConfigError, match="--apply"):
         train(TrainConfig(preset="sdxl", batches=str(shards["sd1.5"]), model=model, out=str(tmp_path / "d"), apply=("left",)))
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+def test_sample_makes_the_same_seed_with_and_without_tokens(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from softrepa.sample import sample_pair
+    from softrepa.tokens import save_tokens
+
+    model = str(tiny_pipelines()["sd1.5"])
+    tokens = SoftTokens(TokenConfig("sd1.5", n_tokens=4, n_layers=1, dim=32, t_dependent=False, apply=("down", "mid", "up")))
+    with torch.no_grad():
+        tokens.tokens.fill_(3.0)  # strong enough to change a 32 px tiny-model image
+    save_tokens(tokens, tmp_path / "tok")
+    kw = dict(seed=3, steps=2, device="cpu")
+    a = sample_pair(model, tmp_path / "tok", "a red cat", tmp_path / "a", **kw)
+    b = sample_pair(model, tmp_path / "tok", "a red cat", tmp_path / "b", **kw)
+    load = lambda p: np.asarray(Image.open(p), dtype=np.int16)  # noqa: E731
+    assert np.array_equal(load(a.base), load(b.base))  # same seed, same baseline
+    assert not np.array_equal(load(a.base), load(a.with_tokens))
+    sbs = load(a.side_by_side)
+    assert sbs.shape[1] == 2 * load(a.base).shape[1]
+    assert np.array_equal(sbs[:, : load(a.base).shape[1]], load(a.base))
