@@ -30,6 +30,12 @@ demo: install
 	HF_HUB_OFFLINE=1 $(DP) tiny-models $(DEMO)/models
 	HF_HUB_OFFLINE=1 $(DP) caption div2k --data $(SAMPLES) --out $(DEMO) --model $(DEMO)/models/llava --max-new-tokens 48
 	HF_HUB_OFFLINE=1 $(DP) caption folder $(DEMO)/models/images --name generated --out $(DEMO) --model $(DEMO)/models/llava --max-new-tokens 48
+	HF_HUB_OFFLINE=1 $(DP) rewrite --out $(DEMO) --model $(DEMO)/models/llama --max-new-tokens 64
+	$(DP) check $(SAMPLES)/prompts_editing.json
+	$(DP) batches --preset sd1.5 --captions $(DEMO)/captions --edits $(DEMO)/edits --out $(DEMO)/batches --epochs 2 --keep-last
+	# tiny random Llama output never passes the checker: --include-failed only so the demo exports something
+	$(DP) export softrepa $(DEMO)/exports/softrepa --run $(DEMO) --include-failed
+	$(DP) export piebench $(DEMO)/exports/piebench --run $(DEMO) --include-failed
 
 test: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q
