@@ -93,6 +93,8 @@ class Scripted(BaseHTTPRequestHandler):
     def do_POST(self):
         srv = self.server
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if body["model"] != "served-model":  # what vllm serve answers for a model it does not serve
+            return self._send(404, {"error": {"message": f"The model `{body['model']}` does not exist."}})
         with srv.lock:
             srv.seen.append(body)
             status = srv.script.pop(0) if srv.script else 200
@@ -349,3 +351,12 @@ def test_server_killed_mid_run_then_resume_completes_each_row_once(server, tiny_
     for r in rows:  # rows finished before the kill were kept, not regenerated
         if r["image_id"] in good:
             assert r["run_id"] == good[r["image_id"]]["run_id"] and r["key"] == good[r["image_id"]]["key"]
+
+
+@pytest.mark.server
+def test_a_model_the_server_has_not_loaded_yet_is_accepted(server, tiny_models):
+    """transformers serve lists only loaded models; the 1-token probe tells 'not loaded' from 'not served'."""
+    llava = load_engine(openai_cfg(server, tiny_models / "llava"))
+    assert llava.generate(ask("hello"))[0].error is None  # now the server lists llava
+    llama = load_engine(openai_cfg(server, tiny_models / "llama"))  # not listed, but servable
+    assert llama.generate(ask("a dog"))[0].error is None

@@ -115,6 +115,12 @@ def backoff_delay(attempt: int, base_s: float, cap_s: float, retry_after: str | 
     return min(cap_s, base_s * (2**attempt)) * (0.5 + r.random() / 2)
 
 
+def httpx_timeout():
+    import httpx
+
+    return httpx.TimeoutException
+
+
 # ------------------------------------------------------------ engine
 
 
@@ -173,7 +179,7 @@ class OpenAIEngine:
                 if r.status_code in (401, 403):
                     raise ConfigError(f"the server at {self.base} refused the API key (HTTP {r.status_code})", "--api-key-env", "name the environment variable that holds a valid key")
                 if r.status_code == 200:
-                    self._check_model(r)
+                    self._check_model(c, r)
                     return
                 h = c.get(root + "/health")
                 if h.status_code != 200:
@@ -185,15 +191,23 @@ class OpenAIEngine:
                 "start one (e.g. `vllm serve MODEL --port 8000` or `transformers serve`) and check host and port",
             ) from None
 
-    def _check_model(self, r) -> None:
+    def _check_model(self, client, listing) -> None:
+        """A model the listing lacks gets one 1-token probe: vllm serve and SGLang answer 404 for
+        a model they do not serve, transformers serve lists only loaded models and loads others."""
         try:
-            listed = [m["id"] for m in r.json().get("data", [])]
-        except Exception:  # a server with a non-standard listing: let requests decide
+            listed = [m["id"] for m in listing.json().get("data", [])]
+        except Exception:  # a non-standard listing: let the requests decide
             return
-        # an empty list means "loads on demand" (transformers serve); otherwise the
-        # model must be one the server serves, or every request would 404
-        if listed and self.model not in listed:
-            raise ConfigError(f"the server at {self.base} does not serve {self.model!r}; it serves {', '.join(listed[:10])}", "--model", "pass one of the served model names")
+        if self.model in listed:
+            return
+        probe = {"model": self.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "temperature": 0.0}
+        try:
+            r = client.post(self.base + "/chat/completions", json=probe, timeout=self.timeout_s)
+        except httpx_timeout():  # a server still loading the model: let the requests decide
+            return
+        if r.status_code in (400, 404, 422) and ("model" in r.text.lower() or r.status_code == 404):
+            served = ", ".join(listed[:10]) or "none listed"
+            raise ConfigError(f"the server at {self.base} does not serve {self.model!r} (HTTP {r.status_code}; it lists: {served})", "--model", "pass one of the served model names")
 
     # ------------------------------------------------------------ generation
 
