@@ -92,6 +92,7 @@ def div2k_folder(samples: Path, out: Path) -> Path:
 
 
 def test_serve_schedule_trigger_and_event_driven_training(server, tmp_path, tiny_models, samples_dir):
+    from softrepa.metrics import write_tiny_metric_models
     from softrepa.tiny import write_tiny_pipeline
 
     from dataprep.server import client_env
@@ -99,12 +100,13 @@ def test_serve_schedule_trigger_and_event_driven_training(server, tmp_path, tiny
     api = server.api_url
     data = div2k_folder(samples_dir, tmp_path / "DIV2K_train_HR")
     sd3 = write_tiny_pipeline("sd3", tmp_path / "sd3")
+    metric_models = write_tiny_metric_models(tmp_path / "metrics")
     run = tmp_path / "run"
     env = client_env(server) | {"PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "results"), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     log = tmp_path / "serve.log"
     with open(log, "wb") as fh:
         serve = subprocess.Popen(
-            [sys.executable, "-m", "dataprep", "serve", "--home", server.home, "--cron", "30 1 * * *", "--data", str(samples_dir), "--out", str(run), "--no-evaluate"],
+            [sys.executable, "-m", "dataprep", "serve", "--home", server.home, "--cron", "30 1 * * *", "--data", str(samples_dir), "--out", str(run)],
             env=env, cwd=tmp_path, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
         )
     try:
@@ -129,7 +131,8 @@ def test_serve_schedule_trigger_and_event_driven_training(server, tmp_path, tiny
             "caption_options": {"workers": 0, "max_new_tokens": 8}, "rewrite_options": {"max_new_tokens": 8, "max_attempts": 1},
             "preset": "sd3",
             "train_options": {"model": str(sd3), "steps": 2, "device": "cpu", "checkpoint_every": 1},
-            "eval_options": None,
+            "eval_options": {"steps": 4, "size": 32, "n_max": 3, "tgt_cfgs": [5.0], "device": "cpu",
+                             "metrics": {"metrics": ["clip", "lpips"], "clip_model": str(metric_models["clip"]), "lpips_model": str(metric_models["lpips"]), "device": "cpu", "batch_size": 2}},
         }
         with temporary_settings({PREFECT_API_URL: api}):
             prep = run_deployment("prepare/prepare-div2k", parameters=params, timeout=600)
@@ -137,14 +140,21 @@ def test_serve_schedule_trigger_and_event_driven_training(server, tmp_path, tiny
         shards = sorted(str(p) for p in (run / "batches" / "sd3").glob("part-*.parquet"))
         assert shards
 
-        def train_runs():
-            runs = _post(api, "/flow_runs/filter", {"deployments": {"id": {"any_": [by_name["train-on-new-shards"]["id"]]}}})
+        def finished_runs(deployment: str):
+            runs = _post(api, "/flow_runs/filter", {"deployments": {"id": {"any_": [by_name[deployment]["id"]]}}})
             return runs if runs and all(r["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for r in runs) else None
 
-        (train_run,) = _wait(train_runs, 600, "the event-triggered training run", serve, log)
+        (train_run,) = _wait(lambda: finished_runs("train-on-new-shards"), 600, "the event-triggered training run", serve, log)
         assert train_run["state_type"] == "COMPLETED", log.read_text()[-3000:]
         assert sorted(train_run["parameters"]["shards"]) == shards  # exactly the new shards
-        tokens = list((run / "train").rglob("tokens.safetensors"))
-        assert tokens, f"no token files under {run / 'train'}"
+        tokens = list((run / "train").glob("*/tokens/tokens.safetensors"))  # the final tokens (checkpoints hold their own)
+        assert len(tokens) == 1 and (tokens[0].parent / "tokens.json").is_file(), f"no final token files under {run / 'train'}"
+
+        # the tokens event starts the evaluator on the run's pairs with those tokens
+        (eval_run,) = _wait(lambda: finished_runs("evaluate-edit"), 600, "the event-triggered evaluation run", serve, log)
+        assert eval_run["state_type"] == "COMPLETED", log.read_text()[-3000:]
+        assert Path(eval_run["parameters"]["tokens"]) == tokens[0].parent
+        assert Path(eval_run["parameters"]["pairs"]) == run
+        assert list(run.rglob("summary.md")), "the evaluator wrote no summary table"
     finally:
         _stop_group(serve)
