@@ -60,7 +60,7 @@ def train_cmd(
     temperature: Annotated[float, typer.Option("--temperature", help="Temperature in scale * exp(-E / temperature).", rich_help_panel="Loss")] = 0.07,
     min_t: Annotated[int, typer.Option("--min-t", help="Smallest training timestep (0..999).", rich_help_panel="Loss")] = 0,
     max_t: Annotated[int, typer.Option("--max-t", help="Timesteps are drawn from [min-t, max-t).", rich_help_panel="Loss")] = 1000,
-    resolution: Annotated[Optional[int], typer.Option("--resolution", help="Training image size (shortest side resized, center crop). Default: the model's native size (1024 sd3/sdxl, 512 sd1.5).", rich_help_panel="Run")] = None,
+    resolution: Annotated[Optional[int], typer.Option("--resolution", help="Training image size (shortest side resized, center crop). Default: the model's native size (1024 sd3/sdxl, 512 sd1.5); the official training script uses 512 for all three.", rich_help_panel="Run")] = None,
     precision: Annotated[str, typer.Option("--precision", help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16, fp16.", rich_help_panel="Run")] = "auto",
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.", rich_help_panel="Run")] = "auto",
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute the frozen denoiser's blocks during backward: much less activation memory (SD3 at 1024 px with a 4 x 4 grid), slower steps.", rich_help_panel="Run")] = False,

@@ -178,8 +178,12 @@ class _TokenWrapper(nn.Module):
         self._layer_tokens: list[torch.Tensor] | None = None
         self._signature = inspect.signature(base.forward)
         if tokens is not None:
+            # two live token sets on one base would both insert: refuse instead
+            if getattr(base, "_softrepa_wrapped", False):
+                raise ValueError("this model already carries soft tokens; call .remove() on its wrapper first")
             self._handles.append(base.register_forward_pre_hook(self._capture, with_kwargs=True))
             self._install()
+            base._softrepa_wrapped = True
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -197,6 +201,8 @@ class _TokenWrapper(nn.Module):
         """Detach every hook: the base model is back to its own behaviour."""
         for h in self._handles:
             h.remove()
+        if self._handles:
+            self.base._softrepa_wrapped = False
         self._handles.clear()
         self.tokens = None
 

@@ -139,10 +139,14 @@ def test_disabled_or_absent_tokens_give_the_base_output_exactly():
         assert torch.equal(model(**inputs).sample, base)
 
 
-def test_wrapper_exposes_the_base_attributes():
+def test_wrapper_exposes_the_base_attributes_and_one_token_set_at_a_time():
     model = _sd3()
     wrapped = wrap_model(model, SoftTokens(TokenConfig.preset("sd3", model)))
     assert wrapped.config is model.config and wrapped.dtype == model.dtype
+    with pytest.raises(ValueError, match="remove"):
+        wrap_model(model, SoftTokens(TokenConfig.preset("sd3", model)))
+    wrapped.remove()
+    wrap_model(model, SoftTokens(TokenConfig.preset("sd3", model))).remove()
 
 
 def _unet_inputs(backbone: str, ctx_dim: int):
@@ -215,11 +219,10 @@ def test_save_and_load_round_trip(tmp_path):
     assert torch.equal(back.tokens, tok.tokens) and torch.equal(back.t_embedding.weight, tok.t_embedding.weight)
     inputs = _sd3_inputs()
     with torch.no_grad():
-        a = wrap_model(model, tok)(**inputs).sample
-    with torch.no_grad():
-        # a second wrapper on the same base: remove the first one's hooks first
-        model2 = _sd3()
-        b = wrap_model(model2, back)(**inputs).sample
+        first = wrap_model(model, tok)
+        a = first(**inputs).sample
+        first.remove()
+        b = wrap_model(model, back)(**inputs).sample
     assert torch.equal(a, b)
 
 

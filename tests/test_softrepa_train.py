@@ -187,3 +187,16 @@ def test_sample_makes_the_same_seed_with_and_without_tokens(tmp_path):
     sbs = load(a.side_by_side)
     assert sbs.shape[1] == 2 * load(a.base).shape[1]
     assert np.array_equal(sbs[:, : load(a.base).shape[1]], load(a.base))
+
+
+def test_each_distinct_prompt_is_encoded_once():
+    parts = load_parts(str(tiny_pipelines()["sdxl"]), "sdxl")
+    cache = PromptCache(parts)
+    first = cache(["a red cat", "a tall tree", "a red cat"])
+    assert cache.encoded == 2
+    again = cache(["a tall tree", "a red cat"])
+    assert cache.encoded == 2  # prompts repeat across batches: no second encoding
+    assert torch.equal(again.embeds[1], first.embeds[0]) and torch.equal(again.pooled[0], first.pooled[1])
+    emb, _, pooled, _ = parts.pipe.encode_prompt(prompt=["a tall tree"], device="cpu", do_classifier_free_guidance=False)
+    assert torch.allclose(again.embeds[0], emb[0]) and torch.allclose(again.pooled[0], pooled[0])
+    assert first.embeds.shape[-1] == 64  # SDXL: both CLIPs concatenated (cross_attention_dim)
