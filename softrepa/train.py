@@ -445,6 +445,26 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return torch.load(path / "state.pt", weights_only=True, map_location="cpu")
 
 
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines written after checkpoint ``step`` (a run killed past its
+    last checkpoint repeats those steps on resume; keep each step once)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        rec = json.loads(line) if line.strip() else {}
+        if rec.get("step", 0) > step:
+            break
+        if line.strip():
+            kept.append(line)
+    # skip records between the checkpoint and the next step are re-made on resume
+    while kept and "step" not in json.loads(kept[-1]):
+        kept.pop()
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(k + "\n" for k in kept))
+    os.replace(tmp, path)
+
+
 # ---------------------------------------------------------------- the loop
 
 
@@ -510,6 +530,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = N
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         step, cursor = int(state["step"]), int(state["cursor"])
+        _truncate_log(out / "train_log.jsonl", step)
 
     meta = {"preset": cfg.preset, "model": cfg.model, "resolution": parts.resolution}
     (out / "train_config.json").write_text(json.dumps({**asdict(cfg), "token_config": tcfg.to_dict(), "resolution": parts.resolution,

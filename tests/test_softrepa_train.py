@@ -119,7 +119,12 @@ def test_resume_continues_the_same_trajectory(shards):
     root, model = shards["root"], str(tiny_pipelines()["sd1.5"])
     common = dict(preset="sd1.5", batches=str(shards["sd1.5"]), model=model, checkpoint_every=2, lr=0.05, progress=False)
     full = train(TrainConfig(out=str(root / "full"), steps=5, **common))
-    train(TrainConfig(out=str(root / "part"), steps=2, **common))
+    train(TrainConfig(out=str(root / "part"), steps=3, **common))  # checkpoints at 2 and 3
+    # as if killed after step 3's log line but before its checkpoint
+    import shutil
+
+    shutil.rmtree(root / "part" / "checkpoints" / "step-0000003")
+    shutil.rmtree(root / "part" / "tokens")
     resumed = train(TrainConfig(out=str(root / "part"), steps=5, resume=True, **common))
     assert full.steps == resumed.steps == 5
     a, b = load_tokens(full.tokens_dir), load_tokens(resumed.tokens_dir)
