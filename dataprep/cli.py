@@ -493,6 +493,7 @@ def pipeline_div2k(
     base_url: BaseUrlOpt = None,
     api_key_env: ApiKeyEnvOpt = None,
     concurrency: ConcurrencyOpt = 64,
+    rewrite_base_url: Annotated[Optional[str], typer.Option("--rewrite-base-url", help="openai: server for the rewrites when it is not the caption server (vllm serve serves one model each); default --base-url.", rich_help_panel="Engine")] = None,
     crop: CropOpt = False,
     caption_max_new_tokens: Annotated[int, typer.Option("--caption-max-new-tokens", help="Caption generation budget per image.", rich_help_panel="Sampling")] = 256,
     rewrite_max_new_tokens: Annotated[int, typer.Option("--rewrite-max-new-tokens", help="Rewrite generation budget per attempt.", rich_help_panel="Sampling")] = 512,
@@ -518,7 +519,7 @@ def pipeline_div2k(
     console = Console()
     try:
         refs = div2k(data, split=split, ids=ids, limit=limit)
-        summary = run_pipeline(refs, out, cfg, caption_model, rewrite_model, copts, ropts, console=console)
+        summary = run_pipeline(refs, out, cfg, caption_model, rewrite_model, copts, ropts, rewrite_base_url=rewrite_base_url, console=console)
     except ConfigError as exc:
         raise fail(str(exc))
     print_summary(summary.caption, console)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable
 
-from dataprep.engines import Engine, EngineConfig, load_engine
+from dataprep.engines import ConfigError, Engine, EngineConfig, load_engine
 from dataprep.sources import ImageRef
 from dataprep.stage import StageSummary
 
@@ -33,9 +33,15 @@ class PipelineSummary:
         return self.caption.n_failed + self.rewrite.n_failed
 
 
-def stage_configs(engine_cfg: EngineConfig, caption_model: str, rewrite_model: str) -> tuple[EngineConfig, EngineConfig]:
-    """One engine choice, two models: the shared flags with each stage's model."""
-    return replace(engine_cfg, model=caption_model), replace(engine_cfg, model=rewrite_model)
+def stage_configs(engine_cfg: EngineConfig, caption_model: str, rewrite_model: str, rewrite_base_url: str | None = None) -> tuple[EngineConfig, EngineConfig]:
+    """One engine choice, two models: the shared flags with each stage's model.
+
+    ``rewrite_base_url`` sends the rewrites to another server (``vllm serve``
+    serves one model per server); default: the caption server."""
+    rew = replace(engine_cfg, model=rewrite_model)
+    if rewrite_base_url:
+        rew = replace(rew, base_url=rewrite_base_url)
+    return replace(engine_cfg, model=caption_model), rew
 
 
 def run_pipeline(
@@ -47,6 +53,7 @@ def run_pipeline(
     caption_opts=None,
     rewrite_opts=None,
     *,
+    rewrite_base_url: str | None = None,
     progress: bool = True,
     console=None,
 ) -> PipelineSummary:
@@ -60,7 +67,9 @@ def run_pipeline(
 
     caption_opts = caption_opts or CaptionOptions()
     rewrite_opts = rewrite_opts or RewriteOptions()
-    cap_cfg, rew_cfg = stage_configs(engine_cfg, caption_model, rewrite_model)
+    if rewrite_base_url and engine_cfg.engine != "openai":
+        raise ConfigError("--rewrite-base-url is for the openai engine", "--rewrite-base-url", "drop it, or use --engine openai")
+    cap_cfg, rew_cfg = stage_configs(engine_cfg, caption_model, rewrite_model, rewrite_base_url)
     caption_opts.validate()
     rewrite_opts.validate()
     cap_cfg.validate()

@@ -360,3 +360,22 @@ def test_a_model_the_server_has_not_loaded_yet_is_accepted(server, tiny_models):
     assert llava.generate(ask("hello"))[0].error is None  # now the server lists llava
     llama = load_engine(openai_cfg(server, tiny_models / "llama"))  # not listed, but servable
     assert llama.generate(ask("a dog"))[0].error is None
+
+
+@pytest.mark.server
+def test_pipeline_sends_rewrites_to_the_rewrite_server(server, scripted, tiny_models, samples_dir, tmp_path):
+    """--rewrite-base-url: captions from one server, rewrites from another (one model per vllm serve)."""
+    from dataprep.caption import CaptionOptions
+    from dataprep.pipeline import run_pipeline
+    from dataprep.rewrite import RewriteOptions
+    from dataprep.sources import div2k
+
+    rewrite_url = f"http://127.0.0.1:{scripted.server_address[1]}/v1"
+    s = run_pipeline(div2k(samples_dir), tmp_path, EngineConfig(engine="openai", base_url=server), str(tiny_models / "llava"), "served-model",
+                     CaptionOptions(max_new_tokens=6, workers=0), RewriteOptions(max_new_tokens=8, max_attempts=1), rewrite_base_url=rewrite_url, progress=False)
+    captions = {r["image_id"]: r["caption"] for r in read_rows(tmp_path)}
+    assert s.caption.done == 2 and sorted(m["messages"][-1]["content"] for m in scripted.seen) == sorted(captions.values())
+    edits = read_rows(tmp_path, "edits")
+    assert {e["image_id"] for e in edits} == set(captions) and all(e["raw_output"] == f"echo {captions[e['image_id']]}" for e in edits)
+    with pytest.raises(ConfigError, match="--rewrite-base-url"):
+        run_pipeline(div2k(samples_dir), tmp_path, EngineConfig(device="cpu"), "a", "b", rewrite_base_url=rewrite_url, progress=False)
