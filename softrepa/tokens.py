@@ -30,6 +30,7 @@ the *base* model then also runs with tokens (handy for sampling and FlowEdit);
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -177,6 +178,9 @@ class _TokenWrapper(nn.Module):
         self._handles: list[Any] = []
         self._layer_tokens: list[torch.Tensor] | None = None
         self._signature = inspect.signature(base.forward)
+        # callers that introspect (inspect.signature(model.forward), as diffusers
+        # pipelines do) see exactly the base model's arguments
+        self.forward = functools.update_wrapper(functools.partial(type(self).forward, self), base.forward)
         if tokens is not None:
             # two live token sets on one base would both insert: refuse instead
             if getattr(base, "_softrepa_wrapped", False):
@@ -220,7 +224,7 @@ class _TokenWrapper(nn.Module):
         raise NotImplementedError
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        # the hooks installed on the base do the insertion; same signature as the base
+        # the hooks installed on the base do the insertion; arguments as the base's
         return self.base(*args, **kwargs)
 
 

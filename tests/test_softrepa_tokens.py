@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from types import SimpleNamespace
 
 import pytest
@@ -143,6 +144,7 @@ def test_wrapper_exposes_the_base_attributes_and_one_token_set_at_a_time():
     model = _sd3()
     wrapped = wrap_model(model, SoftTokens(TokenConfig.preset("sd3", model)))
     assert wrapped.config is model.config and wrapped.dtype == model.dtype
+    assert inspect.signature(wrapped.forward) == inspect.signature(model.forward)
     with pytest.raises(ValueError, match="remove"):
         wrap_model(model, SoftTokens(TokenConfig.preset("sd3", model)))
     wrapped.remove()
