@@ -206,7 +206,10 @@ def run_caption(
                 bar.advance(task, len(pending))
                 pending.clear()
 
-            for item in _ordered_map(refs, spec, opts.workers, window=max(2 * batch_size, 8)):
+            # read-ahead of two batches, capped: engines without an image size
+            # (openai) keep full-size padded images in memory
+            window = min(max(2 * batch_size, 8), 64)
+            for item in _ordered_map(refs, spec, opts.workers, window=window):
                 if item.get("skipped"):
                     summary.skipped += 1
                     bar.advance(task)

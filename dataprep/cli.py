@@ -34,8 +34,10 @@ app.add_typer(caption_app, name="caption")
 def fail(message: str, code: int = 2) -> "typer.Exit":
     """Print a configuration error (flag and fix are in the message) and exit."""
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    # escape: an install hint like softrepa-dataprep[vllm] is not rich markup
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     return typer.Exit(code)
 
 
@@ -647,7 +649,5 @@ def main() -> None:
 
 
 def _print_config_error(exc: ConfigError) -> int:
-    from rich.console import Console
-
-    Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+    fail(str(exc))
     return 2
