@@ -18,7 +18,11 @@ def tiny_pipelines() -> dict[str, Path]:
     from softrepa.tiny import write_tiny_pipelines
 
     if _ROOT is None:
+        import atexit
+        import shutil
+
         _ROOT = Path(tempfile.mkdtemp(prefix="softrepa_tiny_"))
+        atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
     return write_tiny_pipelines(_ROOT)
 
 
