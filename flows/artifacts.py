@@ -42,6 +42,9 @@ def merge_summaries(stage: str, out_dir: Path, parts: Iterable[tuple[StageSummar
         total.failed.update(s.failed)
         total.truncated += s.truncated
         total.shards.extend(s.shards)
+        for k, v in s.extra.items():  # counts add up across shards; rates and texts do not
+            if isinstance(v, int) and not isinstance(v, bool):
+                total.extra[k] = total.extra.get(k, 0) + v
         wall += s.wall_s
         run_ids.append(s.run_id)
     total.run_id = ",".join(run_ids)

@@ -74,12 +74,13 @@ def test_merge_summaries_counts_cached_shards_as_skipped(tmp_path):
 
     from flows.artifacts import counts_rows, merge_summaries
 
-    a = StageSummary("caption", tmp_path, "r1", done=3, skipped=1, failed=Counter({"decode_error": 1}), wall_s=2.0)
+    a = StageSummary("caption", tmp_path, "r1", done=3, skipped=1, failed=Counter({"decode_error": 1}), wall_s=2.0, extra={"kept failing": 2, "pass rate": 0.5})
     stale = StageSummary("caption", tmp_path, "old", done=99)  # what the cache returns: an old run's figures
     total = merge_summaries("caption", tmp_path, [(a, 5, False), (stale, 4, True)])
     assert (total.done, total.skipped, total.n_failed) == (3, 5, 1)
     rows = {r["metric"]: r["value"] for r in counts_rows(total)}
     assert rows["failed: decode_error"] == 1 and rows["cached shards"] == 1
+    assert rows["kept failing"] == 2 and "pass rate" not in rows  # a rate of one shard is not the run's
     assert rows["throughput (rows/s)"] == pytest.approx(2.0)
 
 
