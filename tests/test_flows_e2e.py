@@ -166,3 +166,17 @@ def test_serve_schedule_trigger_and_event_driven_training(server, tmp_path, tiny
     finally:
         stopped_cleanly = _stop_group(serve)
     assert stopped_cleanly, f"dataprep serve did not stop on SIGTERM within 60 s\n{log.read_text()[-2000:]}"
+
+
+def test_server_start_is_idempotent_and_guards_its_port(server, tmp_path):
+    from dataprep import server as srv
+    from dataprep.engines import ConfigError
+
+    state, ok = srv.status(server.home)
+    assert ok and state.pid == server.pid
+    assert srv.start(server.home, server.port).pid == server.pid  # already running: same server
+    limit = httpx.get(f"{server.api_url}/v2/concurrency_limits/gpu", timeout=10).json()
+    assert limit["limit"] == 1 and limit["active"]
+    with pytest.raises(ConfigError, match="--port"):  # another home, same port
+        srv.start(tmp_path / "other-home", server.port)
+    assert srv.status(tmp_path / "other-home") == (None, False)
