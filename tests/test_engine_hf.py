@@ -175,3 +175,15 @@ def test_prefill_runs_only_on_each_rows_own_tokens(llama, monkeypatch):
     llama.generate(reqs)
     assert widths[0] == full - n_prefix  # prefill: own tokens only
     assert widths[1:] == [1, 1]  # then one token per step
+
+
+def test_engine_leaves_autograd_enabled_for_the_rest_of_the_process(tiny_models):
+    """A flow process captions, then trains: the engine must not switch grad off globally."""
+    import torch
+
+    from dataprep.engines import ChatRequest, EngineConfig, Sampling, load_engine
+
+    engine = load_engine(EngineConfig(model=str(tiny_models / "llama")))
+    engine.generate([ChatRequest(messages=[{"role": "user", "content": "hi"}], sampling=Sampling(max_new_tokens=2))])
+    assert torch.is_grad_enabled()
+    engine.close()

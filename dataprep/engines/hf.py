@@ -217,7 +217,6 @@ class TransformersEngine:
         self._cache_kw = "cache" if "cache" in inspect.signature(self.net.forward).parameters else "past_key_values"
         # extra generate() kwargs for benchmarks (e.g. min_new_tokens for a fixed output length)
         self.generate_kwargs: dict[str, Any] = {}
-        torch.set_grad_enabled(False)
 
     # ------------------------------------------------------------ info
 
@@ -250,6 +249,14 @@ class TransformersEngine:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def generate(self, requests: list[ChatRequest]) -> list[ChatResult]:
+        import torch
+
+        # no_grad per call, never torch.set_grad_enabled(False): that is global
+        # and would silently freeze training later in the same process (flows).
+        with torch.no_grad():
+            return self._generate(requests)
+
+    def _generate(self, requests: list[ChatRequest]) -> list[ChatResult]:
         results: list[ChatResult | None] = [None] * len(requests)
         prompts: list[str | None] = []
         for i, r in enumerate(requests):
