@@ -267,13 +267,19 @@ def noisy_and_target(parts: Parts, latents: torch.Tensor, noise: torch.Tensor, t
     if parts.backbone == "sd3":
         sigma = t / 1000.0  # official: sigma = t / num_train_timesteps
         return (1 - sigma) * latents + sigma * noise, noise - latents
-    tt = torch.full((latents.shape[0],), t, dtype=torch.long, device=latents.device)
-    zt = parts.scheduler.add_noise(latents, noise, tt)
+    # DDPM forward process from the scheduler's own alphas_cumprod, NOT
+    # scheduler.add_noise: SDXL ships an EulerDiscreteScheduler whose add_noise
+    # is the k-diffusion x + sigma * n (it expects scale_model_input before the
+    # UNet), which is not the input the UNet was trained on at timestep t. The
+    # official code swaps in a DDIMScheduler for the same reason.
+    abar = parts.scheduler.alphas_cumprod[t].to(device=latents.device, dtype=torch.float32)
+    a, s = abar.sqrt(), (1 - abar).sqrt()
+    zt = a * latents + s * noise
     kind = parts.scheduler.config.prediction_type
     if kind == "epsilon":
         return zt, noise
     if kind == "v_prediction":
-        return zt, parts.scheduler.get_velocity(latents, noise, tt)
+        return zt, a * noise - s * latents
     raise ConfigError(f"prediction_type {kind!r} is not supported", "--model")
 
 

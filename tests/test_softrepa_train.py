@@ -205,3 +205,28 @@ def test_each_distinct_prompt_is_encoded_once():
     emb, _, pooled, _ = parts.pipe.encode_prompt(prompt=["a tall tree"], device="cpu", do_classifier_free_guidance=False)
     assert torch.allclose(again.embeds[0], emb[0]) and torch.allclose(again.pooled[0], pooled[0])
     assert first.embeds.shape[-1] == 64  # SDXL: both CLIPs concatenated (cross_attention_dim)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+def test_unet_noising_is_ddpm_whatever_the_pipelines_scheduler(kind):
+    """SDXL ships an EulerDiscreteScheduler whose add_noise gives x + sigma n
+    (k-diffusion, unscaled); the UNet at timestep t expects
+    sqrt(abar) x + sqrt(1 - abar) n. Euler and DDIM with the same betas must
+    give the same (z_t, target)."""
+    from types import SimpleNamespace
+
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+    from softrepa.train import noisy_and_target
+
+    betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type=kind)
+    g = torch.Generator().manual_seed(0)
+    x, n = torch.randn(2, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+    t = 700
+    abar = DDIMScheduler(**betas).alphas_cumprod[t]
+    want_zt = abar.sqrt() * x + (1 - abar).sqrt() * n
+    want_target = n.expand_as(x) if kind == "epsilon" else abar.sqrt() * n - (1 - abar).sqrt() * x
+    for sched in (DDIMScheduler(**betas), EulerDiscreteScheduler(**betas)):
+        zt, target = noisy_and_target(SimpleNamespace(backbone="sdxl", scheduler=sched), x, n, t)
+        torch.testing.assert_close(zt, want_zt)
+        torch.testing.assert_close(target, want_target)
