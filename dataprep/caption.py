@@ -91,11 +91,13 @@ def _work_hash_first(ref: ImageRef) -> dict[str, Any]:
     spec = _SPEC
     try:
         data = read_bytes(ref)
-    except (OSError, KeyError) as exc:
+    except Exception as exc:  # zipfile.BadZipFile (bad CRC), RuntimeError (encrypted), ...: one bad row, not a dead run
         reason = "missing_file" if isinstance(exc, (FileNotFoundError, KeyError)) else "read_error"
         return {"ref": ref, "key": caption_key("uri:" + sha256_text(ref.uri), spec), "sha256": None, "error": f"{reason}: {exc}"}
     digest = hashlib.sha256(data).hexdigest()
-    key = caption_key(digest, spec)
+    # the image id is part of the input: two images with the same bytes (or two
+    # zero-byte files) each keep their own row (compaction keeps one per key)
+    key = caption_key(sha256_text(json.dumps([ref.image_id, digest])), spec)
     if key in spec.done:
         return {"ref": ref, "key": key, "sha256": digest, "skipped": True}
     prep = prepare(data, spec.prep)

@@ -163,3 +163,64 @@ def test_missing_model_is_a_config_error_before_any_image_is_read(tmp_path):
         run_caption(never_read, tmp_path, EngineConfig(model=str(tmp_path / "nope")), CaptionOptions(**OPTS))
     assert exc.value.flag == "--model"
     assert not (tmp_path / "captions").exists() or not shard_paths(tmp_path / "captions")
+
+
+class _FakeEngine:
+    """No model: every image gets the same caption (for store/key tests only)."""
+
+    name, model, revision, batch_size = "fake", "fake-model", None, 4
+
+    def image_size(self):
+        return 32
+
+    def generate(self, reqs):
+        from dataprep.engines import ChatResult
+
+        return [ChatResult(text="a picture") for _ in reqs]
+
+    def close(self):
+        pass
+
+
+def test_identical_files_keep_one_row_each(tmp_path):
+    """Two images with the same bytes (or two zero-byte files) are still two images:
+    compaction keeps one row per key, so the key must not collapse them."""
+    from PIL import Image
+
+    from tests.images_factory import png_bytes
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    same = png_bytes(Image.new("RGB", (40, 30), (9, 9, 9)))
+    (d / "copy1.png").write_bytes(same)
+    (d / "copy2.png").write_bytes(same)
+    (d / "zero1.png").write_bytes(b"")
+    (d / "zero2.png").write_bytes(b"")
+    opts = CaptionOptions(workers=0)
+    s = run_caption(folder(d), tmp_path / "run", EngineConfig(model="fake-model"), opts, engine=_FakeEngine(), progress=False)
+    assert s.done == 2 and s.n_failed == 2
+    out = {r["image_id"]: r for r in rows(tmp_path / "run")}
+    assert sorted(out) == ["imgs/copy1.png", "imgs/copy2.png", "imgs/zero1.png", "imgs/zero2.png"]
+    again = run_caption(folder(d), tmp_path / "run", EngineConfig(model="fake-model"), opts, engine=_FakeEngine(), progress=False)
+    assert (again.done, again.skipped) == (0, 2) and len(rows(tmp_path / "run")) == 4
+
+
+def test_corrupt_zip_member_is_an_error_row_not_an_aborted_run(tmp_path):
+    import zipfile
+
+    from PIL import Image
+
+    from tests.images_factory import png_bytes
+
+    good = png_bytes(Image.new("RGB", (40, 30), (9, 9, 9)))
+    z = tmp_path / "DIV2K_train_HR.zip"
+    with zipfile.ZipFile(z, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("DIV2K_train_HR/0001.png", good)
+        zf.writestr("DIV2K_train_HR/0002.png", png_bytes(Image.new("RGB", (30, 40), (1, 1, 1))))
+    raw = bytearray(z.read_bytes())
+    raw[raw.find(good) + 60] ^= 0xFF  # member 0001's stored bytes no longer match its CRC
+    z.write_bytes(bytes(raw))
+    s = run_caption(div2k(z), tmp_path / "run", EngineConfig(model="fake-model"), CaptionOptions(workers=0), engine=_FakeEngine(), progress=False)
+    out = {r["image_id"]: r for r in rows(tmp_path / "run")}
+    assert s.done == 1 and out["div2k/0002"]["error"] is None
+    assert out["div2k/0001"]["error"].startswith("read_error:") and "CRC" in out["div2k/0001"]["error"]
