@@ -65,6 +65,54 @@ StrictOpt = Annotated[bool, typer.Option("--strict", help="Exit 1 if any row fai
 ShardOpt = Annotated[int, typer.Option("--rows-per-shard", help="Rows per Parquet shard; a killed run loses at most one shard.", rich_help_panel="Run")]
 
 
+MaxRetriesOpt = Annotated[int, typer.Option("--max-retries", help="openai: retries per request on 429, 5xx, timeouts and dropped connections (exponential backoff).", rich_help_panel="Engine")]
+TimeoutOpt = Annotated[float, typer.Option("--timeout", help="openai: seconds per request before it counts as timed out.", rich_help_panel="Engine")]
+
+# Flag groups shared by several commands: name -> (annotated type, default).
+# `with_flags` appends a group to a command's signature and hands the values
+# to the command as one dict, so each flag is declared once for every command.
+ENGINE_FLAGS = {
+    "engine": (EngineOpt, "transformers"),
+    "device": (DeviceOpt, "auto"),
+    "dtype": (DtypeOpt, "auto"),
+    "batch_size": (BatchOpt, "auto"),
+    "quantize": (QuantOpt, None),
+    "tensor_parallel_size": (TPOpt, 1),
+    "gpu_memory_utilization": (GMUOpt, 0.9),
+    "base_url": (BaseUrlOpt, None),
+    "api_key_env": (ApiKeyEnvOpt, None),
+    "concurrency": (ConcurrencyOpt, 64),
+    "max_retries": (MaxRetriesOpt, 5),
+    "timeout_s": (TimeoutOpt, 120.0),
+}
+
+
+def with_flags(**groups: dict[str, tuple[object, object]]):
+    """Append shared flag groups to a typer command; each group arrives as one dict kwarg."""
+    import functools
+    import inspect
+
+    def decorate(fn):
+        sig = inspect.signature(fn, eval_str=True)  # typer needs real annotations, not strings
+        own = [p for p in sig.parameters.values() if p.name not in groups]
+        extra = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+            for flags in groups.values()
+            for name, (annotation, default) in flags.items()
+        ]
+
+        @functools.wraps(fn)
+        def command(**kwargs):
+            for group, flags in groups.items():
+                kwargs[group] = {name: kwargs.pop(name) for name in flags}
+            return fn(**kwargs)
+
+        command.__signature__ = sig.replace(parameters=own + extra)
+        return command
+
+    return decorate
+
+
 def engine_config(**kw) -> "object":
     from dataprep.engines import EngineConfig
 
@@ -81,15 +129,30 @@ CaptionModelOpt = Annotated[str, typer.Option("--model", help="Vision-language m
 OutOpt = Annotated[Path, typer.Option("--out", help="Run directory; captions go to OUT/captions/ as Parquet shards + _manifest.json.")]
 LimitOpt = Annotated[Optional[int], typer.Option("--limit", help="Caption at most N images.")]
 
+CAPTION_FLAGS = {
+    "prompt_file": (PromptFileOpt, "caption.txt"),
+    "crop": (CropOpt, False),
+    "max_pixels": (MaxPixelsOpt, 64_000_000),
+    "temperature": (TempOpt, 0.0),
+    "top_p": (TopPOpt, 1.0),
+    "max_new_tokens": (MaxNewOpt, 256),
+    "seed": (SeedOpt, 0),
+    "force": (ForceOpt, False),
+    "strict": (StrictOpt, False),
+    "rows_per_shard": (ShardOpt, 256),
+    "workers": (WorkersOpt, 2),
+}
 
-def _caption(refs_fn, out: Path, model: str, engine: str, revision, device, dtype, batch_size, quantize, tensor_parallel_size, gpu_memory_utilization, base_url, api_key_env, concurrency, prompt_file, crop, max_pixels, temperature, top_p, max_new_tokens, seed, force, strict, rows_per_shard, workers) -> None:
+
+def _caption(refs_fn, out: Path, model: str, revision: Optional[str], engine_kw: dict, caption_kw: dict) -> None:
     from rich.console import Console
 
     from dataprep.caption import CaptionOptions, run_caption
     from dataprep.stage import print_summary
 
-    opts = CaptionOptions(prompt_file=prompt_file, crop=crop, max_pixels=max_pixels, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, force=force, rows_per_shard=rows_per_shard, workers=workers)
-    cfg = engine_config(engine=engine, model=model, revision=revision, device=device, dtype=dtype, batch_size=batch_size, quantize=quantize, tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization, base_url=base_url, api_key_env=api_key_env, concurrency=concurrency)
+    strict = caption_kw.pop("strict")
+    opts = CaptionOptions(**caption_kw)
+    cfg = engine_config(model=model, revision=revision, **engine_kw)
     try:
         opts.validate()
         cfg.validate()
@@ -103,6 +166,7 @@ def _caption(refs_fn, out: Path, model: str, engine: str, revision, device, dtyp
 
 
 @caption_app.command("div2k")
+@with_flags(engine_kw=ENGINE_FLAGS, caption_kw=CAPTION_FLAGS)
 def caption_div2k(
     data: Annotated[Path, typer.Option("--data", help="Extracted DIV2K_train_HR/ (or DIV2K_valid_HR/) folder, or the official zip, read without extracting.")],
     out: OutOpt = Path("runs/div2k"),
@@ -110,72 +174,36 @@ def caption_div2k(
     ids: Annotated[Optional[str], typer.Option("--ids", help="Only these image numbers, e.g. 1-100 or 1,5,9-12.")] = None,
     limit: LimitOpt = None,
     model: CaptionModelOpt = "llava-hf/llava-1.5-13b-hf",
-    engine: EngineOpt = "transformers",
     revision: RevisionOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    batch_size: BatchOpt = "auto",
-    quantize: QuantOpt = None,
-    tensor_parallel_size: TPOpt = 1,
-    gpu_memory_utilization: GMUOpt = 0.9,
-    base_url: BaseUrlOpt = None,
-    api_key_env: ApiKeyEnvOpt = None,
-    concurrency: ConcurrencyOpt = 64,
-    prompt_file: PromptFileOpt = "caption.txt",
-    crop: CropOpt = False,
-    max_pixels: MaxPixelsOpt = 64_000_000,
-    temperature: TempOpt = 0.0,
-    top_p: TopPOpt = 1.0,
-    max_new_tokens: MaxNewOpt = 256,
-    seed: SeedOpt = 0,
-    force: ForceOpt = False,
-    strict: StrictOpt = False,
-    rows_per_shard: ShardOpt = 256,
-    workers: WorkersOpt = 2,
+    engine_kw: dict = None,
+    caption_kw: dict = None,
 ) -> None:
     """Caption DIV2K (ids div2k/0001..0800) with LLaVA-1.5 and "Describe the object and background in the image"."""
     from dataprep.sources import div2k
 
-    _caption(lambda: div2k(data, split=split, ids=ids, limit=limit), out, model, engine, revision, device, dtype, batch_size, quantize, tensor_parallel_size, gpu_memory_utilization, base_url, api_key_env, concurrency, prompt_file, crop, max_pixels, temperature, top_p, max_new_tokens, seed, force, strict, rows_per_shard, workers)
+    _caption(lambda: div2k(data, split=split, ids=ids, limit=limit), out, model, revision, engine_kw, caption_kw)
 
 
 @caption_app.command("folder")
+@with_flags(engine_kw=ENGINE_FLAGS, caption_kw=CAPTION_FLAGS)
 def caption_folder(
     path: Annotated[Path, typer.Argument(help="Folder of images, searched recursively (png, jpg, webp, bmp, tiff).")],
     out: OutOpt = Path("runs/folder"),
     name: Annotated[Optional[str], typer.Option("--name", help="Id prefix (default: the folder's name); ids are NAME/relative/path.png.")] = None,
     limit: LimitOpt = None,
     model: CaptionModelOpt = "llava-hf/llava-1.5-13b-hf",
-    engine: EngineOpt = "transformers",
     revision: RevisionOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    batch_size: BatchOpt = "auto",
-    quantize: QuantOpt = None,
-    tensor_parallel_size: TPOpt = 1,
-    gpu_memory_utilization: GMUOpt = 0.9,
-    base_url: BaseUrlOpt = None,
-    api_key_env: ApiKeyEnvOpt = None,
-    concurrency: ConcurrencyOpt = 64,
-    prompt_file: PromptFileOpt = "caption.txt",
-    crop: CropOpt = False,
-    max_pixels: MaxPixelsOpt = 64_000_000,
-    temperature: TempOpt = 0.0,
-    top_p: TopPOpt = 1.0,
-    max_new_tokens: MaxNewOpt = 256,
-    seed: SeedOpt = 0,
-    force: ForceOpt = False,
-    strict: StrictOpt = False,
-    rows_per_shard: ShardOpt = 256,
-    workers: WorkersOpt = 2,
+    engine_kw: dict = None,
+    caption_kw: dict = None,
 ) -> None:
     """Caption every image under a folder."""
     from dataprep.sources import folder
 
-    _caption(lambda: folder(path, name=name, limit=limit), out, model, engine, revision, device, dtype, batch_size, quantize, tensor_parallel_size, gpu_memory_utilization, base_url, api_key_env, concurrency, prompt_file, crop, max_pixels, temperature, top_p, max_new_tokens, seed, force, strict, rows_per_shard, workers)
+    _caption(lambda: folder(path, name=name, limit=limit), out, model, revision, engine_kw, caption_kw)
 
 
 @caption_app.command("hf")
+@with_flags(engine_kw=ENGINE_FLAGS, caption_kw=CAPTION_FLAGS)
 def caption_hf(
     name_or_path: Annotated[str, typer.Argument(help="Hugging Face dataset: hub id, or a local Parquet file/folder, imagefolder or save_to_disk directory (these work offline).")],
     out: OutOpt = Path("runs/hf"),
@@ -184,33 +212,14 @@ def caption_hf(
     id_column: Annotated[Optional[str], typer.Option("--id-column", help="Column with a stable id (default: row number).")] = None,
     limit: LimitOpt = None,
     model: CaptionModelOpt = "llava-hf/llava-1.5-13b-hf",
-    engine: EngineOpt = "transformers",
     revision: RevisionOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    batch_size: BatchOpt = "auto",
-    quantize: QuantOpt = None,
-    tensor_parallel_size: TPOpt = 1,
-    gpu_memory_utilization: GMUOpt = 0.9,
-    base_url: BaseUrlOpt = None,
-    api_key_env: ApiKeyEnvOpt = None,
-    concurrency: ConcurrencyOpt = 64,
-    prompt_file: PromptFileOpt = "caption.txt",
-    crop: CropOpt = False,
-    max_pixels: MaxPixelsOpt = 64_000_000,
-    temperature: TempOpt = 0.0,
-    top_p: TopPOpt = 1.0,
-    max_new_tokens: MaxNewOpt = 256,
-    seed: SeedOpt = 0,
-    force: ForceOpt = False,
-    strict: StrictOpt = False,
-    rows_per_shard: ShardOpt = 256,
-    workers: WorkersOpt = 2,
+    engine_kw: dict = None,
+    caption_kw: dict = None,
 ) -> None:
     """Caption the images of a Hugging Face dataset (through `datasets`)."""
     from dataprep.sources import hf_dataset
 
-    _caption(lambda: list(hf_dataset(name_or_path, split=split, image_column=image_column, id_column=id_column, limit=limit)), out, model, engine, revision, device, dtype, batch_size, quantize, tensor_parallel_size, gpu_memory_utilization, base_url, api_key_env, concurrency, prompt_file, crop, max_pixels, temperature, top_p, max_new_tokens, seed, force, strict, rows_per_shard, workers)
+    _caption(lambda: list(hf_dataset(name_or_path, split=split, image_column=image_column, id_column=id_column, limit=limit)), out, model, revision, engine_kw, caption_kw)
 
 
 # ------------------------------------------------------------ rewrite, check (issue 3)
@@ -253,6 +262,7 @@ def check_cmd(
 
 
 @app.command("rewrite")
+@with_flags(engine_kw=ENGINE_FLAGS)
 def rewrite_cmd(
     out: Annotated[Path, typer.Option("--out", help="Run directory; edits go to OUT/edits/ as Parquet shards + manifest.")] = Path("runs/div2k"),
     captions: Annotated[Optional[Path], typer.Option("--captions", help="Caption store to rewrite (default: OUT/captions).", rich_help_panel="Input")] = None,
@@ -264,17 +274,7 @@ def rewrite_cmd(
     max_attempts: Annotated[int, typer.Option("--max-attempts", help="Generations per caption until one passes the rule checker; the last is kept (passed=false) if none does.", rich_help_panel="Rewrite")] = 3,
     retry_temperature: Annotated[float, typer.Option("--retry-temperature", help="Sampling temperature of retries (attempt k uses seed --seed + k - 1).", rich_help_panel="Sampling")] = 0.7,
     model: Annotated[str, typer.Option("--model", help="Instruction model: hub id or local directory.", rich_help_panel="Engine")] = "meta-llama/Llama-3.1-8B-Instruct",
-    engine: EngineOpt = "transformers",
     revision: RevisionOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    batch_size: BatchOpt = "auto",
-    quantize: QuantOpt = None,
-    tensor_parallel_size: TPOpt = 1,
-    gpu_memory_utilization: GMUOpt = 0.9,
-    base_url: BaseUrlOpt = None,
-    api_key_env: ApiKeyEnvOpt = None,
-    concurrency: ConcurrencyOpt = 64,
     temperature: Annotated[float, typer.Option("--temperature", help="Attempt 1: 0 = greedy (default); > 0 samples.", rich_help_panel="Sampling")] = 0.0,
     top_p: TopPOpt = 1.0,
     max_new_tokens: MaxNewOpt = 512,
@@ -282,6 +282,7 @@ def rewrite_cmd(
     force: ForceOpt = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any row failed or any kept rewrite breaks the rules (default: record and exit 0).", rich_help_panel="Run")] = False,
     rows_per_shard: ShardOpt = 256,
+    engine_kw: dict = None,
 ) -> None:
     """Rewrite captions into single-concept edits with Llama-3.1-8B-Instruct and prompts/edit.txt; every output is rule-checked and retried."""
     from rich.console import Console
@@ -290,7 +291,7 @@ def rewrite_cmd(
     from dataprep.stage import print_summary
 
     opts = RewriteOptions(rules_file=rules, max_attempts=max_attempts, temperature=temperature, retry_temperature=retry_temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, force=force, rows_per_shard=rows_per_shard)
-    cfg = engine_config(engine=engine, model=model, revision=revision, device=device, dtype=dtype, batch_size=batch_size, quantize=quantize, tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization, base_url=base_url, api_key_env=api_key_env, concurrency=concurrency)
+    cfg = engine_config(model=model, revision=revision, **engine_kw)
     try:
         if captions is not None and input_file is not None:
             raise ConfigError("--captions and --input both given", "--input", "pass one of them")
@@ -477,6 +478,7 @@ app.add_typer(pipeline_app, name="pipeline")
 
 
 @pipeline_app.command("div2k")
+@with_flags(engine_kw=ENGINE_FLAGS)
 def pipeline_div2k(
     data: Annotated[Path, typer.Option("--data", help="Extracted DIV2K_train_HR/ (or DIV2K_valid_HR/) folder, or the official zip.")],
     out: Annotated[Path, typer.Option("--out", help="Run directory: OUT/captions/ and OUT/edits/ (Parquet shards + manifests).")] = Path("runs/div2k"),
@@ -485,16 +487,6 @@ def pipeline_div2k(
     limit: LimitOpt = None,
     caption_model: Annotated[str, typer.Option("--caption-model", help="Vision-language model for captions: hub id or local directory.", rich_help_panel="Engine")] = "llava-hf/llava-1.5-13b-hf",
     rewrite_model: Annotated[str, typer.Option("--rewrite-model", help="Instruction model for rewrites: hub id or local directory.", rich_help_panel="Engine")] = "meta-llama/Llama-3.1-8B-Instruct",
-    engine: EngineOpt = "transformers",
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    batch_size: BatchOpt = "auto",
-    quantize: QuantOpt = None,
-    tensor_parallel_size: TPOpt = 1,
-    gpu_memory_utilization: GMUOpt = 0.9,
-    base_url: BaseUrlOpt = None,
-    api_key_env: ApiKeyEnvOpt = None,
-    concurrency: ConcurrencyOpt = 64,
     rewrite_base_url: Annotated[Optional[str], typer.Option("--rewrite-base-url", help="openai: server for the rewrites when it is not the caption server (vllm serve serves one model each); default --base-url.", rich_help_panel="Engine")] = None,
     crop: CropOpt = False,
     caption_max_new_tokens: Annotated[int, typer.Option("--caption-max-new-tokens", help="Caption generation budget per image.", rich_help_panel="Sampling")] = 256,
@@ -505,6 +497,7 @@ def pipeline_div2k(
     strict: StrictOpt = False,
     rows_per_shard: ShardOpt = 256,
     workers: WorkersOpt = 2,
+    engine_kw: dict = None,
 ) -> None:
     """Caption DIV2K with LLaVA-1.5, then rewrite every caption with Llama-3.1 (greedy captions; rule-checked rewrites with retries)."""
     from rich.console import Console
@@ -515,7 +508,7 @@ def pipeline_div2k(
     from dataprep.sources import div2k
     from dataprep.stage import print_summary
 
-    cfg = engine_config(engine=engine, device=device, dtype=dtype, batch_size=batch_size, quantize=quantize, tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization, base_url=base_url, api_key_env=api_key_env, concurrency=concurrency)
+    cfg = engine_config(**engine_kw)
     copts = CaptionOptions(crop=crop, max_new_tokens=caption_max_new_tokens, seed=seed, force=force, rows_per_shard=rows_per_shard, workers=workers)
     ropts = RewriteOptions(max_attempts=max_attempts, max_new_tokens=rewrite_max_new_tokens, seed=seed, force=force, rows_per_shard=rows_per_shard)
     console = Console()
