@@ -406,6 +406,35 @@ def _classify(src: list[str], tgt: list[str], regions: list[_Region]) -> None:
                 r.kind = q.kind = "structure"
 
 
+# Closed-class words: a change to one of them beside a replaced noun is a second
+# concept ("a dog sits" -> "a cat stands", "two dogs" -> "three cats", "dog in"
+# -> "fox of"), unlike a modifier of a replaced phrase ("wooden chair" -> "metal table").
+NUMBERS = frozenset("one two three four five six seven eight nine ten eleven twelve several many few couple dozen".split())
+
+
+def _closed_class(x: str, y: str) -> bool:
+    if x in SUBJECT_VERBS or y in SUBJECT_VERBS:
+        return True
+    if x in FUNCTION_WORDS and y in FUNCTION_WORDS:
+        return True
+    return (x in NUMBERS or x.isdigit()) and (y in NUMBERS or y.isdigit())
+
+
+def _fused_concepts(src: list[str], tgt: list[str], r: _Region) -> bool:
+    """Does one replacement region change two things side by side?
+
+    Word-aligned regions only (same word count on both sides): two or more
+    changed positions, one of them a closed-class word (verb, preposition,
+    determiner, number). Same-lemma and agreement pairs are not changes.
+    """
+    a = [t for t in src[r.a1:r.i2] if _is_word(t)]
+    b = [t for t in tgt[r.b1:r.j2] if _is_word(t)]
+    if len(a) != len(b) or len(a) < 2:
+        return False
+    changed = [(x, y) for x, y in zip(a, b) if lemma(x) != lemma(y) and frozenset((x, y)) not in AGREEMENT]
+    return len(changed) >= 2 and any(_closed_class(x, y) for x, y in changed)
+
+
 def _content(words: list[str]) -> frozenset[str]:
     lem = {lemma(w) for w in words if _is_word(w)}
     content = {w for w in lem if w not in FUNCTION_WORDS}
@@ -485,7 +514,7 @@ def check(source: str, target: str) -> Verdict:
         found.add("removed_content")
     if "structure" in kinds:
         found.add("structure_changed")
-    if regions_for_rules and len(concepts) > 1:
+    if regions_for_rules and (len(concepts) > 1 or any(r.kind == "concept" and _fused_concepts(src, tgt, r) for r in regions_for_rules)):
         found.add("multiple_concepts")
 
     for r in regions_for_rules:

@@ -105,3 +105,29 @@ def test_insertion_and_deletion_spans_are_empty_on_the_other_side():
 )
 def test_lemma_folds_plural_and_possessive(word, expected):
     assert lemma(word) == expected
+
+
+@pytest.mark.parametrize(
+    "source,target",
+    [
+        ("A dog sits on a sofa.", "A cat stands on a sofa."),  # noun + verb in one diff region
+        ("A dog sits on a red sofa in a living room.", "A cat sleeps on a red sofa in a living room."),
+        ("Two dogs play in the snow.", "Three cats play in the snow."),  # number + noun
+        ("A dog in a park.", "A fox of a park."),  # noun + preposition
+    ],
+)
+def test_two_adjacent_changes_are_multiple_concepts(source, target):
+    v = check(source, target)
+    assert not v.passed and "multiple_concepts" in v.violations
+
+
+@pytest.mark.parametrize(
+    "source,target",
+    [
+        ("A teddy bear sits on a bed.", "A rubber duck sits on a bed."),  # a two-word phrase is one concept
+        ("The dog is on the grass.", "The dogs are on the grass."),  # agreement, not a second change
+        ("A man holds his cup.", "A woman holds her cup."),
+    ],
+)
+def test_adjacent_phrase_and_agreement_stay_one_concept(source, target):
+    assert check(source, target).passed
