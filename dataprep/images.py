@@ -105,7 +105,10 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     if not data:
         raise ValueError("empty_file: zero bytes")
     try:
-        img = Image.open(io.BytesIO(data))
+        # Pillow's own bomb check already fires in open() (above ~179 MP): keep it
+        # off here too, so max_pixels alone decides and the reason is too_large
+        with _no_pil_bomb_guard():
+            img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ValueError("not_an_image: Pillow cannot identify the format") from None
     w, h = img.size

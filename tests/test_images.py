@@ -71,3 +71,18 @@ def test_bad_files_give_a_reason_not_an_exception(tmp_path, name):
     prep = prepare((tmp_path / name).read_bytes())
     assert prep.image is None
     assert prep.error.split(":")[0] in expected.split("|"), prep.error
+
+
+def test_size_guard_is_ours_above_pillows_own_bomb_limit():
+    """Over Pillow's ~179 MP limit, open() itself raised: the row said decode_error
+    and a larger --max-pixels was ignored."""
+    import io
+
+    from PIL import Image
+
+    from dataprep.images import PrepOptions, prepare
+
+    buf = io.BytesIO()
+    Image.new("1", (14000, 14000)).save(buf, "PNG")  # 196 MP, a few hundred kB
+    assert prepare(buf.getvalue()).error.startswith("too_large:")
+    assert prepare(buf.getvalue(), PrepOptions(max_pixels=150_000_000)).error.startswith("too_large:")
