@@ -12,8 +12,9 @@ One step (paper section 3 and appendix B; official ``train.py``):
 4. noise every image and run the wrapped denoiser on all ``P * B`` pairs
    (row ``j * B + i`` = image ``i`` with prompt ``j``):
    SD3 flow matching ``z_t = (1 - t/1000) x + (t/1000) n``, target ``n - x``;
-   SD1.5/SDXL ``z_t = scheduler.add_noise(x, n, t)``, target ``n`` (or the
-   velocity for v-prediction models);
+   SD1.5/SDXL DDPM ``z_t = sqrt(abar_t) x + sqrt(1 - abar_t) n`` from the
+   scheduler's ``alphas_cumprod``, target ``n`` (or the velocity for
+   v-prediction models);
 5. ``E`` ``[B, P]`` -> :func:`softrepa.loss.softrepa_loss` -> AdamW on the
    tokens only.
 
