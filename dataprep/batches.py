@@ -87,7 +87,8 @@ class BatchOptions:
     def grid(self) -> tuple[int, int]:
         """(images per batch, prompts per batch)."""
         base = PRESETS.get(self.preset, (None, None))
-        return (self.images or base[0], self.prompts or base[1])  # type: ignore[return-value]
+        # `is None`, not `or`: an explicit 0 must reach validate(), not become the preset's value
+        return (base[0] if self.images is None else self.images, base[1] if self.prompts is None else self.prompts)  # type: ignore[return-value]
 
     @property
     def label(self) -> str:

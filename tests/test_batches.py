@@ -310,3 +310,16 @@ def test_cli_coco_and_source_flags(tmp_path):
     assert r.exit_code == 2 and "--coco-images" in r.output
     r = cli.invoke(app, ["batches", "--out", str(tmp_path / "c")])
     assert r.exit_code == 2 and "--captions" in r.output
+
+
+@pytest.mark.parametrize(
+    "opts,flag",
+    [
+        (BatchOptions(preset="custom", images=0, prompts=8), "--images"),  # was a TypeError traceback
+        (BatchOptions(preset="sd3", images=0), "--images"),  # was silently the preset's 4
+        (BatchOptions(preset="sd1.5", prompts=0), "--prompts"),  # was silently the preset's 8
+    ],
+)
+def test_an_explicit_zero_grid_is_a_config_error(opts, flag):
+    with pytest.raises(ConfigError, match=flag):
+        opts.validate()
