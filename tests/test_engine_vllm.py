@@ -116,3 +116,20 @@ def test_real_engine_text_then_vision_and_close_frees_memory(tiny_models):
     assert all(r.error is None for r in res) and res[0].prompt_tokens > 25  # image tokens were expanded
     llava.close()
     assert torch.cuda.memory_allocated() <= base + (64 << 20)
+
+
+def test_prompt_reaches_vllm_with_exactly_one_bos(tiny_models):
+    """LLM.generate tokenizes text prompts with add_special_tokens=True; a chat
+    template that writes BOS itself (Llama-3.1) gave the model two."""
+    from transformers import AutoTokenizer
+
+    from dataprep.engines.vllm_engine import template_bos
+
+    req = ChatRequest(messages=[{"role": "system", "content": "Rules."}, {"role": "user", "content": "A dog."}])
+    adds = AutoTokenizer.from_pretrained(tiny_models / "llama", add_bos_token=True)  # like Llama-3.1's tokenizer
+    prompt = render_prompt(adds.apply_chat_template, req, is_vision=False, drop_prefix=template_bos(adds))
+    ids = adds(vllm_input(prompt)["prompt"], add_special_tokens=True)["input_ids"]  # what vLLM does with it
+    assert ids[:1] == [adds.bos_token_id] and ids[1] != adds.bos_token_id
+    plain = AutoTokenizer.from_pretrained(tiny_models / "llama")  # adds no BOS: the template's must stay
+    assert template_bos(plain) is None
+    assert render_prompt(plain.apply_chat_template, req, is_vision=False, drop_prefix=template_bos(plain)).startswith(plain.bos_token)

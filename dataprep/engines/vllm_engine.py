@@ -36,9 +36,30 @@ DEFAULT_BATCH = 256  # requests per generate() call: one shard's worth
 # ------------------------------------------------------------ pure request building
 
 
-def render_prompt(apply_chat_template: Callable[..., str], req: ChatRequest, is_vision: bool) -> str:
-    """Prompt text through the model's chat template (``<image>`` placeholder for vision models)."""
-    return apply_chat_template(chat_messages(req, is_vision), add_generation_prompt=True, tokenize=False)
+def render_prompt(apply_chat_template: Callable[..., str], req: ChatRequest, is_vision: bool, drop_prefix: str | None = None) -> str:
+    """Prompt text through the model's chat template (``<image>`` placeholder for vision models).
+
+    ``drop_prefix`` (see :func:`template_bos`) is cut from the start of the text.
+    """
+    text = apply_chat_template(chat_messages(req, is_vision), add_generation_prompt=True, tokenize=False)
+    if drop_prefix and text.startswith(drop_prefix):
+        text = text[len(drop_prefix):]
+    return text
+
+
+def template_bos(tokenizer: Any) -> str | None:
+    """The BOS text to cut from rendered prompts, or None.
+
+    ``LLM.generate`` tokenizes a text prompt with ``add_special_tokens=True``;
+    Llama-3.1's chat template already writes ``<|begin_of_text|>``, so the model
+    would see two BOS tokens (vllm-project/vllm#9519) and rewrite differently
+    from the transformers engine, which shares its content keys. When the
+    tokenizer adds BOS itself, the template's copy is dropped: exactly one remains.
+    """
+    bos, bos_id = getattr(tokenizer, "bos_token", None), getattr(tokenizer, "bos_token_id", None)
+    if not bos or bos_id is None:
+        return None
+    return bos if tokenizer("x", add_special_tokens=True)["input_ids"][:1] == [bos_id] else None
 
 
 def vllm_input(prompt: str, image=None) -> dict[str, Any]:
@@ -145,9 +166,11 @@ class VLLMEngine:
 
             self.processor = AutoProcessor.from_pretrained(kwargs["model"], revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
             self._template = self.processor.apply_chat_template
+            self._drop_bos = template_bos(self.processor.tokenizer)
         else:
             self.processor = None
             self._template = self.llm.get_tokenizer().apply_chat_template
+            self._drop_bos = template_bos(self.llm.get_tokenizer())
 
     def image_size(self) -> int | None:
         if self.processor is None:
@@ -164,7 +187,7 @@ class VLLMEngine:
         items, params, where = [], [], []
         for i, r in enumerate(requests):
             try:
-                items.append(vllm_input(render_prompt(self._template, r, self.is_vision), r.image))
+                items.append(vllm_input(render_prompt(self._template, r, self.is_vision, self._drop_bos), r.image))
                 params.append(SamplingParams(**sampling_kwargs(r.sampling, self.sampling_extra)))
                 where.append(i)
             except Exception as exc:  # one request's template or sampling error fails that row only
