@@ -340,7 +340,6 @@ def edit_all(cfg: EvalConfig, pairs: Sequence[Pair], out: Path) -> tuple[dict[tu
 
     from softrepa.edit import SD3FlowEditor, load_sd3
 
-    pipe = load_sd3(cfg.model, device=cfg.device, dtype=cfg.dtype, revision=cfg.revision)
     tokens = None
     if cfg.tokens and any(s.method == "flowedit+tokens" for s in settings):
         from softrepa.token_files import read_official
@@ -352,6 +351,9 @@ def edit_all(cfg: EvalConfig, pairs: Sequence[Pair], out: Path) -> tuple[dict[tu
             tokens = read_official(cfg.tokens, "sd3") if official else load_tokens(cfg.tokens)
         except (OSError, ValueError, KeyError) as exc:
             raise ConfigError(f"cannot load soft tokens from {cfg.tokens}: {exc}", flag="--tokens", fix="pass a folder written by softrepa train") from exc
+    if tokens is not None and getattr(tokens.config, "backbone", "sd3") != "sd3":
+        raise ConfigError(f"{cfg.tokens} holds {tokens.config.backbone} tokens; FlowEdit here runs on SD3", flag="--tokens", fix="pass tokens trained with softrepa train --preset sd3")
+    pipe = load_sd3(cfg.model, device=cfg.device, dtype=cfg.dtype, revision=cfg.revision)
     editor = SD3FlowEditor(pipe, tokens)
     n_edited = 0
     by_pair: dict[str, list[Setting]] = {}

@@ -281,3 +281,16 @@ def test_an_installed_optional_metric_is_scored_from_the_edited_files(tiny, tmp_
     assert calls == [("a red bus", row["edited_image"])]
     assert row["imagereward"] == pytest.approx(float(np.asarray(Image.open(row["edited_image"])).mean()))
     assert "imagereward" not in res.unavailable and res.table[0]["imagereward"] == pytest.approx(row["imagereward"])
+
+
+def test_tokens_of_another_backbone_are_a_config_error_naming_tokens(tmp_path):
+    """SD1.5 tokens cannot drive SD3's FlowEdit: say so before loading the model."""
+    from softrepa.tokens import SoftTokens, TokenConfig, save_tokens
+
+    save_tokens(SoftTokens(TokenConfig(backbone="sd1.5", n_tokens=2, n_layers=1, dim=8, t_dependent=False, apply=("down",))), tmp_path / "tok")
+    pairs = tmp_path / "prompts_editing.json"
+    Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
+    pairs.write_text('[{"prompt": "a dog", "img_path": "a.png", "tgt_prompt": "a fox"}]')
+    with pytest.raises(ConfigError) as exc:
+        evaluate_edit(EvalConfig(pairs=str(pairs), model=str(tmp_path / "no-model-needed"), out=str(tmp_path / "out"), tokens=str(tmp_path / "tok"), metrics=MetricConfig(metrics=("clip",))))
+    assert exc.value.flag == "--tokens"
