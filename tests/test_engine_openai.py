@@ -65,6 +65,11 @@ def test_parse_response():
     assert (ok.text, ok.finish_reason, ok.prompt_tokens, ok.completion_tokens, ok.error) == ("hi", "length", 7, 3, None)
     bad = parse_response({"error": "boom"})
     assert bad.error.startswith("bad_response") and bad.finish_reason == "error"
+    # a 200 around an aborted generation is an error row, not a good row with finish_reason stop
+    for reason in ("abort", "content_filter"):
+        cut = parse_response({"choices": [{"message": {"content": "A dog on the"}, "finish_reason": reason}]})
+        assert cut.finish_reason == "error" and reason in cut.error and cut.text == ""
+    assert parse_response({"choices": [{"message": {"content": "A dog."}}]}).finish_reason == "stop"  # no reason given
 
 
 def test_backoff_grows_is_capped_and_honours_retry_after():

@@ -95,10 +95,14 @@ def parse_response(data: Any) -> ChatResult:
         finish = choice.get("finish_reason") or "stop"
     except (KeyError, IndexError, TypeError, AttributeError):
         return ChatResult.failed(f"bad_response: no choices[0].message in {str(data)[:200]!r}")
+    if finish not in ("stop", "length"):
+        # vLLM / SGLang answer 200 with "abort" (and OpenAI with "content_filter")
+        # around a partial text: an error row that resume retries, not a caption
+        return ChatResult.failed(f"generate_error: the server finished with {finish!r}")
     usage = data.get("usage") or {}
     return ChatResult(
         text=text.strip(),
-        finish_reason="length" if finish == "length" else "stop",
+        finish_reason=finish,
         prompt_tokens=int(usage.get("prompt_tokens") or 0),
         completion_tokens=int(usage.get("completion_tokens") or 0),
     )
