@@ -417,7 +417,8 @@ def _closed_class(x: str, y: str) -> bool:
         return True
     if x in FUNCTION_WORDS and y in FUNCTION_WORDS:
         return True
-    return (x in NUMBERS or x.isdigit()) and (y in NUMBERS or y.isdigit())
+    count = NUMBERS | ARTICLES  # "a dog" -> "two foxes": the count changed too
+    return (x in count or x.isdigit()) and (y in count or y.isdigit())
 
 
 def _fused_concepts(src: list[str], tgt: list[str], r: _Region) -> bool:

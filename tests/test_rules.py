@@ -114,6 +114,7 @@ def test_lemma_folds_plural_and_possessive(word, expected):
         ("A dog sits on a red sofa in a living room.", "A cat sleeps on a red sofa in a living room."),
         ("Two dogs play in the snow.", "Three cats play in the snow."),  # number + noun
         ("A dog in a park.", "A fox of a park."),  # noun + preposition
+        ("A dog sits on the grass.", "Two foxes sit on the grass."),  # a -> two is a count change too
     ],
 )
 def test_two_adjacent_changes_are_multiple_concepts(source, target):
@@ -127,6 +128,7 @@ def test_two_adjacent_changes_are_multiple_concepts(source, target):
         ("A teddy bear sits on a bed.", "A rubber duck sits on a bed."),  # a two-word phrase is one concept
         ("The dog is on the grass.", "The dogs are on the grass."),  # agreement, not a second change
         ("A man holds his cup.", "A woman holds her cup."),
+        ("A dog sits on the grass.", "Two dogs sit on the grass."),  # only the count changed
     ],
 )
 def test_adjacent_phrase_and_agreement_stay_one_concept(source, target):
