@@ -21,7 +21,7 @@ from dataprep.engines import ChatRequest, ConfigError, Engine, EngineConfig, Sam
 from dataprep.images import DEFAULT_MAX_PIXELS, PrepOptions, prepare
 from dataprep.promptfile import load_prompt
 from dataprep.sources import ImageRef, read_bytes
-from dataprep.stage import StageSummary, progress_bar, provenance
+from dataprep.stage import StageSummary, model_identity, progress_bar, provenance
 from dataprep.store import CAPTIONS_SCHEMA, Manifest, ShardWriter, compact, content_key, done_keys, new_run_id, sha256_text, utcnow
 
 DEFAULT_MODEL = "llava-hf/llava-1.5-13b-hf"
@@ -156,7 +156,7 @@ def run_caption(
     run_id = new_run_id()
     sampling = opts.sampling()
     spec = _KeySpec(
-        model=engine.model,
+        model=model_identity(engine, engine_cfg),
         revision=engine.revision,
         prompt_sha256=prompt.sha256,
         sampling=sampling.to_json(),

@@ -30,7 +30,7 @@ from typing import Any, Iterable
 from dataprep.engines import ChatRequest, ChatResult, ConfigError, Engine, EngineConfig, Sampling, load_engine
 from dataprep.promptfile import load_prompt
 from dataprep.rules import RULES, Verdict, check
-from dataprep.stage import StageSummary, progress_bar, provenance
+from dataprep.stage import StageSummary, model_identity, progress_bar, provenance
 from dataprep.store import CAPTIONS_SCHEMA, EDITS_SCHEMA, Manifest, ShardWriter, compact, content_key, iter_rows, new_run_id, sha256_text, shard_paths, utcnow
 
 DEFAULT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -342,13 +342,13 @@ def run_rewrite(
                     tally.caption_errors += 1
                     bar.advance(task)
                 elif not isinstance(item.text, str) or not item.text.strip():
-                    key = rewrite_key(item, engine.model, engine.revision, rules.sha256, opts)
+                    key = rewrite_key(item, model_identity(engine, engine_cfg), engine.revision, rules.sha256, opts)
                     error = "missing_caption: the input row has no caption text"
                     writer.add(row(item, key, error=error))
                     summary.fail(error)
                     bar.advance(task)
                 else:
-                    key = rewrite_key(item, engine.model, engine.revision, rules.sha256, opts)
+                    key = rewrite_key(item, model_identity(engine, engine_cfg), engine.revision, rules.sha256, opts)
                     if key in done:
                         summary.skipped += 1
                         bar.advance(task)

@@ -52,6 +52,18 @@ class StageSummary:
         return {"done": self.done, "skipped": self.skipped, "failed": self.n_failed, "truncated": self.truncated}
 
 
+def model_identity(engine: Any, engine_cfg: Any = None) -> str:
+    """The model part of a content key: the model id, plus the quantization.
+
+    ``--quantize 4bit`` loads other weights (NF4, as the paper's 4-bit LLaVA)
+    and gives other outputs, so rows made at full precision must not satisfy
+    a 4-bit run or the reverse. The engine's own config wins (it is what loaded).
+    """
+    cfg = getattr(engine, "cfg", None) or engine_cfg
+    quantize = getattr(cfg, "quantize", None)
+    return engine.model if not quantize else f"{engine.model} [{quantize}]"
+
+
 def provenance(
     *,
     key: str,

@@ -233,3 +233,14 @@ def test_top_p_out_of_range_is_a_config_error_before_work(tmp_path, top_p):
     with pytest.raises(ConfigError, match="--top-p"):
         run_caption([], tmp_path, EngineConfig(model="fake-model"), CaptionOptions(temperature=0.7, top_p=top_p), engine=_FakeEngine(), progress=False)
     assert not (tmp_path / "captions").exists()
+
+
+def test_quantized_model_is_another_model_for_resume(tmp_path, samples_dir):
+    """--quantize 4bit loads other weights: full-precision rows must not be skipped as done."""
+    refs = div2k(samples_dir)
+    opts = CaptionOptions(workers=0)
+    run_caption(refs, tmp_path, EngineConfig(model="fake-model"), opts, engine=_FakeEngine(), progress=False)
+    q = run_caption(refs, tmp_path, EngineConfig(model="fake-model", quantize="4bit"), opts, engine=_FakeEngine(), progress=False)
+    assert (q.done, q.skipped) == (2, 0) and len(rows(tmp_path)) == 4
+    again = run_caption(refs, tmp_path, EngineConfig(model="fake-model", quantize="4bit"), opts, engine=_FakeEngine(), progress=False)
+    assert (again.done, again.skipped) == (0, 2)

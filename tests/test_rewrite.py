@@ -247,3 +247,10 @@ def app_():
     from dataprep.cli import app
 
     return app
+
+
+def test_quantized_model_is_another_model_for_resume(tmp_path):
+    """--quantize 4bit loads other weights: full-precision edits must not be skipped as done."""
+    run_rewrite(inputs(DOG), tmp_path, EngineConfig(model="scripted-llm"), RewriteOptions(), engine=ScriptedEngine(), progress=False)
+    q = run_rewrite(inputs(DOG), tmp_path, EngineConfig(model="scripted-llm", quantize="4bit"), RewriteOptions(), engine=ScriptedEngine(), progress=False)
+    assert (q.done, q.skipped) == (1, 0) and len(read_table(tmp_path / "edits", EDITS_SCHEMA)) == 2
