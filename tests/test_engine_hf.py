@@ -187,3 +187,18 @@ def test_engine_leaves_autograd_enabled_for_the_rest_of_the_process(tiny_models)
     engine.generate([ChatRequest(messages=[{"role": "user", "content": "hi"}], sampling=Sampling(max_new_tokens=2))])
     assert torch.is_grad_enabled()
     engine.close()
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda0", "cuda:x"])
+def test_bad_device_is_a_config_error_before_the_model_loads(device):
+    """torch only refused a device like 'gpu' after from_pretrained had loaded the weights."""
+    from dataprep.engines import ConfigError
+
+    with pytest.raises(ConfigError) as exc:
+        load_engine(EngineConfig(model="/nonexistent/never-loaded", device=device))
+    assert exc.value.flag == "--device"
+
+
+def test_device_forms_of_the_help_text_validate():
+    for device in ("auto", "cpu", "cuda", "cuda:1", "mps"):
+        EngineConfig(model="m", device=device).validate()

@@ -16,6 +16,7 @@ Backends (imported lazily, so ``dataprep --help`` stays fast):
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -138,6 +139,9 @@ class EngineConfig:
                 raise ConfigError(f"invalid batch size {self.batch_size!r}", "--batch-size", "use a positive integer or 'auto'") from None
         if self.quantize not in (None, "4bit", "8bit"):
             raise ConfigError(f"invalid quantization {self.quantize!r}", "--quantize", "use 4bit or 8bit")
+        # checked here: torch would only refuse it after the weights loaded (minutes for 13B)
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ConfigError(f"invalid device {self.device!r}", "--device", "use auto, cpu, cuda, cuda:N or mps")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"invalid dtype {self.dtype!r}", "--dtype", "use auto, float32, bfloat16 or float16")
         if self.engine == "openai" and not self.base_url:
