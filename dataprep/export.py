@@ -186,7 +186,7 @@ def _with_images(pairs: list[Pair], image_dir: Path, link: bool, skipped: Counte
             continue
         try:
             place_image(p.image_uri or "", image_dir / names[p.image_id], link)
-        except (OSError, KeyError, ValueError):
+        except Exception:  # OSError, KeyError, ValueError, zipfile.BadZipFile (bad CRC), RuntimeError (encrypted): this image only
             skipped["image_unreadable"] += 1
             continue
         yield p, names[p.image_id]

@@ -159,3 +159,13 @@ def test_hf_dataset(run, tmp_path):
 def test_no_edits_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="--run"):
         export_softrepa(tmp_path, tmp_path / "out")
+
+
+def test_corrupt_zip_member_is_skipped_and_the_export_goes_on(run, tmp_path):
+    root, fx = run
+    raw = bytearray(fx["zip"].read_bytes())
+    member = (tmp_path / "tmp/0003.png").read_bytes()
+    raw[raw.find(member) + 40] ^= 0xFF  # stored member bytes no longer match the CRC: zipfile.BadZipFile
+    fx["zip"].write_bytes(bytes(raw))
+    s = export_softrepa(root, tmp_path / "softrepa")
+    assert s.pairs == 4 and s.skipped["image_unreadable"] == 2  # missing.png and the bad member
