@@ -52,6 +52,8 @@ class CaptionOptions:
             raise ConfigError("--max-pixels must be positive", "--max-pixels", f"default {DEFAULT_MAX_PIXELS}")
         if not 0 < self.top_p <= 1:  # vllm/openai would fail every row with it, after the model loaded
             raise ConfigError(f"--top-p {self.top_p} is outside (0, 1]", "--top-p", "e.g. 1.0")
+        if self.rows_per_shard < 1:  # else ShardWriter's ValueError, after the model loaded
+            raise ConfigError(f"--rows-per-shard {self.rows_per_shard} is less than 1", "--rows-per-shard", "e.g. 256")
 
     def sampling(self) -> Sampling:
         return Sampling(temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens, seed=self.seed)

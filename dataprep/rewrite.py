@@ -75,6 +75,8 @@ class RewriteOptions:
             raise ConfigError("--max-new-tokens must be at least 1", "--max-new-tokens", "e.g. 512")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"--top-p {self.top_p} is outside (0, 1]", "--top-p", "e.g. 1.0")
+        if self.rows_per_shard < 1:  # else ShardWriter's ValueError, after the model loaded
+            raise ConfigError(f"--rows-per-shard {self.rows_per_shard} is less than 1", "--rows-per-shard", "e.g. 256")
 
     def attempt_sampling(self, attempt: int) -> Sampling:
         """Sampling for 1-based ``attempt``: the first as configured, retries sampled with a new seed."""

@@ -226,12 +226,12 @@ def test_corrupt_zip_member_is_an_error_row_not_an_aborted_run(tmp_path):
     assert out["div2k/0001"]["error"].startswith("read_error:") and "CRC" in out["div2k/0001"]["error"]
 
 
-@pytest.mark.parametrize("top_p", [0.0, 1.5])
-def test_top_p_out_of_range_is_a_config_error_before_work(tmp_path, top_p):
+@pytest.mark.parametrize("kw,flag", [({"top_p": 0.0}, "--top-p"), ({"top_p": 1.5}, "--top-p"), ({"rows_per_shard": 0}, "--rows-per-shard")])
+def test_bad_options_are_config_errors_before_work(tmp_path, kw, flag):
     from dataprep.engines import ConfigError
 
-    with pytest.raises(ConfigError, match="--top-p"):
-        run_caption([], tmp_path, EngineConfig(model="fake-model"), CaptionOptions(temperature=0.7, top_p=top_p), engine=_FakeEngine(), progress=False)
+    with pytest.raises(ConfigError, match=flag):
+        run_caption([], tmp_path, EngineConfig(model="fake-model"), CaptionOptions(temperature=0.7, **kw), engine=_FakeEngine(), progress=False)
     assert not (tmp_path / "captions").exists()
 
 

@@ -107,7 +107,7 @@ def test_one_attempt_means_greedy_only_and_engine_errors_stop_retries():
 
 @pytest.mark.parametrize(
     "kw,flag",
-    [({"max_attempts": 0}, "--max-attempts"), ({"retry_temperature": 0.0}, "--retry-temperature"), ({"temperature": -1.0}, "--temperature"), ({"top_p": 0.0}, "--top-p")],
+    [({"max_attempts": 0}, "--max-attempts"), ({"retry_temperature": 0.0}, "--retry-temperature"), ({"temperature": -1.0}, "--temperature"), ({"top_p": 0.0}, "--top-p"), ({"rows_per_shard": 0}, "--rows-per-shard")],
 )
 def test_bad_options_name_the_flag(kw, flag):
     with pytest.raises(ConfigError) as exc:
