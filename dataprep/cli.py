@@ -383,7 +383,7 @@ def batches_cmd(
     t.add_row("shards", f"{len(s.shards)} in {s.out_dir}")
     console.print(t)
     if s.other_runs:
-        console.print(f"[yellow]note:[/] {s.out_dir} also holds shards of other runs: {', '.join(s.other_runs)} (a reader should pick a run id)", highlight=False)
+        console.print(f"[yellow]note:[/] {s.out_dir} also holds shards of other runs: {', '.join(s.other_runs)} (train on this run with softrepa train --batch-run {s.run_id})", highlight=False)
 
 
 export_app = typer.Typer(help="Export a run's caption/edit pairs: SoftREPA prompts_editing.json, PIE-Bench mapping_file.json, or a Hugging Face dataset. Only passing edits unless --include-failed.", no_args_is_help=True)

@@ -66,6 +66,7 @@ class TrainConfig:
     batches: str  # folder of batch shards (dataprep batches output)
     model: str  # diffusers pipeline id or local path
     out: str
+    batch_run: str | None = None  # which `dataprep batches` run in that folder (needed when it holds several)
     steps: int | None = None  # Table 3 iterations
     checkpoint_every: int = 500
     resume: bool = False
@@ -315,15 +316,42 @@ def grid_errors(parts: Parts, model: torch.nn.Module, latents: torch.Tensor, pro
 # ---------------------------------------------------------------- data
 
 
-def read_batch_rows(folder: str | Path) -> list[dict[str, Any]]:
-    """All batch rows in shard order (the trainer's deterministic data order)."""
+def batch_runs(folder: str | Path) -> dict[str, list[Path]]:
+    """Shards per `dataprep batches` run (``part-<run>-<nnnnn>.parquet``), in shard order."""
+    import re
+
+    from dataprep.store import shard_paths
+
+    runs: dict[str, list[Path]] = {}
+    for path in shard_paths(folder):
+        m = re.fullmatch(r"part-(.+)-\d{5}\.parquet", path.name)
+        runs.setdefault(m.group(1) if m else path.stem, []).append(path)
+    return runs
+
+
+def read_batch_rows(folder: str | Path, run: str | None = None) -> list[dict[str, Any]]:
+    """The batch rows of one run, in shard order (the trainer's deterministic data order).
+
+    A folder that holds several runs (rebuilt batches, another seed or grid)
+    is refused unless ``run`` picks one: training on all of them would repeat
+    images and mix stale captions into the data silently.
+    """
     import pyarrow.parquet as pq
 
-    from dataprep.store import BATCHES_SCHEMA, shard_paths
+    from dataprep.store import BATCHES_SCHEMA
 
+    runs = batch_runs(folder)
+    if run is not None:
+        if run not in runs:
+            raise ConfigError(f"no batch run {run!r} in {folder} (runs: {', '.join(sorted(runs)) or 'none'})", "--batch-run", "pass one of the listed run ids")
+        paths = runs[run]
+    elif len(runs) > 1:
+        raise ConfigError(f"{folder} holds {len(runs)} batch runs: {', '.join(sorted(runs))}", "--batch-run", "pick one with --batch-run ID (or build each run into its own --out folder)")
+    else:
+        paths = [p for ps in runs.values() for p in ps]
     cols = ["batch_id", "preset", "image_ids", "image_uris", "prompts", "positive_index"]
     rows: list[dict[str, Any]] = []
-    for path in shard_paths(folder):
+    for path in paths:
         rows.extend(pq.read_table(path, columns=cols, schema=BATCHES_SCHEMA).to_pylist())
     return rows
 
@@ -499,7 +527,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = N
     trajectory (optimizer, scheduler, RNG and data cursor restored).
     """
     cfg.validate()
-    rows = read_batch_rows(cfg.batches)
+    rows = read_batch_rows(cfg.batches, cfg.batch_run)
     if not rows:
         raise ConfigError(f"no batch shards (part-*.parquet) in {cfg.batches}", "--batches", "run `dataprep batches` first")
     presets = {r["preset"] for r in rows if r.get("preset")}
