@@ -56,6 +56,10 @@ class CaptionOptions:
             raise ConfigError(f"--rows-per-shard {self.rows_per_shard} is less than 1", "--rows-per-shard", "e.g. 256")
 
     def sampling(self) -> Sampling:
+        # greedy decoding ignores seed and top_p: keep them out of the key, so
+        # changing --seed does not recaption everything to the same text
+        if self.temperature == 0:
+            return Sampling(temperature=0.0, max_new_tokens=self.max_new_tokens, seed=None)
         return Sampling(temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens, seed=self.seed)
 
 

@@ -74,6 +74,8 @@ def test_second_run_generates_nothing_and_new_settings_make_new_keys(tmp_path, s
     again = run_caption(refs, tmp_path, cfg(tiny_models), CaptionOptions(**OPTS), engine=llava, progress=False)
     assert (again.done, again.skipped) == (0, 2)
     assert len(rows(tmp_path)) == 2
+    other_seed = run_caption(refs, tmp_path, cfg(tiny_models), CaptionOptions(**OPTS, seed=5, top_p=0.5), engine=llava, progress=False)
+    assert (other_seed.done, other_seed.skipped) == (0, 2)  # greedy: seed and top_p change nothing
     sampled = run_caption(refs, tmp_path, cfg(tiny_models), CaptionOptions(**OPTS, temperature=0.7), engine=llava, progress=False)
     assert sampled.done == 2 and len(rows(tmp_path)) == 4
     forced = run_caption(refs, tmp_path, cfg(tiny_models), CaptionOptions(**OPTS, force=True), engine=llava, progress=False)
