@@ -394,12 +394,12 @@ def iter_batches(index: CaptionIndex, opts: BatchOptions, run_id: str = "run", c
             all_caps: set[str] = set()
 
             def fits(j: int) -> bool:
-                return positive(j) not in all_caps and not any(c in pos_texts for c in index.captions(j))
+                return norm_text(positive(j)) not in all_caps and not any(norm_text(c) in pos_texts for c in index.captions(j))
 
             def take(j: int) -> None:
                 members.append(j)
-                pos_texts.add(positive(j))
-                all_caps.update(index.captions(j))
+                pos_texts.add(norm_text(positive(j)))
+                all_caps.update(norm_text(c) for c in index.captions(j))
 
             for _ in range(len(pending)):
                 j = pending.popleft()
@@ -435,6 +435,12 @@ def iter_batches(index: CaptionIndex, opts: BatchOptions, run_id: str = "run", c
                 break
 
 
+def norm_text(text: str) -> str:
+    """Texts that differ only in case or spacing are one prompt to the model
+    (CLIP lowercases and re-tokenises), so they count as equal in a batch."""
+    return " ".join(text.casefold().split())
+
+
 def _fill(index: CaptionIndex, members: list[int], positive_at: Callable[[int], int], n_prompt: int, max_hard: int, rng: random.Random, counts: BuildCounts) -> dict[str, Any] | None:
     """Prompts for one batch, or None when the free slots cannot be filled."""
     prompts = [index.texts[positive_at(i)] for i in members]
@@ -442,19 +448,19 @@ def _fill(index: CaptionIndex, members: list[int], positive_at: Callable[[int], 
     owners = [index.image_ids[i] for i in members]
     used = set()
     for i in members:
-        used.update(index.captions(i))  # no caption of a batch image is ever a negative
+        used.update(norm_text(c) for c in index.captions(i))  # no caption of a batch image is ever a negative
     # hard negatives: the positive caption's own edit
     for i in members:
         edit = index.edits[positive_at(i)]
         if edit is None:
             continue
-        if len(prompts) >= n_prompt or kinds.count(HARD_NEGATIVE) >= max_hard or edit in used:
+        if len(prompts) >= n_prompt or kinds.count(HARD_NEGATIVE) >= max_hard or norm_text(edit) in used:
             counts.edits_unused += 1
             continue
         prompts.append(edit)
         kinds.append(HARD_NEGATIVE)
         owners.append(index.image_ids[i])
-        used.add(edit)
+        used.add(norm_text(edit))
     # negatives: captions of images outside the batch, random with rejection,
     # then a full scan from a random start so a crowded index still fills
     need = n_prompt - len(prompts)
@@ -468,12 +474,12 @@ def _fill(index: CaptionIndex, members: list[int], positive_at: Callable[[int], 
             continue
         caps = index.captions(j)
         text = caps[rng.randrange(len(caps))] if len(caps) > 1 else caps[0]
-        if text in used:
+        if norm_text(text) in used:
             continue
         prompts.append(text)
         kinds.append(NEGATIVE)
         owners.append(index.image_ids[j])
-        used.add(text)
+        used.add(norm_text(text))
         need -= 1
     if need:
         start = rng.randrange(N) if N else 0
@@ -482,11 +488,11 @@ def _fill(index: CaptionIndex, members: list[int], positive_at: Callable[[int], 
             if j in inside:
                 continue
             for text in index.captions(j):
-                if text not in used:
+                if norm_text(text) not in used:
                     prompts.append(text)
                     kinds.append(NEGATIVE)
                     owners.append(index.image_ids[j])
-                    used.add(text)
+                    used.add(norm_text(text))
                     need -= 1
                     break
             if not need:

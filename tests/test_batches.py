@@ -323,3 +323,17 @@ def test_cli_coco_and_source_flags(tmp_path):
 def test_an_explicit_zero_grid_is_a_config_error(opts, flag):
     with pytest.raises(ConfigError, match=flag):
         opts.validate()
+
+
+def test_case_and_spacing_variants_are_the_same_prompt(tmp_path):
+    """'A dog.' and 'a  dog. ' are one prompt to CLIP: never both in a batch."""
+    with ShardWriter(tmp_path / "captions", CAPTIONS_SCHEMA, "r1") as w:
+        for i in range(8):
+            text = "A dog on grass." if i == 0 else ("a  dog on GRASS. " if i == 1 else f"Scene number {i}.")
+            w.add(dict(image_id=f"img/{i}", image_uri=f"/d/{i}.png", caption=text, key=f"k{i}", created_at=T0))
+    for seed in range(5):
+        out = tmp_path / f"b{seed}"
+        s = build_batches(tmp_path / "captions", out, BatchOptions(images=2, prompts=6, seed=seed, drop_last=False))
+        for row in read_rows(s.shards):
+            normed = [" ".join(p.casefold().split()) for p in row["prompts"]]
+            assert len(set(normed)) == len(normed), row["prompts"]
