@@ -309,15 +309,18 @@ def load_coco_index(coco_captions: Path | str, coco_images: Path | str) -> Capti
     try:
         data = json.loads(cp.read_text())
         images = {im["id"]: im["file_name"] for im in data["images"]}
-        anns = sorted(data["annotations"], key=lambda a: a["id"])
+        anns = sorted(data["annotations"], key=lambda a: a.get("id", 0))
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"not a COCO captions file: {cp} ({exc})", "--coco-captions", "pass annotations/captions_train2017.json") from None
     caps: dict[int, list[str]] = {}
     skipped: Counter = Counter()
     for a in anns:
         text = a.get("caption")
-        if not text or not text.strip():
+        if not isinstance(text, str) or not text.strip():
             skipped["caption_empty_rows"] += 1
+            continue
+        if a.get("image_id") not in images:  # malformed or dangling annotation: count it, go on
+            skipped["annotation_without_image"] += 1
             continue
         caps.setdefault(a["image_id"], [])
         if text not in caps[a["image_id"]]:  # a repeated caption would be its own negative

@@ -337,3 +337,13 @@ def test_case_and_spacing_variants_are_the_same_prompt(tmp_path):
         for row in read_rows(s.shards):
             normed = [" ".join(p.casefold().split()) for p in row["prompts"]]
             assert len(set(normed)) == len(normed), row["prompts"]
+
+
+def test_coco_malformed_annotations_are_counted_not_fatal(tmp_path):
+    path, images_dir, _ = write_coco(tmp_path)
+    data = json.loads(path.read_text())
+    data["annotations"] += [{"id": 9001, "caption": "no image id"}, {"id": 9002, "image_id": 777, "caption": "dangling"}, {"id": 9003, "image_id": 0, "caption": None}]
+    path.write_text(json.dumps(data))
+    s = build_coco_batches(path, images_dir, tmp_path / "b", BatchOptions(preset="sd1.5"))
+    assert s.skipped["annotation_without_image"] == 2 and s.skipped["caption_empty_rows"] == 1
+    assert s.images == 13
