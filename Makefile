@@ -14,6 +14,8 @@ DEMO   ?= runs/demo
 DP      = $(VENV)/bin/dataprep
 SR      = $(VENV)/bin/softrepa
 SAMPLES = $(SHARED)/reference/softrepa/samples
+# offline, and quiet about the tiny models' random-token prompts being truncated
+OFFLINE = HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error DIFFUSERS_VERBOSITY=error HF_HUB_DISABLE_PROGRESS_BARS=1
 
 .PHONY: demo test install clean-demo
 
@@ -28,18 +30,18 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	rm -rf $(DEMO)
-	HF_HUB_OFFLINE=1 $(DP) tiny-models $(DEMO)/models
-	HF_HUB_OFFLINE=1 $(DP) caption div2k --data $(SAMPLES) --out $(DEMO) --model $(DEMO)/models/llava --max-new-tokens 48
-	HF_HUB_OFFLINE=1 $(DP) caption folder $(DEMO)/models/images --name generated --out $(DEMO) --model $(DEMO)/models/llava --max-new-tokens 48
-	HF_HUB_OFFLINE=1 $(DP) rewrite --out $(DEMO) --model $(DEMO)/models/llama --max-new-tokens 64
+	$(OFFLINE) $(DP) tiny-models $(DEMO)/models
+	$(OFFLINE) $(DP) caption div2k --data $(SAMPLES) --out $(DEMO) --model $(DEMO)/models/llava --max-new-tokens 48
+	$(OFFLINE) $(DP) caption folder $(DEMO)/models/images --name generated --out $(DEMO) --model $(DEMO)/models/llava --max-new-tokens 48
+	$(OFFLINE) $(DP) rewrite --out $(DEMO) --model $(DEMO)/models/llama --max-new-tokens 64
 	$(DP) check $(SAMPLES)/prompts_editing.json
 	$(DP) batches --preset sd3 --captions $(DEMO)/captions --edits $(DEMO)/edits --out $(DEMO)/batches --epochs 2
 	# tiny random Llama output never passes the checker: --include-failed only so the demo exports something
 	$(DP) export softrepa $(DEMO)/exports/softrepa --run $(DEMO) --include-failed
 	$(DP) export piebench $(DEMO)/exports/piebench --run $(DEMO) --include-failed
-	HF_HUB_OFFLINE=1 $(SR) train --preset sd3 --batches $(DEMO)/batches --model $(DEMO)/models/sd3 --out $(DEMO)/train-sd3 --steps 3 --checkpoint-every 2
+	$(OFFLINE) $(SR) train --preset sd3 --batches $(DEMO)/batches --model $(DEMO)/models/sd3 --out $(DEMO)/train-sd3 --steps 3 --checkpoint-every 2
 	$(SR) import-tokens $(SHARED)/reference/softrepa/tokens/sd3 $(DEMO)/tokens-official-sd3 --backbone sd3
-	HF_HUB_OFFLINE=1 $(SR) evaluate-edit --pairs $(SAMPLES)/prompts_editing.json --model $(DEMO)/models/sd3 --tokens $(DEMO)/train-sd3/tokens \
+	$(OFFLINE) $(SR) evaluate-edit --pairs $(SAMPLES)/prompts_editing.json --model $(DEMO)/models/sd3 --tokens $(DEMO)/train-sd3/tokens \
 	  --out $(DEMO)/eval-edit --steps 6 --n-max 4 --tgt-cfg 9,13 --size 32 --device cpu --tiny-metrics
 	$(DP) stats $(DEMO)
 
