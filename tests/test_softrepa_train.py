@@ -10,17 +10,8 @@ import pytest
 import torch
 
 from softrepa.tokens import SoftTokens, TokenConfig, load_tokens, wrap_model
-from softrepa.train import (
-    ConfigError,
-    PromptCache,
-    TrainConfig,
-    assert_only_tokens_train,
-    encode_images,
-    load_parts,
-    make_optimizer,
-    train,
-    train_step,
-)
+from softrepa.backbone import ConfigError, PromptCache, encode_images, load_parts
+from softrepa.train import TrainConfig, assert_only_tokens_train, make_optimizer, train, train_step
 from tests.softrepa_fixtures import PROMPTS, tiny_pipelines, write_batch_shards, write_pngs
 
 torch.set_num_threads(1)
@@ -89,7 +80,7 @@ def test_thirty_steps_on_a_fixed_batch_lower_the_contrastive_loss():
     kw = dict(scale=1000.0, temperature=1.0)
     losses = [train_step(parts, model, opt, latents, prompts, pos, 500, noise, **kw).loss.item() for _ in range(30)]
     from softrepa.loss import softrepa_loss
-    from softrepa.train import grid_errors
+    from softrepa.backbone import grid_errors
 
     with torch.no_grad():
         final = softrepa_loss(grid_errors(parts, model, latents, prompts, 500, noise), pos, **kw).loss.item()
@@ -217,7 +208,7 @@ def test_unet_noising_is_ddpm_whatever_the_pipelines_scheduler(kind):
 
     from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
-    from softrepa.train import noisy_and_target
+    from softrepa.backbone import noisy_and_target
 
     betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type=kind)
     g = torch.Generator().manual_seed(0)

@@ -151,7 +151,6 @@ class TransformersEngine:
     name = "transformers"
 
     def __init__(self, cfg: EngineConfig):
-        import torch
         from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
         self.cfg = cfg
@@ -204,8 +203,6 @@ class TransformersEngine:
         return self
 
     def _setup(self) -> None:
-        import torch
-
         self.net.eval()
         self.tokenizer.padding_side = "left"  # decoder-only batching: pad on the left
         if self.tokenizer.pad_token is None:
