@@ -395,40 +395,32 @@ IncludeFailedOpt = Annotated[bool, typer.Option("--include-failed", help="Also e
 LinkOpt = Annotated[bool, typer.Option("--link", help="Symlink local image files instead of copying them (zip members are always copied).")]
 
 
-def _export_summary(s) -> None:
+def _export(name: str, out: Path, run: Path, **kw) -> None:
+    """Run dataprep.export.export_<name> with a progress bar and print its one-line summary."""
     from rich.console import Console
 
-    console = Console()
+    from dataprep import export
+
+    try:
+        bar, update = _progress("images")
+        with bar:
+            s = getattr(export, f"export_{name}")(run, out, progress=update, **kw)
+    except ConfigError as exc:
+        raise fail(str(exc))
     skipped = ", ".join(f"{k} {v}" for k, v in s.skipped.items()) or "none"
-    console.print(f"export {s.kind}: {s.pairs} pairs -> {s.out}  (skipped: {skipped})", highlight=False)
+    Console().print(f"export {s.kind}: {s.pairs} pairs -> {s.out}  (skipped: {skipped})", highlight=False)
 
 
 @export_app.command("softrepa")
 def export_softrepa_cmd(out: ExportOutArg, run: ExportRunOpt, include_failed: IncludeFailedOpt = False, link: LinkOpt = False) -> None:
     """Write OUT/prompts_editing.json (prompt, img_path, tgt_prompt: the official SoftREPA editing format) with the images beside it."""
-    from dataprep.export import export_softrepa
-
-    try:
-        bar, update = _progress("images")
-        with bar:
-            s = export_softrepa(run, out, include_failed=include_failed, link=link, progress=update)
-    except ConfigError as exc:
-        raise fail(str(exc))
-    _export_summary(s)
+    _export("softrepa", out, run, include_failed=include_failed, link=link)
 
 
 @export_app.command("piebench")
 def export_piebench_cmd(out: ExportOutArg, run: ExportRunOpt, include_failed: IncludeFailedOpt = False, link: LinkOpt = False) -> None:
     """Write a PIE-Bench style OUT/mapping_file.json (changed spans in [ ], from the rule checker) and OUT/annotation_images/."""
-    from dataprep.export import export_piebench
-
-    try:
-        bar, update = _progress("images")
-        with bar:
-            s = export_piebench(run, out, include_failed=include_failed, link=link, progress=update)
-    except ConfigError as exc:
-        raise fail(str(exc))
-    _export_summary(s)
+    _export("piebench", out, run, include_failed=include_failed, link=link)
 
 
 @export_app.command("hf")
@@ -439,15 +431,7 @@ def export_hf_cmd(
     push_to_hub: Annotated[Optional[str], typer.Option("--push-to-hub", help="Also push to this hub dataset repo (user/name); needs a token with write access (huggingface-cli login).")] = None,
 ) -> None:
     """Save a `datasets` dataset (image, image_id, source, target, passed, violations) with save_to_disk."""
-    from dataprep.export import export_hf
-
-    try:
-        bar, update = _progress("images")
-        with bar:
-            s = export_hf(run, out, include_failed=include_failed, push_to_hub=push_to_hub, progress=update)
-    except ConfigError as exc:
-        raise fail(str(exc))
-    _export_summary(s)
+    _export("hf", out, run, include_failed=include_failed, push_to_hub=push_to_hub)
 
 
 @app.command("stats")
