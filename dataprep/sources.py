@@ -24,11 +24,22 @@ DIV2K_SPLITS = {"train": (1, 800), "valid": (801, 900)}
 
 
 @dataclass(frozen=True)
+class HFRow:
+    """Where an image stored inside a `datasets` dataset lives (read lazily)."""
+
+    name_or_path: str
+    split: str
+    image_column: str
+    index: int
+
+
+@dataclass(frozen=True)
 class ImageRef:
     image_id: str
     source: str  # div2k | folder | hf
     uri: str
-    data: bytes | None = None  # set for sources without files (HF datasets)
+    data: bytes | None = None  # in-memory bytes (tests, small sources)
+    row: HFRow | None = None  # an image embedded in a datasets dataset, fetched when read
 
 
 # ------------------------------------------------------------------ reading
@@ -45,6 +56,14 @@ def read_bytes(ref: ImageRef) -> bytes:
     """The image file's bytes. Raises OSError/KeyError with the cause."""
     if ref.data is not None:
         return ref.data
+    if ref.row is not None:
+        r = ref.row
+        img = _hf_images(r.name_or_path, r.split, r.image_column)[r.index][r.image_column] or {}
+        if img.get("bytes") is not None:
+            return img["bytes"]
+        if img.get("path"):
+            return Path(img["path"]).read_bytes()
+        raise FileNotFoundError(f"row {r.index} of {r.name_or_path} has no image")
     if ref.uri.startswith("zip://"):
         member, archive = ref.uri[len("zip://"):].split("::", 1)
         return _open_zip(archive).read(member)
@@ -151,36 +170,51 @@ def hf_dataset(
     Images are read as stored bytes (``decode=False``) so decoding happens in
     the worker pool like every other source.
     """
-    import datasets
-
-    p = Path(name_or_path).expanduser()
-    try:
-        if p.is_file() and p.suffix == ".parquet":
-            ds = datasets.load_dataset("parquet", data_files=str(p), split=split)
-        elif p.is_dir() and any(p.glob("*.parquet")) and not any(p.glob("*.arrow")):
-            ds = datasets.load_dataset("parquet", data_dir=str(p), split=split)
-        elif p.is_dir() and (p / "dataset_info.json").exists():
-            ds = datasets.load_from_disk(str(p))
-            if isinstance(ds, datasets.DatasetDict):
-                ds = ds[split]
-        else:
-            ds = datasets.load_dataset(name_or_path, split=split)
-    except Exception as exc:
-        raise ConfigError(f"cannot load dataset {name_or_path!r} split {split!r}: {exc}", "NAME_OR_PATH", "pass a local Parquet file/folder, an imagefolder, or a hub id you can access") from None
+    ds = _load_hf(name_or_path, split)
     if image_column not in ds.column_names:
         raise ConfigError(f"no column {image_column!r} in {name_or_path} (columns: {ds.column_names})", "--image-column", "name the column that holds the images")
     if id_column and id_column not in ds.column_names:
         raise ConfigError(f"no column {id_column!r} in {name_or_path}", "--id-column", f"use one of {ds.column_names}")
+    import datasets
+
+    p = Path(name_or_path).expanduser()
     ds = ds.cast_column(image_column, datasets.Image(decode=False))
     label = p.name if p.exists() else name_or_path
     n = len(ds) if limit is None else min(limit, len(ds))
+    # Refs keep no pixels: a 100k-image dataset must not sit in memory twice.
+    # Workers fetch each row's bytes themselves (memory-mapped Arrow).
     for i in range(n):
         row = ds[i]
         img = row[image_column] or {}
         rid = str(row[id_column]) if id_column else f"{i:06d}"
         path = img.get("path")
-        data = img.get("bytes")
-        if data is None and path and Path(path).exists():
+        if img.get("bytes") is None and path and Path(path).exists():
             yield ImageRef(f"{label}/{split}/{rid}", "hf", str(Path(path).resolve()))
         else:
-            yield ImageRef(f"{label}/{split}/{rid}", "hf", path or f"hf://{label}/{split}/{i}", data=data if data is not None else b"")
+            yield ImageRef(f"{label}/{split}/{rid}", "hf", f"hf://{label}/{split}/{i}", row=HFRow(name_or_path, split, image_column, i))
+
+
+def _load_hf(name_or_path: str, split: str):
+    """A `datasets` split from a local Parquet file/folder, a save_to_disk folder, or the hub."""
+    import datasets
+
+    p = Path(name_or_path).expanduser()
+    try:
+        if p.is_file() and p.suffix == ".parquet":
+            return datasets.load_dataset("parquet", data_files=str(p), split=split)
+        if p.is_dir() and any(p.glob("*.parquet")) and not any(p.glob("*.arrow")):
+            return datasets.load_dataset("parquet", data_dir=str(p), split=split)
+        if p.is_dir() and (p / "dataset_info.json").exists():
+            ds = datasets.load_from_disk(str(p))
+            return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+        return datasets.load_dataset(name_or_path, split=split)
+    except Exception as exc:
+        raise ConfigError(f"cannot load dataset {name_or_path!r} split {split!r}: {exc}", "NAME_OR_PATH", "pass a local Parquet file/folder, an imagefolder, or a hub id you can access") from None
+
+
+@lru_cache(maxsize=4)
+def _hf_images(name_or_path: str, split: str, image_column: str):
+    """The dataset's image column as stored bytes, opened once per process."""
+    import datasets
+
+    return _load_hf(name_or_path, split).select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))

@@ -246,3 +246,18 @@ def test_quantized_model_is_another_model_for_resume(tmp_path, samples_dir):
     assert (q.done, q.skipped) == (2, 0) and len(rows(tmp_path)) == 4
     again = run_caption(refs, tmp_path, EngineConfig(model="fake-model", quantize="4bit"), opts, engine=_FakeEngine(), progress=False)
     assert (again.done, again.skipped) == (0, 2)
+
+
+def test_hf_dataset_images_are_read_by_the_worker_processes(tmp_path, tiny_models):
+    """Embedded dataset images travel as row references, and spawned workers fetch them."""
+    import datasets
+    from PIL import Image
+
+    from dataprep.sources import hf_dataset
+
+    imgs = [Image.new("RGB", (20 + i, 10), (i * 60, 0, 0)) for i in range(3)]
+    ds = datasets.Dataset.from_dict({"image": imgs}).cast_column("image", datasets.Image())
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    summary = run_caption(hf_dataset(str(tmp_path / "d.parquet")), tmp_path / "run", cfg(tiny_models), CaptionOptions(max_new_tokens=4, workers=1), progress=False)
+    out = rows(tmp_path / "run")
+    assert summary.done == 3 and sorted(r["image_width"] for r in out) == [20, 21, 22]

@@ -86,6 +86,7 @@ def test_hf_parquet_dataset_offline(tmp_path):
     ds.to_parquet(str(path))
     refs = list(hf_dataset(str(path), id_column="uid"))
     assert [r.image_id for r in refs] == ["data.parquet/train/a", "data.parquet/train/b", "data.parquet/train/c"]
+    assert all(r.data is None for r in refs)  # refs hold no pixels; bytes are fetched when read
     assert Image.open(__import__("io").BytesIO(read_bytes(refs[2]))).getpixel((0, 0)) == (2, 0, 0)
     with pytest.raises(ConfigError) as exc:
         list(hf_dataset(str(path), image_column="pixels"))
