@@ -191,7 +191,7 @@ def hf_dataset(
         if img.get("bytes") is None and path and Path(path).exists():
             yield ImageRef(f"{label}/{split}/{rid}", "hf", str(Path(path).resolve()))
         else:
-            yield ImageRef(f"{label}/{split}/{rid}", "hf", f"hf://{label}/{split}/{i}", row=HFRow(name_or_path, split, image_column, i))
+            yield ImageRef(f"{label}/{split}/{rid}", "hf", f"dataset-row://{label}/{split}/{i}", row=HFRow(name_or_path, split, image_column, i))
 
 
 def _load_hf(name_or_path: str, split: str):
