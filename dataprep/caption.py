@@ -21,7 +21,7 @@ from dataprep.engines import ChatRequest, ConfigError, Engine, EngineConfig, Sam
 from dataprep.images import DEFAULT_MAX_PIXELS, PrepOptions, prepare
 from dataprep.promptfile import load_prompt
 from dataprep.sources import ImageRef, read_bytes
-from dataprep.stage import StageSummary, model_identity, progress_bar, provenance
+from dataprep.stage import StageSummary, engine_manifest, model_identity, progress_bar, provenance
 from dataprep.store import CAPTIONS_SCHEMA, Manifest, ShardWriter, compact, content_key, done_keys, new_run_id, sha256_text, utcnow
 
 DEFAULT_MODEL = "llava-hf/llava-1.5-13b-hf"
@@ -175,7 +175,7 @@ def run_caption(
     manifest = Manifest(
         stage=STAGE,
         run_id=run_id,
-        config={"engine": engine_cfg.public_dict() | {"model": engine.model}, "options": asdict(opts), "prompt_id": prompt.prompt_id, "prompt_sha256": prompt.sha256},
+        config={"engine": engine_manifest(engine_cfg, engine), "options": asdict(opts), "prompt_id": prompt.prompt_id, "prompt_sha256": prompt.sha256},
     )
     batch_size = getattr(engine, "batch_size", 8)
     pending: list[dict[str, Any]] = []

@@ -30,7 +30,7 @@ from typing import Any, Iterable
 from dataprep.engines import ChatRequest, ChatResult, ConfigError, Engine, EngineConfig, Sampling, load_engine
 from dataprep.promptfile import load_prompt
 from dataprep.rules import RULES, Verdict, check
-from dataprep.stage import StageSummary, model_identity, progress_bar, provenance
+from dataprep.stage import StageSummary, engine_manifest, model_identity, progress_bar, provenance
 from dataprep.store import CAPTIONS_SCHEMA, EDITS_SCHEMA, Manifest, ShardWriter, compact, content_key, iter_rows, new_run_id, sha256_text, shard_paths, utcnow
 
 DEFAULT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -288,7 +288,7 @@ def run_rewrite(
     manifest = Manifest(
         stage=STAGE,
         run_id=run_id,
-        config={"engine": engine_cfg.public_dict() | {"model": engine.model}, "options": asdict(opts), "prompt_id": rules.prompt_id, "prompt_sha256": rules.sha256},
+        config={"engine": engine_manifest(engine_cfg, engine), "options": asdict(opts), "prompt_id": rules.prompt_id, "prompt_sha256": rules.sha256},
     )
     batch_size = getattr(engine, "batch_size", 8)
     pending: list[tuple[RewriteInput, str]] = []

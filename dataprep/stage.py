@@ -64,6 +64,21 @@ def model_identity(engine: Any, engine_cfg: Any = None) -> str:
     return engine.model if not quantize else f"{engine.model} [{quantize}]"
 
 
+def engine_manifest(engine_cfg: Any, engine: Any) -> dict[str, Any]:
+    """The engine section of a manifest: the flags, plus what they resolved to.
+
+    ``--dtype auto`` and ``--device auto`` say nothing about the run; the
+    precision actually loaded changes outputs and is not part of the row key,
+    so the manifest records it.
+    """
+    out = dict(engine_cfg.public_dict(), model=engine.model)
+    for attr in ("device", "dtype", "batch_size"):
+        value = getattr(engine, attr, None)
+        if value is not None:
+            out[f"resolved_{attr}"] = str(value).replace("torch.", "")
+    return out
+
+
 def provenance(
     *,
     key: str,

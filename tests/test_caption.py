@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -50,8 +51,10 @@ def test_samples_and_generated_images_all_caption(tmp_path, samples_dir, tiny_mo
         assert r["prompt_id"] == "caption.txt" and len(r["prompt_sha256"]) == 64
         assert len(r["image_sha256"]) == 64 and r["finish_reason"] in ("stop", "length")
         assert r["completion_tokens"] > 0 and r["prompt_tokens"] > 0 and r["created_at"] is not None
-    manifest = (tmp_path / "run" / "captions" / "_manifest.json").read_text()
-    assert '"done": 12' in manifest and "transformers" in manifest
+    manifest = json.loads((tmp_path / "run" / "captions" / "_manifest.json").read_text())
+    assert manifest["counts"]["done"] == 12 and manifest["config"]["engine"]["engine"] == "transformers"
+    # what --dtype/--device auto resolved to: it changes outputs and is not in the key
+    assert manifest["config"]["engine"]["resolved_dtype"] == "float32" and manifest["config"]["engine"]["resolved_device"] == "cpu"
 
 
 def test_bad_files_become_error_rows_and_the_run_completes(tmp_path, tiny_models, llava):
