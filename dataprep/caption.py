@@ -17,12 +17,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from dataprep.engines import ChatRequest, ConfigError, Engine, EngineConfig, Sampling, load_engine
+from dataprep.engines import ChatRequest, ConfigError, Engine, EngineConfig, Sampling
 from dataprep.images import DEFAULT_MAX_PIXELS, PrepOptions, prepare
 from dataprep.promptfile import load_prompt
 from dataprep.sources import ImageRef, read_bytes
-from dataprep.stage import StageSummary, engine_manifest, model_identity, progress_bar, provenance
-from dataprep.store import CAPTIONS_SCHEMA, Manifest, ShardWriter, compact, content_key, done_keys, new_run_id, sha256_text, utcnow
+from dataprep.stage import StageRun, StageSummary, model_identity, provenance
+from dataprep.store import CAPTIONS_SCHEMA, content_key, done_keys, sha256_text
 
 DEFAULT_MODEL = "llava-hf/llava-1.5-13b-hf"
 STAGE = "caption"
@@ -154,30 +154,13 @@ def run_caption(
     prompt = load_prompt(opts.prompt_file)
     if not engine_cfg.model:
         engine_cfg.model = DEFAULT_MODEL
-    own_engine = engine is None
-    engine = engine or load_engine(engine_cfg)
+    refs = list(refs)  # refs are ids and paths; no image is read before the model loads
     folder = Path(out) / "captions"
-    folder.mkdir(parents=True, exist_ok=True)
-    compact(folder, CAPTIONS_SCHEMA)  # a killed earlier run may have left superseded rows
-    run_id = new_run_id()
-    sampling = opts.sampling()
-    spec = _KeySpec(
-        model=model_identity(engine, engine_cfg),
-        revision=engine.revision,
-        prompt_sha256=prompt.sha256,
-        sampling=sampling.to_json(),
-        seed=sampling.seed,
-        prep=PrepOptions(mode="crop" if opts.crop else "pad", size=engine.image_size(), max_pixels=opts.max_pixels),
-        done=frozenset() if opts.force else frozenset(done_keys(folder)),
+    run = StageRun(
+        STAGE, folder, CAPTIONS_SCHEMA, engine_cfg, engine, progress=progress, rows_per_shard=opts.rows_per_shard,
+        config={"options": asdict(opts), "prompt_id": prompt.prompt_id, "prompt_sha256": prompt.sha256},
     )
-    refs = list(refs)
-    summary = StageSummary(stage=STAGE, out_dir=folder, run_id=run_id)
-    manifest = Manifest(
-        stage=STAGE,
-        run_id=run_id,
-        config={"engine": engine_manifest(engine_cfg, engine), "options": asdict(opts), "prompt_id": prompt.prompt_id, "prompt_sha256": prompt.sha256},
-    )
-    batch_size = getattr(engine, "batch_size", 8)
+    engine, summary, sampling = run.engine, run.summary, opts.sampling()
     pending: list[dict[str, Any]] = []
 
     def row(item: dict[str, Any], result=None, error=None) -> dict[str, Any]:
@@ -189,57 +172,53 @@ def run_caption(
             "image_width": getattr(prep, "width", None),
             "image_height": getattr(prep, "height", None),
             "caption": result.text if result is not None else None,
-            **provenance(key=item["key"], engine=engine, prompt_id=prompt.prompt_id, prompt_sha256=prompt.sha256, sampling=sampling, run_id=run_id, result=result, error=error),
+            **provenance(key=item["key"], engine=engine, prompt_id=prompt.prompt_id, prompt_sha256=prompt.sha256, sampling=sampling, run_id=run.run_id, result=result, error=error),
         }
 
-    try:
-        with ShardWriter(folder, CAPTIONS_SCHEMA, run_id, opts.rows_per_shard) as writer, progress_bar("caption", len(refs), progress) as bar:
-            task = bar.add_task("caption", total=len(refs))
+    def flush() -> None:
+        if not pending:
+            return
+        requests = [
+            ChatRequest(messages=[{"role": "user", "content": prompt.text}], image=it["prepared"].image, sampling=sampling, request_id=it["ref"].image_id)
+            for it in pending
+        ]
+        for it, res in zip(pending, engine.generate(requests)):
+            error = res.error
+            if error is None and not res.text.strip():
+                error = "empty_output: the model returned no text"
+            run.writer.add(row(it, res, error))
+            if error:
+                summary.fail(error)
+            else:
+                summary.done += 1
+                summary.truncated += res.finish_reason == "length"
+        run.advance(len(pending))
+        pending.clear()
 
-            def flush() -> None:
-                if not pending:
-                    return
-                requests = [
-                    ChatRequest(messages=[{"role": "user", "content": prompt.text}], image=it["prepared"].image, sampling=sampling, request_id=it["ref"].image_id)
-                    for it in pending
-                ]
-                for it, res in zip(pending, engine.generate(requests)):
-                    error = res.error
-                    if error is None and not res.text.strip():
-                        error = "empty_output: the model returned no text"
-                    writer.add(row(it, res, error))
-                    if error:
-                        summary.fail(error)
-                    else:
-                        summary.done += 1
-                        summary.truncated += res.finish_reason == "length"
-                bar.advance(task, len(pending))
-                pending.clear()
-
-            # read-ahead of two batches, capped: engines without an image size
-            # (openai) keep full-size padded images in memory
-            window = min(max(2 * batch_size, 8), 64)
-            for item in _ordered_map(refs, spec, opts.workers, window=window):
-                if item.get("skipped"):
-                    summary.skipped += 1
-                    bar.advance(task)
-                elif item.get("error"):
-                    writer.add(row(item, error=item["error"]))
-                    summary.fail(item["error"])
-                    bar.advance(task)
-                else:
-                    pending.append(item)
-                    if len(pending) >= batch_size:
-                        flush()
-            flush()
-            summary.shards = list(writer.written)
-    finally:
-        compact(folder, CAPTIONS_SCHEMA)  # a retried key keeps only its newest row
-        summary.finish()
-        manifest.counts = summary.counts()
-        manifest.failures = dict(summary.failed)
-        manifest.finished_at = utcnow().isoformat()
-        manifest.write(folder)
-        if own_engine:
-            engine.close()
+    with run.open(total=len(refs)):
+        spec = _KeySpec(
+            model=model_identity(engine, engine_cfg),
+            revision=engine.revision,
+            prompt_sha256=prompt.sha256,
+            sampling=sampling.to_json(),
+            seed=sampling.seed,
+            prep=PrepOptions(mode="crop" if opts.crop else "pad", size=engine.image_size(), max_pixels=opts.max_pixels),
+            done=frozenset() if opts.force else frozenset(done_keys(folder)),
+        )
+        # read-ahead of two batches, capped: engines without an image size
+        # (openai) keep full-size padded images in memory
+        window = min(max(2 * run.batch_size, 8), 64)
+        for item in _ordered_map(refs, spec, opts.workers, window=window):
+            if item.get("skipped"):
+                summary.skipped += 1
+                run.advance()
+            elif item.get("error"):
+                run.writer.add(row(item, error=item["error"]))
+                summary.fail(item["error"])
+                run.advance()
+            else:
+                pending.append(item)
+                if len(pending) >= run.batch_size:
+                    flush()
+        flush()
     return summary

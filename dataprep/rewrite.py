@@ -27,11 +27,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from dataprep.engines import ChatRequest, ChatResult, ConfigError, Engine, EngineConfig, Sampling, load_engine
+from dataprep.engines import ChatRequest, ChatResult, ConfigError, Engine, EngineConfig, Sampling
 from dataprep.promptfile import load_prompt
 from dataprep.rules import RULES, Verdict, check
-from dataprep.stage import StageSummary, engine_manifest, model_identity, progress_bar, provenance
-from dataprep.store import CAPTIONS_SCHEMA, EDITS_SCHEMA, Manifest, ShardWriter, compact, content_key, iter_rows, new_run_id, sha256_text, shard_paths, utcnow
+from dataprep.stage import StageRun, StageSummary, model_identity, provenance
+from dataprep.store import CAPTIONS_SCHEMA, EDITS_SCHEMA, content_key, iter_rows, sha256_text, shard_paths
 
 DEFAULT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 STAGE = "rewrite"
@@ -275,23 +275,26 @@ def run_rewrite(
     rules = load_prompt(opts.rules_file, flag="--rules")
     if not engine_cfg.model:
         engine_cfg.model = DEFAULT_MODEL
-    own_engine = engine is None
-    engine = engine or load_engine(engine_cfg)
-    folder = Path(out) / "edits"
-    folder.mkdir(parents=True, exist_ok=True)
-    compact(folder, EDITS_SCHEMA)  # a killed earlier run may have left superseded rows
-    run_id = new_run_id()
-    done, tried = (set(), {}) if opts.force else resume_state(folder, opts.max_attempts)
     items = list(texts)
-    summary = StageSummary(stage=STAGE, out_dir=folder, run_id=run_id)
-    tally = _Tally()
-    manifest = Manifest(
-        stage=STAGE,
-        run_id=run_id,
-        config={"engine": engine_manifest(engine_cfg, engine), "options": asdict(opts), "prompt_id": rules.prompt_id, "prompt_sha256": rules.sha256},
+    folder = Path(out) / "edits"
+    run = StageRun(
+        STAGE, folder, EDITS_SCHEMA, engine_cfg, engine, progress=progress, rows_per_shard=opts.rows_per_shard,
+        config={"options": asdict(opts), "prompt_id": rules.prompt_id, "prompt_sha256": rules.sha256},
     )
-    batch_size = getattr(engine, "batch_size", 8)
+    engine, summary, tally = run.engine, run.summary, _Tally()
     pending: list[tuple[RewriteInput, str]] = []
+
+    def finish() -> None:  # also after an error: the counts so far go to the manifest
+        summary.extra.update(tally.extra())
+        run.manifest_counts.update({
+            "checked": tally.checked,
+            "passed": tally.passed,
+            "passed_first_attempt": tally.first,
+            "caption_errors_skipped": tally.caption_errors,
+            **{f"violations.{r}": n for r, n in tally.by_rule.items()},
+        })
+
+    run.on_finish = finish
 
     def row(item: RewriteInput, key: str, o: Outcome | None = None, error: str | None = None) -> dict[str, Any]:
         v = o.verdict if o is not None else None
@@ -312,68 +315,49 @@ def run_rewrite(
                 prompt_id=rules.prompt_id,
                 prompt_sha256=rules.sha256,
                 sampling=o.sampling if o is not None else opts.attempt_sampling(1),
-                run_id=run_id,
+                run_id=run.run_id,
                 result=o.result if o is not None else None,
                 error=error if error is not None else (o.error if o is not None else None),
             ),
         }
 
-    try:
-        with ShardWriter(folder, EDITS_SCHEMA, run_id, opts.rows_per_shard) as writer, progress_bar("rewrite", len(items), progress) as bar:
-            task = bar.add_task("rewrite", total=len(items))
+    def flush(tried: dict[str, int]) -> None:
+        if not pending:
+            return
+        outcomes = rewrite_with_retries(
+            engine, rules.text, [it.text for it, _ in pending], opts, [it.image_id or "" for it, _ in pending], [tried.get(k, 0) + 1 for _, k in pending]
+        )
+        for (it, key), o in zip(pending, outcomes):
+            run.writer.add(row(it, key, o))
+            if o.error:
+                summary.fail(o.error)
+            else:
+                summary.done += 1
+                summary.truncated += o.result.finish_reason == "length"
+                tally.add(o)
+        run.advance(len(pending))
+        pending.clear()
 
-            def flush() -> None:
-                if not pending:
-                    return
-                outcomes = rewrite_with_retries(
-                    engine, rules.text, [it.text for it, _ in pending], opts, [it.image_id or "" for it, _ in pending], [tried.get(k, 0) + 1 for _, k in pending]
-                )
-                for (it, key), o in zip(pending, outcomes):
-                    writer.add(row(it, key, o))
-                    if o.error:
-                        summary.fail(o.error)
-                    else:
-                        summary.done += 1
-                        summary.truncated += o.result.finish_reason == "length"
-                        tally.add(o)
-                bar.advance(task, len(pending))
-                pending.clear()
-
-            for item in items:
-                if item.error is not None:
-                    tally.caption_errors += 1
-                    bar.advance(task)
-                elif not isinstance(item.text, str) or not item.text.strip():
-                    key = rewrite_key(item, model_identity(engine, engine_cfg), engine.revision, rules.sha256, opts)
-                    error = "missing_caption: the input row has no caption text"
-                    writer.add(row(item, key, error=error))
-                    summary.fail(error)
-                    bar.advance(task)
-                else:
-                    key = rewrite_key(item, model_identity(engine, engine_cfg), engine.revision, rules.sha256, opts)
-                    if key in done:
-                        summary.skipped += 1
-                        bar.advance(task)
-                        continue
-                    pending.append((item, key))
-                    if len(pending) >= batch_size:
-                        flush()
-            flush()
-            summary.shards = list(writer.written)
-    finally:
-        compact(folder, EDITS_SCHEMA)  # a retried key keeps only its newest row
-        summary.finish()
-        summary.extra.update(tally.extra())
-        manifest.counts = summary.counts() | {
-            "checked": tally.checked,
-            "passed": tally.passed,
-            "passed_first_attempt": tally.first,
-            "caption_errors_skipped": tally.caption_errors,
-            **{f"violations.{r}": n for r, n in tally.by_rule.items()},
-        }
-        manifest.failures = dict(summary.failed)
-        manifest.finished_at = utcnow().isoformat()
-        manifest.write(folder)
-        if own_engine:
-            engine.close()
+    with run.open(total=len(items)):
+        done, tried = (set(), {}) if opts.force else resume_state(folder, opts.max_attempts)
+        model = model_identity(engine, engine_cfg)
+        for item in items:
+            if item.error is not None:
+                tally.caption_errors += 1
+                run.advance()
+                continue
+            key = rewrite_key(item, model, engine.revision, rules.sha256, opts)
+            if not isinstance(item.text, str) or not item.text.strip():
+                error = "missing_caption: the input row has no caption text"
+                run.writer.add(row(item, key, error=error))
+                summary.fail(error)
+                run.advance()
+            elif key in done:
+                summary.skipped += 1
+                run.advance()
+            else:
+                pending.append((item, key))
+                if len(pending) >= run.batch_size:
+                    flush(tried)
+        flush(tried)
     return summary

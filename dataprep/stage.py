@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dataprep.engines import ChatResult, Sampling
-from dataprep.store import utcnow
+from dataprep.store import Manifest, ShardWriter, compact, new_run_id, utcnow
 
 
 @dataclass
@@ -62,6 +62,72 @@ def model_identity(engine: Any, engine_cfg: Any = None) -> str:
     cfg = getattr(engine, "cfg", None) or engine_cfg
     quantize = getattr(cfg, "quantize", None)
     return engine.model if not quantize else f"{engine.model} [{quantize}]"
+
+
+class StageRun:
+    """One run of a model stage into its store folder: what both stages share.
+
+    Construction loads the engine (unless one is passed: flows reuse theirs),
+    so configuration fails before any input is read, and compacts the folder
+    (a killed earlier run may have left superseded rows). Inside ``with``,
+    ``writer`` takes rows and ``advance`` moves the progress bar. Leaving,
+    normally or by an exception, keeps every finished row: the last shard is
+    flushed, the folder compacted again (a retried key keeps one row), the
+    manifest written and an engine this run loaded closed.
+    """
+
+    def __init__(self, stage: str, folder: Path, schema: Any, engine_cfg: Any, engine: Any = None, *, config: dict[str, Any], rows_per_shard: int, progress: bool = True):
+        from dataprep.engines import load_engine
+
+        self.own_engine = engine is None
+        self.engine = engine or load_engine(engine_cfg)
+        self.folder, self.schema = Path(folder), schema
+        self.folder.mkdir(parents=True, exist_ok=True)
+        compact(self.folder, schema)
+        self.run_id = new_run_id()
+        self.summary = StageSummary(stage=stage, out_dir=self.folder, run_id=self.run_id)
+        self.manifest = Manifest(stage=stage, run_id=self.run_id, config={"engine": engine_manifest(engine_cfg, self.engine), **config})
+        self.manifest_counts: dict[str, int] = {}  # stage-specific counts merged into the manifest
+        self.on_finish = None  # called before the manifest is written, also after an error
+        self.batch_size = getattr(self.engine, "batch_size", 8)
+        self.rows_per_shard, self.progress = rows_per_shard, progress
+
+    def open(self, total: int) -> "StageRun":
+        self.total = total
+        return self
+
+    def __enter__(self) -> "StageRun":
+        self.writer = ShardWriter(self.folder, self.schema, self.run_id, self.rows_per_shard)
+        self.bar = progress_bar(self.summary.stage, self.total, self.progress)
+        self.bar.__enter__()
+        self.task = self.bar.add_task(self.summary.stage, total=self.total)
+        return self
+
+    def advance(self, n: int = 1) -> None:
+        self.bar.advance(self.task, n)
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.writer.close()
+            self.summary.shards = list(self.writer.written)
+        finally:
+            self.bar.__exit__(*exc)
+            self.close()
+
+    def close(self) -> None:
+        """Compact, finish the summary, write the manifest, release the engine."""
+        try:
+            compact(self.folder, self.schema)
+            self.summary.finish()
+            if self.on_finish is not None:
+                self.on_finish()
+            self.manifest.counts = self.summary.counts() | self.manifest_counts
+            self.manifest.failures = dict(self.summary.failed)
+            self.manifest.finished_at = utcnow().isoformat()
+            self.manifest.write(self.folder)
+        finally:
+            if self.own_engine:
+                self.engine.close()
 
 
 def engine_manifest(engine_cfg: Any, engine: Any) -> dict[str, Any]:
