@@ -92,12 +92,13 @@ class EvalConfig:
     methods: tuple[str, ...] | None = None
     tgt_cfgs: tuple[float, ...] | None = None
     n_max: int | None = None
-    steps: int = 50
-    n_min: int = 0
-    src_cfg: float = 3.5
-    seed: int = 0
-    size: int = 1024
-    cfg_rule: str = "standard"
+    # FlowEdit's defaults live once, in EditConfig (paper: 50 steps, source CFG 3.5)
+    steps: int = EditConfig.steps
+    n_min: int = EditConfig.n_min
+    src_cfg: float = EditConfig.src_cfg
+    seed: int = EditConfig.seed
+    size: int = EditConfig.size
+    cfg_rule: str = EditConfig.cfg_rule
     limit: int | None = None
     device: str = "auto"
     dtype: str = "auto"
