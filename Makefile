@@ -1,6 +1,7 @@
 # Two entry points (see README):
 #   make demo   set up a virtualenv and run the whole pipeline offline on tiny
-#               random models and the sample images; prints each stage's summary
+#               random models and generated DIV2K-shaped images; prints each
+#               stage's summary
 #   make test   the full test suite (what CI runs)
 #
 # TORCH picks the torch build installed before the project: the default is the
@@ -9,11 +10,11 @@
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
-SHARED ?= ../shared
 DEMO   ?= runs/demo
 DP      = $(VENV)/bin/dataprep
 SR      = $(VENV)/bin/softrepa
-SAMPLES = $(SHARED)/reference/softrepa/samples
+# written by `dataprep tiny-models`: DIV2K-shaped frames + their editing pairs
+SAMPLES = $(DEMO)/models/div2k
 # offline, and quiet about the tiny models' random-token prompts being truncated
 OFFLINE = HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error DIFFUSERS_VERBOSITY=error HF_HUB_DISABLE_PROGRESS_BARS=1
 
@@ -40,7 +41,7 @@ demo: install
 	$(DP) export softrepa $(DEMO)/exports/softrepa --run $(DEMO) --include-failed
 	$(DP) export piebench $(DEMO)/exports/piebench --run $(DEMO) --include-failed
 	$(OFFLINE) $(SR) train --preset sd3 --batches $(DEMO)/batches --model $(DEMO)/models/sd3 --out $(DEMO)/train-sd3 --steps 3 --checkpoint-every 2
-	$(SR) import-tokens $(SHARED)/reference/softrepa/tokens/sd3 $(DEMO)/tokens-official-sd3 --backbone sd3
+	$(SR) import-tokens $(DEMO)/models/official-tokens/sd3 $(DEMO)/tokens-official-sd3 --backbone sd3
 	$(OFFLINE) $(SR) evaluate-edit --pairs $(SAMPLES)/prompts_editing.json --model $(DEMO)/models/sd3 --tokens $(DEMO)/train-sd3/tokens \
 	  --out $(DEMO)/eval-edit --steps 6 --n-max 4 --tgt-cfg 9,13 --size 32 --device cpu --tiny-metrics
 	$(DP) stats $(DEMO)

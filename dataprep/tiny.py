@@ -173,18 +173,121 @@ def write_demo_images(folder: Path | str) -> list[Path]:
     return paths
 
 
+# DIV2K HR frames are 8-bit RGB PNGs with 2040 px on the long side (landscape
+# and portrait, several heights); these are the shapes the demo and the tests
+# caption, so decoding, padding and resizing see what the real set holds.
+DIV2K_SIZES = ((2040, 1356), (1356, 2040), (2040, 1152), (2040, 1536))
+
+
+def div2k_like_image(number: int, size: tuple[int, int]) -> Image.Image:
+    """A photo-like RGB frame: a sky/ground gradient, a few shapes, sensor-like noise.
+
+    Deterministic in ``number``; smooth regions plus noise make PNGs of a few
+    MB, like DIV2K's, rather than the few KB a flat colour would give.
+    """
+    import numpy as np
+
+    w, h = size
+    rng = np.random.default_rng(number)
+    y = np.linspace(0.0, 1.0, h, dtype=np.float32)[:, None, None]
+    x = np.linspace(0.0, 1.0, w, dtype=np.float32)[None, :, None]
+    sky, ground = rng.uniform(60, 230, 3).astype(np.float32), rng.uniform(20, 160, 3).astype(np.float32)
+    horizon = rng.uniform(0.35, 0.65)
+    img = np.where(y < horizon, sky * (0.6 + 0.4 * y / horizon), ground * (0.7 + 0.3 * x))
+    img = np.broadcast_to(img, (h, w, 3)).copy()
+    for _ in range(int(rng.integers(3, 7))):  # a few blobs: the "objects" of the scene
+        cx, cy, r = rng.uniform(0, w), rng.uniform(horizon * h, h), rng.uniform(0.05, 0.2) * min(w, h)
+        yy, xx = np.ogrid[:h, :w]
+        img[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = rng.uniform(0, 255, 3)
+    img += rng.normal(0, 4, size=(h, w, 3)).astype(np.float32)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+
+
+def write_div2k_samples(folder: Path | str, n: int = 4, sizes: tuple[tuple[int, int], ...] = DIV2K_SIZES) -> list[Path]:
+    """``folder/0001.png`` .. ``000n.png`` in DIV2K's naming and sizes, plus ``prompts_editing.json``.
+
+    A stand-in for ``DIV2K_train_HR/`` that ``dataprep caption div2k`` reads
+    as it reads the real folder. Existing files are kept (rerunning costs
+    nothing). The pairs file (see :func:`write_editing_pairs`) refers to the
+    first two images.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(1, n + 1):
+        p = folder / f"{i:04d}.png"
+        if not p.exists():
+            tmp = p.with_name(f".{p.name}.tmp")
+            # compress_level 1: a few MB per frame written in a fraction of a second
+            div2k_like_image(i, sizes[(i - 1) % len(sizes)]).save(tmp, format="PNG", compress_level=1)
+            tmp.replace(p)
+        paths.append(p)
+    write_editing_pairs(folder / "prompts_editing.json")
+    return paths
+
+
+# Caption/target pairs in the official editing script's JSON layout (a list of
+# {"prompt", "img_path", "tgt_prompt"}, img_path relative to the file, texts
+# ending in a newline as LLaVA's captions do). Like the two pairs published
+# with the paper's code, both change a colour and another concept, so the rule
+# checker must fail both (color_change + multiple_concepts).
+EDITING_PAIRS = [
+    {
+        "prompt": "The image shows a white lighthouse standing on a grassy cliff. The door of the lighthouse is shut, "
+                  "and a narrow path leads up to it. A wooden fence runs along the edge of the cliff, and a few seagulls "
+                  "fly across the pale sky above the sea.\n",
+        "img_path": "0001.png",
+        "tgt_prompt": "The image shows a blue lighthouse standing on a grassy cliff. The door of the lighthouse is open, "
+                      "and a narrow path leads up to it. A wooden fence runs along the edge of the cliff, and a few seagulls "
+                      "fly across the pale sky above the sea.\n",
+    },
+    {
+        "prompt": "The image features a quiet harbor with several fishing boats tied to a long wooden pier. The water is calm "
+                  "and green, reflecting the boats and the hills behind them. The pier is lined with barrels and nets, with "
+                  "some of the barrels stacked high and others lying on their side. The nets are spread along the pier, "
+                  "with some near the boats and others further back. The overall color palette of the scene is mostly green "
+                  "and brown, with the soft morning light giving it a peaceful mood.\n",
+        "img_path": "0002.png",
+        "tgt_prompt": "The image features a quiet harbor with several fishing boats tied to a long wooden pier. The water is calm "
+                      "and blue, reflecting the boats and the hills behind them. The pier is lined with crates and ropes, with "
+                      "some of the crates stacked high and others lying on their side. The ropes are spread along the pier, "
+                      "with some near the boats and others further back. The overall color palette of the scene is mostly blue "
+                      "and brown, with the soft morning light giving it a peaceful mood.\n",
+    },
+]
+
+
+def write_editing_pairs(path: Path | str) -> Path:
+    """Write :data:`EDITING_PAIRS` to ``path`` in the official ``prompts_editing.json`` layout."""
+    import json
+
+    path = Path(path)
+    path.write_text(json.dumps(EDITING_PAIRS, indent=4) + "\n", encoding="utf-8")
+    return path
+
+
 def write_all(root: Path | str, diffusers: bool = True) -> dict[str, Path]:
-    """Every tiny model the pipeline uses, one subdirectory each."""
+    """Every tiny model the pipeline uses, one subdirectory each, plus the demo's data.
+
+    ``images/``: ten small images of awkward kinds; ``div2k/``: DIV2K-shaped
+    frames and their editing pairs; with ``diffusers``, the tiny SD pipelines
+    and ``official-tokens/<backbone>/`` (token files pickled as the paper's
+    code releases them).
+    """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     written = {"llava": write_tiny_llava(root / "llava"), "llama": write_tiny_llama(root / "llama")}
     write_demo_images(root / "images")
     written["images"] = root / "images"
+    write_div2k_samples(root / "div2k")
+    written["div2k"] = root / "div2k"
     if diffusers:
         try:
-            from softrepa.tiny import write_tiny_pipelines
+            from softrepa.tiny import write_official_token_sets, write_tiny_pipelines
         except ImportError:  # the softrepa tiny builders are optional for the text stages
             pass
         else:
             written.update(write_tiny_pipelines(root))
+            write_official_token_sets(root / "official-tokens")
+            written["official-tokens"] = root / "official-tokens"
     return written

@@ -213,3 +213,75 @@ def write_tiny_pipelines(root: Path | str, backbones: tuple[str, ...] = BACKBONE
             write_tiny_pipeline(name, d)
         out[name] = d
     return out
+
+
+# ------------------------------------------------------- official token files
+
+# The token files released with the paper's code: ``torch.save`` of an
+# ``nn.Parameter`` (dc_tokens) and of a whole ``nn.Embedding`` module
+# (dc_t_tokens, 100 time buckets), saved from a CUDA device under the names
+# ``dc_prompts_<epoch>.pth`` / ``dc_t_prompts_<epoch>.pth`` and renamed.
+OFFICIAL_SHAPES = {
+    "sd3": ((5, 4, 1536), (100, 7680)),
+    "sd1.5": ((4, 768), (100, 768)),
+    "sdxl": ((4, 2048), None),
+}
+
+
+def _save_as_official(obj, path: Path, archive_name: str, device: str) -> None:
+    """``torch.save(obj)`` as the official trainer did, storages tagged ``device``.
+
+    torch records each storage's device in the pickle (``'cuda:1'`` in the
+    released files); a CPU-only machine cannot save from CUDA, so the location
+    string is rewritten in the pickle stream (protocol 2 has no frame offsets,
+    so a length-prefixed string can change length in place). Loading such a
+    file needs ``map_location`` -- which is what this fixture is for.
+    """
+    import io
+    import zipfile
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            name = archive_name + info.filename[info.filename.index("/"):]
+            if name.endswith("/data.pkl") and device != "cpu":
+                old = b"X" + len(b"cpu").to_bytes(4, "little") + b"cpu"
+                new = b"X" + len(device.encode()).to_bytes(4, "little") + device.encode()
+                if old not in data:
+                    raise RuntimeError("unexpected pickle layout: no 'cpu' storage location to retag")
+                data = data.replace(old, new)
+            dst.writestr(name, data)
+
+
+def write_official_tokens(out_dir: Path | str, backbone: str, seed: int = 0, device: str = "cuda:1", epoch: int = 12) -> Path:
+    """Write ``dc_tokens.pth`` (+ ``dc_t_tokens.pth``) with the released files' types and shapes.
+
+    Random values (seeded); same pickle structure as the published files: an
+    ``nn.Parameter`` and a whole ``nn.Embedding``, storages on ``device``.
+    """
+    import torch
+
+    if backbone not in OFFICIAL_SHAPES:
+        raise ValueError(f"unknown backbone {backbone!r}; expected one of {tuple(OFFICIAL_SHAPES)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok_shape, t_shape = OFFICIAL_SHAPES[backbone]
+    g = torch.Generator().manual_seed(seed)
+    param = torch.nn.Parameter(torch.randn(*tok_shape, generator=g) * 0.02)
+    _save_as_official(param, out_dir / "dc_tokens.pth", f"dc_prompts_{epoch}", device)
+    if t_shape is not None:
+        emb = torch.nn.Embedding(*t_shape)
+        with torch.no_grad():
+            emb.weight.copy_(torch.randn(*t_shape, generator=g) * 0.02)
+        _save_as_official(emb, out_dir / "dc_t_tokens.pth", f"dc_t_prompts_{epoch}", device)
+    return out_dir
+
+
+def write_official_token_sets(root: Path | str, backbones: tuple[str, ...] = BACKBONES) -> dict[str, Path]:
+    """``root/<backbone>/dc_tokens.pth`` (+ ``dc_t_tokens.pth``) for each backbone."""
+    root = Path(root)
+    return {b: write_official_tokens(root / b, b) for b in backbones}

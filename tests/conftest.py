@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random models on disk, the reference samples, images.
+"""Shared fixtures: tiny random models on disk, DIV2K-shaped samples, images.
 
 Tiny models are built once per session from small configs and saved with
 save_pretrained; tests load them by path through the real loading code.
@@ -12,9 +12,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# CI clones the repo beside a copy of shared/; a developer checkout has it there too.
-SHARED = Path(os.environ.get("SOFTREPA_SHARED", REPO.parent / "shared"))
-SAMPLES = SHARED / "reference" / "softrepa" / "samples"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -22,10 +19,30 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")
-def samples_dir() -> Path:
-    if not (SAMPLES / "0001.png").exists():
-        pytest.fail(f"reference samples not found at {SAMPLES}; set SOFTREPA_SHARED to the shared/ folder")
-    return SAMPLES
+def samples_dir(tmp_path_factory) -> Path:
+    """A DIV2K-shaped folder the tests make themselves: 0001.png (2040x1356),
+    0002.png (1356x2040) and prompts_editing.json in the official layout."""
+    from dataprep.tiny import write_div2k_samples
+
+    root = tmp_path_factory.mktemp("div2k_samples")
+    write_div2k_samples(root, n=2)
+    return root
+
+
+@pytest.fixture(scope="session")
+def editing_pairs(samples_dir) -> Path:
+    """The samples' caption/target pairs, as the official editing script reads them."""
+    return samples_dir / "prompts_editing.json"
+
+
+@pytest.fixture(scope="session")
+def official_tokens(tmp_path_factory) -> Path:
+    """DIR/<backbone>/dc_tokens.pth (+ dc_t_tokens.pth), pickled like the released files."""
+    from softrepa.tiny import write_official_token_sets
+
+    root = tmp_path_factory.mktemp("official_tokens")
+    write_official_token_sets(root)
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -14,9 +14,6 @@ from dataprep.check import check_rows, pick_columns, read_records, write_report
 from dataprep.cli import app
 from dataprep.engines import ConfigError
 
-from tests.conftest import SAMPLES
-
-REFERENCE = SAMPLES / "prompts_editing.json"
 PAIRS = [
     {"id": "a", "source": "A dog on the grass.", "target": "A fox on the grass.", "note": 1},
     {"id": "b", "source": "A red car.", "target": "A blue car.", "note": 2},
@@ -54,8 +51,8 @@ def test_every_format_gives_the_same_report_in_input_order(tmp_path, fmt):
     assert (summary.total, summary.passed, summary.by_rule["color_change"]) == (4, 2, 1)
 
 
-def test_softrepa_reference_pairs_both_fail():
-    rows = read_records(REFERENCE)
+def test_softrepa_reference_pairs_both_fail(editing_pairs):
+    rows = read_records(editing_pairs)
     assert pick_columns(rows) == ("prompt", "tgt_prompt")
     report, summary = check_rows(rows, "prompt", "tgt_prompt")
     assert summary.passed == 0 and summary.checked == 2
@@ -117,7 +114,8 @@ def test_configuration_errors_name_the_flag(tmp_path):
         read_records(tmp_path / "d.json")
 
 
-def test_cli_reports_zero_of_two_on_the_softrepa_pairs(tmp_path):
+def test_cli_reports_zero_of_two_on_the_softrepa_pairs(tmp_path, editing_pairs):
+    REFERENCE = editing_pairs
     runner = CliRunner()
     res = runner.invoke(app, ["check", str(REFERENCE), "--out", str(tmp_path / "r.parquet")], env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output

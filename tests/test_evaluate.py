@@ -149,13 +149,10 @@ def test_official_prompts_editing_json_resolves_images_next_to_it(tmp_path):
     assert p.pair_id.startswith("0001-")
 
 
-def test_the_shipped_reference_json_loads(tmp_path):
+def test_an_official_layout_json_loads(editing_pairs):
     import pathlib
 
-    ref = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference" / "softrepa" / "samples" / "prompts_editing.json"
-    if not ref.exists():
-        pytest.skip("shared/ reference data not beside the checkout")
-    pairs = load_pairs(ref)
+    pairs = load_pairs(editing_pairs)
     assert len(pairs) == 2 and all(pathlib.Path(p.image_path).exists() for p in pairs)
     assert len({p.pair_id for p in pairs}) == 2
 

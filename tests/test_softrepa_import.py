@@ -1,4 +1,11 @@
-"""Official SoftREPA .pth token files: safe import into our format."""
+"""Official SoftREPA .pth token files: safe import into our format.
+
+The files come from a fixture that pickles them exactly as the released ones
+(an ``nn.Parameter``, a whole ``nn.Embedding``, storages tagged ``cuda:1``,
+the released shapes). Set ``SOFTREPA_OFFICIAL_TOKENS`` to a folder holding
+the real released files (``sd3/``, ``sd1.5/``, ``sdxl/``) to run the same
+import tests on them as well.
+"""
 
 from __future__ import annotations
 
@@ -12,16 +19,30 @@ import torch
 from softrepa.token_files import import_official, read_official
 from softrepa.tokens import load_tokens
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SOFTREPA_SHARED", REPO.parent / "shared"))
-OFFICIAL = SHARED / "reference" / "softrepa" / "tokens"
+RELEASED_ENV = "SOFTREPA_OFFICIAL_TOKENS"
 
 
-@pytest.fixture(scope="module")
-def official() -> Path:
-    if not (OFFICIAL / "sd3" / "dc_tokens.pth").exists():
-        pytest.fail(f"official token files not found at {OFFICIAL}; set SOFTREPA_SHARED to the shared/ folder")
-    return OFFICIAL
+@pytest.fixture(scope="module", params=["fixture", "released"])
+def official(request, official_tokens) -> Path:
+    """The fixture's files, and the real released ones when the environment points at them."""
+    if request.param == "fixture":
+        return official_tokens
+    released = os.environ.get(RELEASED_ENV)
+    if not released:
+        pytest.skip(f"{RELEASED_ENV} is not set (point it at the released sd3/ sd1.5/ sdxl/ token folders to test them)")
+    if not (Path(released) / "sd3" / "dc_tokens.pth").exists():
+        pytest.fail(f"{RELEASED_ENV}={released} holds no sd3/dc_tokens.pth")
+    return Path(released)
+
+
+def test_fixture_files_are_pickled_like_the_released_ones(official_tokens):
+    import zipfile
+
+    with zipfile.ZipFile(official_tokens / "sd3" / "dc_t_tokens.pth") as zf:
+        pkl = zf.read("dc_t_prompts_12/data.pkl")
+    assert b"torch.nn.modules.sparse" in pkl and b"Embedding" in pkl and b"cuda:1" in pkl
+    with pytest.raises(RuntimeError, match="CUDA"):  # saved on a GPU: loading needs map_location
+        torch.load(official_tokens / "sd3" / "dc_tokens.pth", weights_only=True)
 
 
 @pytest.mark.parametrize(

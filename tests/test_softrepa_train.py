@@ -15,7 +15,6 @@ from softrepa.train import TrainConfig, assert_only_tokens_train, make_optimizer
 from tests.softrepa_fixtures import PROMPTS, tiny_pipelines, write_batch_shards, write_pngs
 
 torch.set_num_threads(1)
-SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "softrepa" / "samples"
 
 
 def _fixed_batch(parts, n_images: int, prompts: list[str]):
@@ -95,8 +94,10 @@ def shards(tmp_path) -> dict[str, Path]:
     with zipfile.ZipFile(tmp_path / "imgs.zip", "w") as zf:
         zf.write(pngs[0], "inside/zipped.png")
     uris = pngs + [f"zip://inside/zipped.png::{tmp_path / 'imgs.zip'}"]
-    if (SAMPLES / "0001.png").exists():
-        uris.append(str(SAMPLES / "0001.png"))
+    # and one DIV2K-sized frame (2040x1356), which the trainer resizes like any other
+    from dataprep.tiny import write_div2k_samples
+
+    uris.append(str(write_div2k_samples(tmp_path / "div2k", n=1)[0]))
     write_batch_shards(tmp_path / "sd3", "sd3", uris, PROMPTS, n_rows=3, n_images=4, n_prompts=4, bad_uri_rows=(1,))
     write_batch_shards(tmp_path / "sd15", "sd1.5", uris, PROMPTS, n_rows=3, n_images=2, n_prompts=4, bad_uri_rows=(1,))
     return {"sd3": tmp_path / "sd3", "sd1.5": tmp_path / "sd15", "root": tmp_path}
