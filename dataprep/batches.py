@@ -349,6 +349,7 @@ class BuildCounts:
     negatives: int = 0
     dropped_images: int = 0  # left out by drop_last, summed over epochs
     unfillable_batches: int = 0  # not enough distinct captions to fill a grid
+    duplicate_images: int = 0  # left over because their caption repeats one already in every open batch
     edits_unused: int = 0  # an edit equal to another text of its batch, or over --hard-negatives
 
 
@@ -423,7 +424,10 @@ def iter_batches(index: CaptionIndex, opts: BatchOptions, run_id: str = "run", c
             if not members:
                 break
             if len(members) < n_img and opts.drop_last:
-                counts.dropped_images += len(members) + len(pending)
+                # what waits in pending clashes with the open batch: a repeated
+                # caption, not an image the grid's shape left out
+                counts.dropped_images += len(members)
+                counts.duplicate_images += len(pending)
                 break
             row = _fill(index, members, positive_at, n_prompt, max_hard, rng, counts)
             if row is None:
@@ -521,6 +525,17 @@ def check_fillable(index: CaptionIndex, opts: BatchOptions) -> None:
     if len(index) == 0:
         raise ConfigError("no image has a usable caption", "--captions", "caption some images first (see the skipped counts)")
     hard = min(opts.max_hard_negatives, index.n_edits())
+    # identical texts (up to case and spacing) are one prompt: they can be
+    # neither two positives of a batch nor a positive and its negative
+    distinct = len({norm_text(t) for t in index.texts})
+    if distinct < m - hard:
+        dupes = len(index.texts) - distinct
+        raise ConfigError(
+            f"a {n}x{m} grid needs at least {m - hard} distinct captions, but the {len(index)} images have only "
+            f"{distinct} distinct captions ({dupes} are duplicates of another caption, ignoring case and spacing)",
+            "--captions/--preset",
+            f"caption more distinct images, or choose a grid with at most {distinct + hard} prompts",
+        )
     others = len(index) - n
     if others < m - n - hard:
         raise ConfigError(
@@ -547,6 +562,7 @@ class BatchSummary:
     negatives: int
     dropped_images: int
     unfillable_batches: int
+    duplicate_images: int
     edits_available: int
     edits_unused: int
     skipped: dict[str, int]
@@ -613,6 +629,7 @@ def write_batches(index: CaptionIndex, out_dir: Path | str, opts: BatchOptions, 
         negatives=counts.negatives,
         dropped_images=counts.dropped_images,
         unfillable_batches=counts.unfillable_batches,
+        duplicate_images=counts.duplicate_images,
         edits_available=index.n_edits(),
         edits_unused=counts.edits_unused,
         skipped=dict(sorted(index.skipped.items())),
@@ -638,6 +655,7 @@ def _counts(s: BatchSummary) -> dict[str, int]:
         "negatives": s.negatives,
         "dropped_images": s.dropped_images,
         "unfillable_batches": s.unfillable_batches,
+        "duplicate_images": s.duplicate_images,
         "edits_available": s.edits_available,
         "edits_unused": s.edits_unused,
     }

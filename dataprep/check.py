@@ -32,8 +32,8 @@ def read_records(path: Path | str, flag: str = "FILE") -> list[dict[str, Any]]:
     """Rows of a JSONL / JSON / Parquet file, or of a folder of Parquet shards.
 
     A JSONL line that is not a JSON object becomes ``{"error": ...}`` in its
-    place (row order is kept); an unreadable or unknown file raises
-    ConfigError naming ``flag``.
+    place (row order is kept); an unreadable, unknown or empty file (no rows)
+    raises ConfigError naming ``flag``.
     """
     p = Path(path)
     if p.is_dir():
@@ -45,7 +45,18 @@ def read_records(path: Path | str, flag: str = "FILE") -> list[dict[str, Any]]:
         return [row for q in shards for row in pq.read_table(q).to_pylist()]
     if not p.is_file():
         raise ConfigError(f"file not found: {p}", flag, "pass an existing JSONL, JSON or Parquet file")
+    rows = _read_file(p, flag)
+    if not rows:
+        raise ConfigError(f"{p} is empty: it holds no rows", flag, "pass a file with at least one row")
+    return rows
+
+
+def _read_file(p: Path, flag: str) -> list[dict[str, Any]]:
     suffix = p.suffix.lower()
+    if suffix not in (".parquet", ".jsonl", ".json"):
+        raise ConfigError(f"unknown file type {p.suffix!r}: {p}", flag, "use .jsonl, .json or .parquet")
+    if p.stat().st_size == 0:
+        return []
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -66,8 +77,11 @@ def read_records(path: Path | str, flag: str = "FILE") -> list[dict[str, Any]]:
             rows.append(obj if isinstance(obj, dict) else {"error": f"bad_json: line {n} is not an object"})
         return rows
     if suffix == ".json":
+        text = p.read_text(encoding="utf-8")
+        if not text.strip():
+            return []
         try:
-            data = json.loads(p.read_text(encoding="utf-8"))
+            data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{p} is not valid JSON ({exc})", flag, "fix the file, or use JSONL (one object per line)") from None
         if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
@@ -212,7 +226,9 @@ def _report_table(report: list[dict[str, Any]]):
         try:
             columns[name] = pa.array(values)
         except (pa.ArrowInvalid, pa.ArrowTypeError):
-            columns[name] = pa.array([None if v is None else json.dumps(v, default=str) for v in values], pa.string())
+            # mixed types: a string column with the odd values as JSON text. A
+            # string stays itself (JSON-quoting it would shift every span offset)
+            columns[name] = pa.array([v if v is None or isinstance(v, str) else json.dumps(v, default=str) for v in values], pa.string())
     for name, typ in verdict_types.items():
         columns[name] = pa.array([r[name] for r in report], typ)
     return pa.table(columns)

@@ -256,7 +256,7 @@ def check_cmd(
         id_col = id_column or next((c for c in ("image_id", "id", "img_path") if any(c in r for r in rows)), None)
         print_failures(report, show, console, id_col)
     if out is not None:
-        console.print(f"report: {out}", highlight=False)
+        console.print(f"report: {out}", highlight=False, markup=False)
     if strict and summary.passed < summary.total:
         raise typer.Exit(1)
 
@@ -375,6 +375,8 @@ def batches_cmd(
     t.add_row("prompts: positive / hard negative / negative", f"{s.positives} / {s.hard_negatives} / {s.negatives}")
     t.add_row("passing edits available / unused", f"{s.edits_available} / {s.edits_unused}")
     t.add_row("images dropped (last partial batch)", str(s.dropped_images))
+    if s.duplicate_images:
+        t.add_row("images left over (caption duplicates one in every open batch)", str(s.duplicate_images))
     if s.unfillable_batches:
         t.add_row("batches not fillable (too few distinct captions)", str(s.unfillable_batches))
     for reason, k in s.skipped.items():
@@ -615,7 +617,7 @@ def tiny_models(
     written = write_all(out, diffusers=not no_diffusers)
     console = Console()
     for name, path in written.items():
-        console.print(f"{name:8s} {path}")
+        console.print(f"{name:8s} {path}", highlight=False, markup=False)
 
 
 def main() -> None:

@@ -24,8 +24,10 @@ app = typer.Typer(
 
 def fail(message: str, code: int = 2) -> typer.Exit:
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    # escape: shapes such as [layers, tokens, dim] are text, not rich markup
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     return typer.Exit(code)
 
 
@@ -88,8 +90,8 @@ def train_cmd(
         f"[bold]trained[/] {result.steps} steps in {result.seconds:.1f}s: final loss {result.final_loss:.4f}, "
         f"mean accuracy {result.mean_accuracy:.3f}", highlight=False)
     if result.skipped:
-        console.print(f"skipped batch rows by reason: {result.skipped}", highlight=False)
-    console.print(f"tokens: {result.tokens_dir}\nlog: {result.log_path}", highlight=False)
+        console.print(f"skipped batch rows by reason: {result.skipped}", highlight=False, markup=False)
+    console.print(f"tokens: {result.tokens_dir}\nlog: {result.log_path}", highlight=False, markup=False)
 
 
 # ------------------------------------------------------------ import-tokens (issue 6)
@@ -102,11 +104,11 @@ def import_tokens_cmd(
     backbone: Annotated[str, typer.Option("--backbone", help="sd3, sdxl or sd1.5: which model the tokens were trained for.")],
 ) -> None:
     """Convert official SoftREPA .pth token files (safe loading only: weights_only + an allow-list) to our format."""
-    from softrepa.token_files import import_official
+    from softrepa.token_files import UnsafeTokenFile, import_official
 
     try:
         module = import_official(src_dir, out_dir, backbone)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, UnsafeTokenFile) as exc:
         raise fail(str(exc))
     c = module.config
     t_shape = None if module.t_embedding is None else list(module.t_embedding.weight.shape)
@@ -218,8 +220,8 @@ def evaluate_edit_cmd(
         raise fail(str(exc))
     # the Markdown table (= summary.md) reads at any terminal width and pastes into a paper draft
     typer.echo(res.markdown)
-    console.print(f"pairs {res.n_pairs}; edited {res.n_edited}, reused {res.n_reused}, failed {res.n_failed} (pair x setting)", highlight=False)
-    console.print(f"scores: {res.scores_path}\nsummary: {res.summary_md} and {res.summary_csv}", highlight=False)
+    console.print(f"pairs {res.n_pairs}; edited {res.n_edited}, reused {res.n_reused}, failed {res.n_failed} (pair x setting)", highlight=False, markup=False)
+    console.print(f"scores: {res.scores_path}\nsummary: {res.summary_md} and {res.summary_csv}", highlight=False, markup=False)
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -97,12 +98,30 @@ def load_tokens(directory: Path | str) -> "SoftTokens":
     return module
 
 
+class UnsafeTokenFile(pickle.UnpicklingError):
+    """A token file whose pickle holds more than tensors, parameters and ``nn.Embedding``."""
+
+
 def _safe_load(path: Path) -> Any:
-    """``torch.load`` with weights only and an allow-list of ``nn.Embedding``."""
+    """``torch.load`` with weights only and an allow-list of ``nn.Embedding``.
+
+    A pickle naming any other global is refused with :class:`UnsafeTokenFile`.
+    torch's own message goes on to suggest loading with ``weights_only=False``,
+    which would run whatever the file holds, so only the offending global is
+    kept from it.
+    """
+    import re
+
     import torch
 
-    with torch.serialization.safe_globals([torch.nn.Embedding]):
-        return torch.load(path, weights_only=True, map_location="cpu")
+    try:
+        with torch.serialization.safe_globals([torch.nn.Embedding]):
+            return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f"it names {found.group(1)}, which is not a tensor, parameter or nn.Embedding" if found else "its pickle holds objects other than tensors"
+        raise UnsafeTokenFile(f"{path}: refused for safety: {what}. Token files are only read as plain tensors; "
+                              f"re-save the tokens as a tensor or nn.Embedding from trusted code") from None
 
 
 def _as_tensor(obj: Any, what: str):
