@@ -99,7 +99,7 @@ def train_cmd(
 
 @app.command("import-tokens")
 def import_tokens_cmd(
-    src_dir: Annotated[Path, typer.Argument(help="Folder with the official dc_tokens.pth (and dc_t_tokens.pth), e.g. shared/reference/softrepa/tokens/sd3.")],
+    src_dir: Annotated[Path, typer.Argument(help="Folder with the official dc_tokens.pth (and dc_t_tokens.pth), as released with the paper's code (one backbone's folder).")],
     out_dir: Annotated[Path, typer.Argument(help="Where to write tokens.safetensors + tokens.json.")],
     backbone: Annotated[str, typer.Option("--backbone", help="sd3, sdxl or sd1.5: which model the tokens were trained for.")],
 ) -> None:
