@@ -141,6 +141,8 @@ CAPTION_FLAGS = {
     "strict": (StrictOpt, False),
     "rows_per_shard": (ShardOpt, 256),
     "workers": (WorkersOpt, 2),
+    "max_bytes": (Annotated[int, typer.Option("--max-bytes", help="Files larger than this many bytes become too_large error rows, decided from the file size without reading it (default 256 MiB).", rich_help_panel="Caption")], 256 * 1024 * 1024),
+    "wait_lock": (Annotated[bool, typer.Option("--wait-lock", help="If another run is writing OUT/captions, wait for it to finish (default: stop at once, exit 2, naming it).", rich_help_panel="Run")], False),
 }
 
 
@@ -282,6 +284,7 @@ def rewrite_cmd(
     force: ForceOpt = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any row failed or any kept rewrite breaks the rules (default: record and exit 0).", rich_help_panel="Run")] = False,
     rows_per_shard: ShardOpt = 256,
+    wait_lock: Annotated[bool, typer.Option("--wait-lock", help="If another run is writing OUT/edits, wait for it to finish (default: stop at once, exit 2, naming it).", rich_help_panel="Run")] = False,
     engine_kw: dict = None,
 ) -> None:
     """Rewrite captions into single-concept edits with Llama-3.1-8B-Instruct and prompts/edit.txt; every output is rule-checked and retried."""
@@ -290,7 +293,7 @@ def rewrite_cmd(
     from dataprep.rewrite import KEPT_FAILING, RewriteOptions, inputs_from_captions, inputs_from_file, run_rewrite
     from dataprep.stage import print_summary
 
-    opts = RewriteOptions(rules_file=rules, max_attempts=max_attempts, temperature=temperature, retry_temperature=retry_temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, force=force, rows_per_shard=rows_per_shard)
+    opts = RewriteOptions(rules_file=rules, max_attempts=max_attempts, temperature=temperature, retry_temperature=retry_temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, force=force, rows_per_shard=rows_per_shard, wait_lock=wait_lock)
     cfg = engine_config(model=model, revision=revision, **engine_kw)
     try:
         if captions is not None and input_file is not None:

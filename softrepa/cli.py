@@ -46,6 +46,7 @@ def train_cmd(
     out: Annotated[Path, typer.Option("--out", help="Run folder: tokens/, checkpoints/, train_log.jsonl, train_config.json.")],
     steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps (default: Table 3, 30000 sd3/sdxl, 26000 sd1.5). Batch rows are cycled in shard order.")] = None,
     batch_run: Annotated[Optional[str], typer.Option("--batch-run", help="Which `dataprep batches` run to train on when --batches holds several (the id in part-<run>-NNNNN.parquet, e.g. sd3-s0-1a2b3c4d5e6f).")] = None,
+    allow_partial: Annotated[bool, typer.Option("--allow-partial", help="Train on a batch run that did not finish (no completion record from `dataprep batches`); by default such a run is refused.")] = False,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Save tokens + optimizer/scheduler/RNG state every N steps (and at the end).")] = 500,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out (same trajectory as an uninterrupted run).")] = False,
     lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate (paper: 1e-3).", rich_help_panel="Optimizer")] = 1e-3,
@@ -73,7 +74,7 @@ def train_cmd(
     from softrepa.train import ConfigError, TrainConfig, train
 
     cfg = TrainConfig(
-        preset=preset, batches=str(batches), batch_run=batch_run, model=model, out=str(out), steps=steps, checkpoint_every=checkpoint_every,
+        preset=preset, batches=str(batches), batch_run=batch_run, allow_partial=allow_partial, model=model, out=str(out), steps=steps, checkpoint_every=checkpoint_every,
         resume=resume, lr=lr, weight_decay=weight_decay, restart_every=restart_every, min_lr=min_lr, n_tokens=n_tokens,
         n_layers=n_layers, apply=_split_apply(apply), t_dependent=t_dependent, denoise_weight=denoise_weight, scale=scale,
         temperature=temperature, min_t=min_t, max_t=max_t, resolution=resolution, precision=precision, device=device,
