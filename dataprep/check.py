@@ -55,7 +55,7 @@ def read_records(path: Path | str, flag: str = "FILE") -> list[dict[str, Any]]:
             raise ConfigError(f"cannot read Parquet file {p}: {exc}", flag, "check the file") from None
     if suffix == ".jsonl":
         rows: list[dict[str, Any]] = []
-        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(_read_utf8(p, flag).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -67,7 +67,7 @@ def read_records(path: Path | str, flag: str = "FILE") -> list[dict[str, Any]]:
         return rows
     if suffix == ".json":
         try:
-            data = json.loads(p.read_text(encoding="utf-8"))
+            data = json.loads(_read_utf8(p, flag))
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{p} is not valid JSON ({exc})", flag, "fix the file, or use JSONL (one object per line)") from None
         if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
@@ -76,6 +76,19 @@ def read_records(path: Path | str, flag: str = "FILE") -> list[dict[str, Any]]:
             raise ConfigError(f"{p} holds a JSON {type(data).__name__}, not a list of objects", flag, "write a list of {source, target} objects")
         return [d if isinstance(d, dict) else {"error": f"bad_json: item {i} is not an object"} for i, d in enumerate(data)]
     raise ConfigError(f"unknown file type {p.suffix!r}: {p}", flag, "use .jsonl, .json or .parquet")
+
+
+def _read_utf8(p: Path, flag: str) -> str:
+    """The file's text; ConfigError (exit 2, before any model loads) when it is not UTF-8."""
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = p.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{p} is not UTF-8 text (byte {exc.start}, line {line}: {exc.reason})",
+            flag,
+            f"convert it to UTF-8, e.g. iconv -f latin1 -t utf-8 {p.name} > {p.stem}.utf8{p.suffix}",
+        ) from None
 
 
 def pick_columns(rows: list[dict[str, Any]], source_column: str | None = None, target_column: str | None = None) -> tuple[str, str]:

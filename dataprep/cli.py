@@ -31,6 +31,15 @@ caption_app = typer.Typer(
 app.add_typer(caption_app, name="caption")
 
 
+@app.callback()
+def _global_options(
+    debug: Annotated[bool, typer.Option("--debug", help="On a failure, show the full traceback instead of one line (also DATAPREP_DEBUG=1). Accepted anywhere on the command line.")] = False,
+) -> None:
+    # `main` takes --debug off the command line before typer parses it (so it
+    # works after a subcommand too); this declaration puts it in --help.
+    del debug
+
+
 def fail(message: str, code: int = 2) -> "typer.Exit":
     """Print a configuration error (flag and fix are in the message) and exit."""
     from rich.console import Console
@@ -622,10 +631,10 @@ def tiny_models(
 
 
 def main() -> None:
-    try:
-        app()
-    except ConfigError as exc:
-        raise SystemExit(_print_config_error(exc))
+    """Entry point: exit 0 / 1 / 2 as :mod:`dataprep.exits` describes; --debug shows tracebacks."""
+    from dataprep.exits import run_cli
+
+    run_cli(app, "dataprep", lambda exc: isinstance(exc, ConfigError))
 
 
 def _print_config_error(exc: ConfigError) -> int:

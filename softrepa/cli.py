@@ -224,7 +224,16 @@ def evaluate_edit_cmd(
 
 
 def main() -> None:
-    app()
+    """Entry point: exit 0 / 1 / 2 as :mod:`dataprep.exits` describes; --debug shows tracebacks."""
+    import sys
+
+    from dataprep.exits import run_cli
+
+    def is_config_error(exc: BaseException) -> bool:  # softrepa.backbone imports torch: only look if loaded
+        backbone = sys.modules.get("softrepa.backbone")
+        return backbone is not None and isinstance(exc, backbone.ConfigError)
+
+    run_cli(app, "softrepa", is_config_error)
 
 
 if __name__ == "__main__":

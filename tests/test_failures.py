@@ -341,6 +341,61 @@ def test_a_corrupt_or_foreign_shard_exits_2_naming_the_file(tmp_path):
     assert r.exit_code == 2 and "part-y-00000.parquet" in out and "does not hold this stage's rows" in out
 
 
+def test_an_input_file_that_is_not_utf8_exits_2_naming_the_flag(tmp_path):
+    """Before: UnicodeDecodeError ended `check` and `rewrite --input` with a traceback."""
+    f = tmp_path / "pairs.jsonl"
+    f.write_bytes('{"source": "a caf\u00e9", "target": "a bar"}\n'.encode("latin-1"))
+    r = runner.invoke(app, ["check", str(f)], env={"COLUMNS": "300"})
+    assert r.exit_code == 2 and "not UTF-8" in flat(r.output) and "iconv" in flat(r.output)
+    r = runner.invoke(app, ["rewrite", "--input", str(f), "--text-column", "source", "--out", str(tmp_path / "o"), "--model", str(tmp_path / "no-model")], env={"COLUMNS": "300"})
+    assert r.exit_code == 2 and "--input" in flat(r.output) and "not UTF-8" in flat(r.output)
+
+
+def test_disk_full_is_one_line_and_exit_1_and_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
+    """Before: any failure but a ConfigError ended in a bare traceback."""
+    import dataprep.cli as cli
+    import dataprep.engines
+    import dataprep.store as store
+
+    png(tmp_path / "imgs" / "a.png")
+
+    def no_space(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", "part.parquet")
+
+    monkeypatch.setattr(dataprep.engines, "load_engine", lambda cfg: FakeEngine())
+    monkeypatch.setattr(store.pq, "write_table", no_space)
+    argv = ["dataprep", "caption", "folder", str(tmp_path / "imgs"), "--out", str(tmp_path / "out"), "--workers", "0"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    err = capsys.readouterr().err
+    assert exc.value.code == 1
+    assert "No space left on device" in err and "free disk space" in err and "--debug" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    monkeypatch.setattr(sys, "argv", argv[:2] + ["--debug"] + argv[2:])  # after the subcommand works too
+    with pytest.raises(OSError):
+        cli.main()
+    monkeypatch.setenv("DATAPREP_DEBUG", "1")
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(OSError):
+        cli.main()
+
+
+def test_softrepa_cli_failure_is_one_line_and_exit_1(monkeypatch, capsys):
+    import softrepa.cli as scli
+    import softrepa.train
+
+    def gone(cfg):
+        raise ConnectionError("server at 127.0.0.1:9 went away")
+
+    monkeypatch.setattr(softrepa.train, "train", gone)
+    monkeypatch.setattr(sys, "argv", ["softrepa", "train", "--preset", "sd3", "--batches", ".", "--model", "m", "--out", "o"])
+    with pytest.raises(SystemExit) as exc:
+        scli.main()
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and "ConnectionError: server at 127.0.0.1:9 went away" in err and "Traceback" not in err
+
+
 # ------------------------------------------------------------ workers die with their parent
 
 PARENT = """
