@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import tempfile
 import uuid
 from collections import Counter
@@ -151,29 +150,42 @@ def file_names(pairs: list[Pair]) -> dict[str, str]:
     return out
 
 
+class NotAnImage(ValueError):
+    """The file at a pair's uri does not decode as an image (its reason is the message)."""
+
+
 def place_image(uri: str, dest: Path, link: bool) -> None:
     """Copy (or symlink, for plain local files) the image at ``uri`` to ``dest``.
 
-    Raises OSError/KeyError/ValueError with the cause when it cannot be read.
+    Only files that decode as images are placed: the file may have changed
+    since it was captioned (replaced, truncated, overwritten by a text file),
+    and an export is handed to other tools as images. Raises
+    :class:`NotAnImage` for such a file, OSError/KeyError/ValueError with the
+    cause when it cannot be read at all.
     """
+    from dataprep.images import decode
     from dataprep.sources import ImageRef, read_bytes
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.is_symlink() or dest.exists():
         dest.unlink()
     local = Path(uri)
-    if not uri.startswith("zip://") and local.is_file():
-        if link:
-            os.symlink(local.resolve(), dest)
-        else:
-            shutil.copyfile(local, dest)
-        return
     data = read_bytes(ImageRef("export", "export", uri))  # zip members cannot be linked: copied
     if not data:
-        raise ValueError("empty image")
+        raise NotAnImage("empty_file: zero bytes")
+    try:
+        decode(data)
+    except ValueError as exc:
+        raise NotAnImage(str(exc)) from None
+    if link and not uri.startswith("zip://") and local.is_file():
+        os.symlink(local.resolve(), dest)
+        return
     tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, dest)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _with_images(pairs: list[Pair], image_dir: Path, link: bool, skipped: Counter, progress: Callable[[int, int], None] | None) -> Iterator[tuple[Pair, str]]:
@@ -186,6 +198,9 @@ def _with_images(pairs: list[Pair], image_dir: Path, link: bool, skipped: Counte
             continue
         try:
             place_image(p.image_uri or "", image_dir / names[p.image_id], link)
+        except NotAnImage:
+            skipped["image_not_decodable"] += 1
+            continue
         except Exception:  # OSError, KeyError, ValueError, zipfile.BadZipFile (bad CRC), RuntimeError (encrypted): this image only
             skipped["image_unreadable"] += 1
             continue

@@ -465,6 +465,25 @@ def test_decode_workers_end_after_kill_9_of_their_parent(tmp_path):
 # ------------------------------------------------------------ exports
 
 
+def test_exports_copy_only_files_that_decode_as_images(tmp_path):
+    """Before: a file replaced by text after captioning was exported as an 'image'."""
+    from dataprep.export import export_piebench, export_softrepa
+
+    good = png(tmp_path / "imgs" / "0001.png")
+    fake = tmp_path / "imgs" / "0002.png"
+    fake.write_text("not an image any more")
+    cut = tmp_path / "imgs" / "0003.png"
+    cut.write_bytes(png_bytes(Image.new("RGB", (64, 64), (5, 6, 7)))[:60])
+    run = tmp_path / "run"
+    with ShardWriter(run / "edits", EDITS_SCHEMA, "r") as w:
+        for n, p in enumerate((good, fake, cut)):
+            w.add({"image_id": f"div2k/{n}", "image_uri": str(p), "source": "A red cat on a mat.", "target": "A red dog on a mat.", "passed": True, "violations": [], "key": f"k{n}", "created_at": utcnow()})
+    for export, images in ((export_softrepa, "."), (export_piebench, "annotation_images")):
+        s = export(run, tmp_path / export.__name__, link=False)
+        assert s.pairs == 1 and s.skipped["image_not_decodable"] == 2
+        assert sorted(p.name for p in (tmp_path / export.__name__ / images).iterdir() if p.suffix == ".png") == ["0001.png"]
+
+
 def test_wrong_typed_items_of_an_evaluate_pairs_file_are_error_pairs(tmp_path):
     """Before: str() turned a null prompt into the prompt "None" (and a non-object item crashed)."""
     from softrepa.evaluate import load_pairs
