@@ -142,19 +142,20 @@ class StageRun:
                 self.lock.__exit__(None, None, None)
 
 
-def acquire_stage_lock(folder: Path, wait: bool = False) -> stage_lock:
-    """The folder's lock, held; ConfigError (exit 2) naming the holder when taken and not ``wait``."""
+def acquire_stage_lock(
+    folder: Path,
+    wait: bool = False,
+    flag: str = "--wait-lock",
+    fix: str = "wait for that run to finish, pass --wait-lock to queue behind it, or write to another --out folder",
+) -> stage_lock:
+    """The folder's lock, held (release with ``__exit__``); ConfigError (exit 2) naming the holder when taken and not ``wait``."""
     from dataprep.engines import ConfigError
 
     lock = stage_lock(folder, wait=wait)
     try:
         return lock.__enter__()
     except StageLocked as exc:
-        raise ConfigError(
-            f"{folder} is being written by another run ({describe_holder(exc.holder)})",
-            "--wait-lock",
-            "wait for that run to finish, pass --wait-lock to queue behind it, or write to another --out folder",
-        ) from None
+        raise ConfigError(f"{folder} is being written by another run ({describe_holder(exc.holder)})", flag, fix) from None
 
 
 def engine_manifest(engine_cfg: Any, engine: Any) -> dict[str, Any]:

@@ -501,3 +501,29 @@ def test_wrong_typed_items_of_an_evaluate_pairs_file_are_error_pairs(tmp_path):
     assert number.error == "bad_type: item 2: img_path is int"
     assert listed.error == "bad_type: item 3: list, not an object"
     assert len({good.pair_id, null.pair_id, number.pair_id, listed.pair_id}) == 4
+
+
+def test_batches_on_a_corrupt_caption_shard_or_a_locked_folder_is_a_config_error(tmp_path):
+    """Before: a corrupt caption shard crashed `dataprep batches` midway with a pyarrow traceback."""
+    from dataprep.batches import BatchOptions, build_batches
+    from dataprep.store import stage_lock
+
+    with ShardWriter(tmp_path / "captions", CAPTIONS_SCHEMA, "c") as w:
+        for i in range(8):
+            w.add(caption_row(f"img/{i}", f"caption number {i}", image_uri=f"/x/{i}.png"))
+    (tmp_path / "captions" / "part-z-00000.parquet").write_bytes(b"garbage")
+    opts = BatchOptions(preset="custom", images=2, prompts=4)
+    with pytest.raises(ConfigError) as exc:
+        build_batches(tmp_path / "captions", tmp_path / "batches", opts)
+    assert exc.value.flag == "--captions" and "part-z-00000.parquet" in str(exc.value)
+    (tmp_path / "captions" / "part-z-00000.parquet").unlink()
+    with stage_lock(tmp_path / "batches"):  # re-entrant in one process: the build itself goes on
+        build_batches(tmp_path / "captions", tmp_path / "batches", opts)
+    holder = _hold(tmp_path / "batches")
+    try:
+        with pytest.raises(ConfigError) as exc:
+            build_batches(tmp_path / "captions", tmp_path / "batches", opts)
+        assert exc.value.flag == "--out" and f"pid {holder.pid}" in str(exc.value)
+    finally:
+        holder.kill()
+        holder.wait()
