@@ -67,13 +67,21 @@ class RefList(list):
 def stored_size(ref: ImageRef) -> int | None:
     """The file's size in bytes from its stat or zip header, without reading it.
 
-    None when it cannot be known cheaply (an image inside a `datasets` row).
+    An image inside a `datasets` row is measured in the memory-mapped Arrow
+    data (a zero-copy one-row slice), not copied out. None when unknown.
     Raises OSError/KeyError like :func:`read_bytes` for a missing file.
     """
     if ref.data is not None:
         return len(ref.data)
     if ref.row is not None:
-        return None
+        r = ref.row
+        cell = _hf_images(r.name_or_path, r.split, r.image_column).with_format("arrow")[r.index].column(r.image_column)[0]
+        if not cell.is_valid:
+            return None
+        data, path = cell["bytes"], cell["path"].as_py()
+        if data.is_valid:
+            return data.as_buffer().size
+        return os.stat(path).st_size if path else None
     if ref.uri.startswith("zip://"):
         member, archive = ref.uri[len("zip://"):].split("::", 1)
         return _open_zip(archive).getinfo(member).file_size

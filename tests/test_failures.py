@@ -527,3 +527,20 @@ def test_batches_on_a_corrupt_caption_shard_or_a_locked_folder_is_a_config_error
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_max_bytes_measures_images_inside_a_dataset_without_copying_them(tmp_path):
+    """Before: an image embedded in a `datasets` row had no size check at all."""
+    import datasets
+
+    from dataprep.sources import hf_dataset, stored_size
+
+    small = Image.new("RGB", (4, 4))
+    big = Image.frombytes("RGB", (300, 300), os.urandom(300 * 300 * 3))  # noise: PNG cannot shrink it
+    ds = datasets.Dataset.from_dict({"image": [small, big]}).cast_column("image", datasets.Image())
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    refs = list(hf_dataset(str(tmp_path / "d.parquet")))
+    sizes = [stored_size(r) for r in refs]
+    assert sizes[0] < 1000 < 200_000 < sizes[1]
+    s = run_caption(refs, tmp_path / "run", EngineConfig(model="fake-model"), CaptionOptions(workers=0, max_bytes=100_000), engine=FakeEngine(), progress=False)
+    assert s.done == 1 and s.failed["too_large"] == 1
