@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dataprep.engines import ConfigError
-from dataprep.store import shard_paths, utcnow
+from dataprep.store import atomic_write_text, read_json_record, shard_paths, utcnow
 
 EXPORT_KINDS = ("softrepa", "piebench", "hf")
 
@@ -211,10 +211,8 @@ def _with_images(pairs: list[Pair], image_dir: Path, link: bool, skipped: Counte
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(obj, indent=4, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    # key order kept (the official prompts_editing.json layout); fsync'd, temp removed on failure
+    atomic_write_text(path, json.dumps(obj, indent=4, ensure_ascii=False) + "\n")
 
 
 def _finish(kind: str, run_dir: Path | str, out: Path, pairs: int, skipped: Counter, files: list[Path], include_failed: bool) -> ExportSummary:
@@ -222,11 +220,9 @@ def _finish(kind: str, run_dir: Path | str, out: Path, pairs: int, skipped: Coun
     record = {"kind": kind, "path": str(out.resolve()), "run": str(Path(run_dir).resolve()), "pairs": pairs, "include_failed": include_failed, "skipped": summary.skipped, "created_at": utcnow().isoformat()}
     _write_json(out / "export.json", record)
     registry = Path(run_dir) / "exports.json"
-    try:
-        entries = json.loads(registry.read_text()).get("exports", []) if registry.exists() else []
-    except (OSError, ValueError):
-        entries = []
-    entries = [e for e in entries if e.get("path") != record["path"]] + [record]
+    old = read_json_record(registry)  # a corrupt registry is read as empty, with a warning
+    entries = old.get("exports") if isinstance(old, dict) and isinstance(old.get("exports"), list) else []
+    entries = [e for e in entries if isinstance(e, dict) and e.get("path") != record["path"]] + [record]
     _write_json(registry, {"exports": entries})
     return summary
 

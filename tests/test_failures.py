@@ -544,3 +544,20 @@ def test_max_bytes_measures_images_inside_a_dataset_without_copying_them(tmp_pat
     assert sizes[0] < 1000 < 200_000 < sizes[1]
     s = run_caption(refs, tmp_path / "run", EngineConfig(model="fake-model"), CaptionOptions(workers=0, max_bytes=100_000), engine=FakeEngine(), progress=False)
     assert s.done == 1 and s.failed["too_large"] == 1
+
+
+def test_a_corrupt_exports_registry_is_replaced_not_fatal(tmp_path):
+    """Before: a registry holding a JSON list (not an object) ended the export with AttributeError."""
+    from dataprep.export import export_softrepa
+
+    good = png(tmp_path / "imgs" / "0001.png")
+    run = tmp_path / "run"
+    with ShardWriter(run / "edits", EDITS_SCHEMA, "r") as w:
+        w.add({"image_id": "div2k/1", "image_uri": str(good), "source": "A red cat on a mat.", "target": "A red dog on a mat.", "passed": True, "violations": [], "key": "k", "created_at": utcnow()})
+    (run / "exports.json").write_text("[1, 2")
+    with pytest.warns(RuntimeWarning):
+        export_softrepa(run, tmp_path / "out")
+    (run / "exports.json").write_text("[1, 2]")
+    export_softrepa(run, tmp_path / "out")
+    assert [e["pairs"] for e in json.loads((run / "exports.json").read_text())["exports"]] == [1]
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]
