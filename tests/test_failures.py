@@ -349,6 +349,11 @@ def test_an_input_file_that_is_not_utf8_exits_2_naming_the_flag(tmp_path):
     assert r.exit_code == 2 and "not UTF-8" in flat(r.output) and "iconv" in flat(r.output)
     r = runner.invoke(app, ["rewrite", "--input", str(f), "--text-column", "source", "--out", str(tmp_path / "o"), "--model", str(tmp_path / "no-model")], env={"COLUMNS": "300"})
     assert r.exit_code == 2 and "--input" in flat(r.output) and "not UTF-8" in flat(r.output)
+    prompt = tmp_path / "caption.txt"
+    prompt.write_bytes("D\u00e9cris l'image.".encode("latin-1"))
+    png(tmp_path / "imgs" / "a.png")
+    r = runner.invoke(app, ["caption", "folder", str(tmp_path / "imgs"), "--prompt-file", str(prompt), "--out", str(tmp_path / "o"), "--model", str(tmp_path / "no-model")], env={"COLUMNS": "300"})
+    assert r.exit_code == 2 and "--prompt-file" in flat(r.output) and "not UTF-8" in flat(r.output)
 
 
 def test_disk_full_is_one_line_and_exit_1_and_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
