@@ -578,12 +578,16 @@ class stage_lock:
         except Timeout:
             raise StageLocked(self.folder, self.holder(self.folder)) from None
         if self._lock.lock_counter == 1:
-            atomic_write_json(self.folder / HOLDER_NAME, {
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "started_at": utcnow().isoformat(timespec="seconds"),
-                "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "python",
-            })
+            try:
+                atomic_write_json(self.folder / HOLDER_NAME, {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "started_at": utcnow().isoformat(timespec="seconds"),
+                    "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "python",
+                })
+            except BaseException:  # disk full: do not keep a lock nobody will release
+                self._lock.release()
+                raise
         return self
 
     def __exit__(self, *exc: object) -> None:

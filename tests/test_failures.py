@@ -20,8 +20,6 @@ import time
 import zipfile
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
@@ -166,7 +164,7 @@ def test_a_corrupt_manifest_reads_as_absent_with_a_warning(tmp_path):
 # ------------------------------------------------------------ one run per stage folder
 
 HOLDER = """
-import sys, time
+import sys
 from dataprep.store import stage_lock
 with stage_lock(sys.argv[1]):
     print("locked", flush=True)
@@ -404,7 +402,7 @@ def test_softrepa_cli_failure_is_one_line_and_exit_1(monkeypatch, capsys):
 # ------------------------------------------------------------ workers die with their parent
 
 PARENT = """
-import itertools, os, sys, time
+import sys, time
 from dataprep.caption import _KeySpec, _ordered_map
 from dataprep.images import PrepOptions
 from dataprep.sources import ImageRef
