@@ -4,6 +4,8 @@ Heavy libraries (torch, transformers, datasets) are imported inside the
 commands, never at module level, so ``dataprep --help`` starts fast.
 Exit status: 0 when a run completed (per-row errors are recorded, not fatal),
 1 with ``--strict`` when any row failed, 2 for usage or configuration errors.
+Any other failure prints one line and exits 1 (``--debug`` or DATAPREP_DEBUG=1
+shows the traceback); see :mod:`dataprep.exits`.
 """
 
 from __future__ import annotations

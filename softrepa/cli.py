@@ -3,6 +3,8 @@
 Commands only parse flags, call the library and print summaries; torch and
 diffusers are imported inside them so ``softrepa --help`` starts fast.
 Exit status: 0 on success, 2 for usage or configuration errors.
+Any other failure prints one line and exits 1 (``--debug`` or DATAPREP_DEBUG=1
+shows the traceback); see :mod:`dataprep.exits`.
 """
 
 from __future__ import annotations
