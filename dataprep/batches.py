@@ -54,7 +54,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dataprep.engines import ConfigError
-from dataprep.store import BATCHES_SCHEMA, Manifest, shard_paths, utcnow, write_table_atomic
+from dataprep.store import BATCHES_SCHEMA, CAPTIONS_SCHEMA, EDITS_SCHEMA, Manifest, check_shards, run_record_path, shard_paths, utcnow, write_run_record, write_table_atomic
 
 # Paper, appendix Table 3: (images, prompts) per batch.
 PRESETS: dict[str, tuple[int, int]] = {"sd3": (4, 4), "sdxl": (1, 16), "sd1.5": (4, 8)}
@@ -200,6 +200,7 @@ def load_caption_index(captions_dir: Path | str) -> CaptionIndex:
     paths = shard_paths(captions_dir)
     if not paths:
         raise ConfigError(f"no caption shards in {captions_dir}", "--captions", "point it at OUT/captions of a `dataprep caption` run")
+    check_shards(captions_dir, CAPTIONS_SCHEMA, flag="--captions")  # a corrupt shard: exit 2 naming it, not a crash mid-build
     # Two passes so that only the winning rows ever become Python strings and
     # at most one shard's text is in Arrow at a time (issue 5, scale):
     # 1) per shard, the good rows' (image_id, created_at, shard, row); pick the
@@ -261,6 +262,7 @@ def attach_edits(index: CaptionIndex, edits_dir: Path | str) -> CaptionIndex:
     paths = shard_paths(edits_dir)
     if not paths:
         raise ConfigError(f"no edit shards in {edits_dir}", "--edits", "point it at OUT/edits of a `dataprep rewrite` run, or leave it out")
+    check_shards(edits_dir, EDITS_SCHEMA, flag="--edits")
     ids = index.image_ids  # sorted: found by bisection, no second id -> row dict at 1M scale
     newest = array("q", [-(2**63)]) * len(index.texts)  # created_at of the edit kept per caption
     sk = index.skipped
@@ -581,13 +583,26 @@ def write_batches(index: CaptionIndex, out_dir: Path | str, opts: BatchOptions, 
     ``progress(done, total)`` is called per written batch with the expected
     total number of batches.
     """
+    from dataprep.stage import acquire_stage_lock
+    from dataprep.store import check_writable
+
     opts.validate()
     check_fillable(index, opts)
+    out = check_writable(out_dir)
+    lock = acquire_stage_lock(out, flag="--out", fix="wait for that run to finish, or build into another --out folder")  # a second build into the same folder stops (exit 2) naming this one
+    try:
+        return _write_batches(index, out, opts, progress, inputs)
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _write_batches(index: CaptionIndex, out: Path, opts: BatchOptions, progress: Callable[[int, int], None] | None, inputs: dict[str, Any] | None) -> BatchSummary:
     t0, started = time.perf_counter(), utcnow().isoformat()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     fingerprint = index.fingerprint()
     run_id = run_id_for(opts, fingerprint)
+    # the completion record goes first and comes back last: a run killed while
+    # rewriting its shards must not look finished to `softrepa train`
+    run_record_path(out, run_id).unlink(missing_ok=True)
     counts = BuildCounts()
     n_img = opts.grid[0]
     per_epoch = len(index) // n_img if opts.drop_last else -(-len(index) // n_img)
@@ -641,7 +656,7 @@ def write_batches(index: CaptionIndex, out_dir: Path | str, opts: BatchOptions, 
     config = {"options": asdict(opts), "grid": list(opts.grid), "inputs": inputs or {}, "input_fingerprint": fingerprint}
     # a run's own config, beside its shards and free of timestamps (deterministic);
     # the "_" keeps pyarrow/pandas/datasets from reading it as a shard of the folder
-    (out / f"_run-{run_id}.json").write_text(json.dumps({"run_id": run_id, "preset": opts.label, **config, "counts": _counts(summary), "shards": [p.name for p in shards]}, indent=2, sort_keys=True) + "\n")
+    write_run_record(out, run_id, shards, preset=opts.label, **config, counts=_counts(summary))
     Manifest(stage="batches", config=config, run_id=run_id, counts=_counts(summary), failures=summary.skipped, started_at=started, finished_at=utcnow().isoformat()).write(out)
     return summary
 

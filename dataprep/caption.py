@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -20,12 +21,16 @@ from typing import Any, Iterable, Iterator
 from dataprep.engines import ChatRequest, ConfigError, Engine, EngineConfig, Sampling
 from dataprep.images import DEFAULT_MAX_PIXELS, PrepOptions, prepare
 from dataprep.promptfile import load_prompt
-from dataprep.sources import ImageRef, read_bytes
+from dataprep.sources import ImageRef, read_bytes, stored_size
 from dataprep.stage import StageRun, StageSummary, model_identity, provenance
 from dataprep.store import CAPTIONS_SCHEMA, content_key, done_keys, sha256_text
 
 DEFAULT_MODEL = "llava-hf/llava-1.5-13b-hf"
 STAGE = "caption"
+# Files above this are refused from their stat / zip header size, unread: a
+# DIV2K PNG is ~5 MB and a 100 MP TIFF ~300 MB, while a 2 GiB file read
+# whole per worker can exhaust the memory of a shared node.
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 
 
 @dataclass
@@ -40,8 +45,12 @@ class CaptionOptions:
     force: bool = False
     rows_per_shard: int = 256
     workers: int = 2  # decode processes; 0 decodes in the main process
+    max_bytes: int = DEFAULT_MAX_BYTES  # larger files become too_large rows without being read
+    wait_lock: bool = False  # another run holds OUT/captions: wait for it instead of exit 2
 
     def validate(self) -> None:
+        if self.max_bytes < 1:
+            raise ConfigError(f"--max-bytes {self.max_bytes} is not positive", "--max-bytes", f"default {DEFAULT_MAX_BYTES} (256 MiB)")
         if self.workers < 0:
             raise ConfigError(f"--workers {self.workers} is negative", "--workers", "use 0 (in-process) or more")
         if self.max_new_tokens < 1:
@@ -75,14 +84,48 @@ class _KeySpec:
     seed: int | None
     prep: PrepOptions
     done: frozenset = field(default_factory=frozenset)
+    max_bytes: int = DEFAULT_MAX_BYTES
 
 
 _SPEC: _KeySpec | None = None
 
 
-def _init_worker(spec: _KeySpec) -> None:
+def _init_worker(spec: _KeySpec, parent_pid: int | None = None) -> None:
     global _SPEC
     _SPEC = spec
+    if parent_pid is not None:
+        _exit_with_parent(parent_pid)
+
+
+def _exit_with_parent(parent_pid: int, interval_s: float = 0.5) -> None:
+    """End this worker when ``parent_pid`` dies, even by kill -9.
+
+    A pool worker otherwise outlives a killed parent, blocked on its task
+    queue, holding its memory. On Linux the kernel sends SIGKILL at once
+    (PR_SET_PDEATHSIG); everywhere a daemon thread polls the parent pid, which
+    also covers the parent dying before the prctl call.
+    """
+    import os
+    import sys
+    import threading
+    import time
+
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            import signal
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        except Exception:  # no libc symbol: the polling thread still works
+            pass
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(1)
+            time.sleep(interval_s)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def caption_key(input_sha256: str, spec: _KeySpec) -> str:
@@ -97,11 +140,19 @@ def _work_hash_first(ref: ImageRef) -> dict[str, Any]:
     import hashlib
 
     spec = _SPEC
+    uri_key = caption_key("uri:" + sha256_text(ref.uri), spec)
+    try:
+        size = stored_size(ref)
+    except Exception:  # unknown size: read_bytes below reports the real cause
+        size = None
+    if size is not None and size > spec.max_bytes:
+        error = f"too_large: {size} bytes exceeds --max-bytes {spec.max_bytes}"
+        return {"ref": ref, "key": uri_key, "sha256": None, "error": error}
     try:
         data = read_bytes(ref)
     except Exception as exc:  # zipfile.BadZipFile (bad CRC), RuntimeError (encrypted), ...: one bad row, not a dead run
         reason = "missing_file" if isinstance(exc, (FileNotFoundError, KeyError)) else "read_error"
-        return {"ref": ref, "key": caption_key("uri:" + sha256_text(ref.uri), spec), "sha256": None, "error": f"{reason}: {exc}"}
+        return {"ref": ref, "key": uri_key, "sha256": None, "error": f"{reason}: {exc}"}
     digest = hashlib.sha256(data).hexdigest()
     # the image id is part of the input: two images with the same bytes (or two
     # zero-byte files) each keep their own row (compaction keeps one per key)
@@ -121,7 +172,7 @@ def _ordered_map(refs: Iterable[ImageRef], spec: _KeySpec, workers: int, window:
         return
     # spawn: workers never inherit the parent's torch/CUDA state
     ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(spec,)) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(spec, os.getpid())) as pool:
         pending: deque[Future] = deque()
         it = iter(refs)
         for ref in it:
@@ -154,13 +205,18 @@ def run_caption(
     prompt = load_prompt(opts.prompt_file)
     if not engine_cfg.model:
         engine_cfg.model = DEFAULT_MODEL
+    walk_skips = dict(getattr(refs, "skipped", {}) or {})  # files the source walk met and did not caption
     refs = list(refs)  # refs are ids and paths; no image is read before the model loads
     folder = Path(out) / "captions"
     run = StageRun(
         STAGE, folder, CAPTIONS_SCHEMA, engine_cfg, engine, progress=progress, rows_per_shard=opts.rows_per_shard,
         config={"options": asdict(opts), "prompt_id": prompt.prompt_id, "prompt_sha256": prompt.sha256},
+        wait_lock=opts.wait_lock,
     )
     engine, summary, sampling = run.engine, run.summary, opts.sampling()
+    for reason, n in sorted(walk_skips.items()):
+        summary.extra[f"not captioned: {reason}"] = n
+        run.manifest_counts[f"source_skipped.{reason}"] = n
     pending: list[dict[str, Any]] = []
 
     def row(item: dict[str, Any], result=None, error=None) -> dict[str, Any]:
@@ -204,6 +260,7 @@ def run_caption(
             seed=sampling.seed,
             prep=PrepOptions(mode="crop" if opts.crop else "pad", size=engine.image_size(), max_pixels=opts.max_pixels),
             done=frozenset() if opts.force else frozenset(done_keys(folder)),
+            max_bytes=opts.max_bytes,
         )
         # read-ahead of two batches, capped: engines without an image size
         # (openai) keep full-size padded images in memory

@@ -66,7 +66,7 @@ def _read_file(p: Path, flag: str) -> list[dict[str, Any]]:
             raise ConfigError(f"cannot read Parquet file {p}: {exc}", flag, "check the file") from None
     if suffix == ".jsonl":
         rows: list[dict[str, Any]] = []
-        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(_read_utf8(p, flag).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -77,7 +77,7 @@ def _read_file(p: Path, flag: str) -> list[dict[str, Any]]:
             rows.append(obj if isinstance(obj, dict) else {"error": f"bad_json: line {n} is not an object"})
         return rows
     if suffix == ".json":
-        text = p.read_text(encoding="utf-8")
+        text = _read_utf8(p, flag)
         if not text.strip():
             return []
         try:
@@ -90,6 +90,19 @@ def _read_file(p: Path, flag: str) -> list[dict[str, Any]]:
             raise ConfigError(f"{p} holds a JSON {type(data).__name__}, not a list of objects", flag, "write a list of {source, target} objects")
         return [d if isinstance(d, dict) else {"error": f"bad_json: item {i} is not an object"} for i, d in enumerate(data)]
     raise ConfigError(f"unknown file type {p.suffix!r}: {p}", flag, "use .jsonl, .json or .parquet")
+
+
+def _read_utf8(p: Path, flag: str) -> str:
+    """The file's text; ConfigError (exit 2, before any model loads) when it is not UTF-8."""
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = p.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{p} is not UTF-8 text (byte {exc.start}, line {line}: {exc.reason})",
+            flag,
+            f"convert it to UTF-8, e.g. iconv -f latin1 -t utf-8 {p.name} > {p.stem}.utf8{p.suffix}",
+        ) from None
 
 
 def pick_columns(rows: list[dict[str, Any]], source_column: str | None = None, target_column: str | None = None) -> tuple[str, str]:

@@ -4,6 +4,8 @@ Heavy libraries (torch, transformers, datasets) are imported inside the
 commands, never at module level, so ``dataprep --help`` starts fast.
 Exit status: 0 when a run completed (per-row errors are recorded, not fatal),
 1 with ``--strict`` when any row failed, 2 for usage or configuration errors.
+Any other failure prints one line and exits 1 (``--debug`` or DATAPREP_DEBUG=1
+shows the traceback); see :mod:`dataprep.exits`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,15 @@ caption_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(caption_app, name="caption")
+
+
+@app.callback()
+def _global_options(
+    debug: Annotated[bool, typer.Option("--debug", help="On a failure, show the full traceback instead of one line (also DATAPREP_DEBUG=1). Accepted anywhere on the command line.")] = False,
+) -> None:
+    # `main` takes --debug off the command line before typer parses it (so it
+    # works after a subcommand too); this declaration puts it in --help.
+    del debug
 
 
 def fail(message: str, code: int = 2) -> "typer.Exit":
@@ -141,6 +152,8 @@ CAPTION_FLAGS = {
     "strict": (StrictOpt, False),
     "rows_per_shard": (ShardOpt, 256),
     "workers": (WorkersOpt, 2),
+    "max_bytes": (Annotated[int, typer.Option("--max-bytes", help="Files larger than this many bytes become too_large error rows, decided from the file size without reading it (default 256 MiB).", rich_help_panel="Caption")], 256 * 1024 * 1024),
+    "wait_lock": (Annotated[bool, typer.Option("--wait-lock", help="If another run is writing OUT/captions, wait for it to finish (default: stop at once, exit 2, naming it).", rich_help_panel="Run")], False),
 }
 
 
@@ -282,6 +295,7 @@ def rewrite_cmd(
     force: ForceOpt = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any row failed or any kept rewrite breaks the rules (default: record and exit 0).", rich_help_panel="Run")] = False,
     rows_per_shard: ShardOpt = 256,
+    wait_lock: Annotated[bool, typer.Option("--wait-lock", help="If another run is writing OUT/edits, wait for it to finish (default: stop at once, exit 2, naming it).", rich_help_panel="Run")] = False,
     engine_kw: dict = None,
 ) -> None:
     """Rewrite captions into single-concept edits with Llama-3.1-8B-Instruct and prompts/edit.txt; every output is rule-checked and retried."""
@@ -290,7 +304,7 @@ def rewrite_cmd(
     from dataprep.rewrite import KEPT_FAILING, RewriteOptions, inputs_from_captions, inputs_from_file, run_rewrite
     from dataprep.stage import print_summary
 
-    opts = RewriteOptions(rules_file=rules, max_attempts=max_attempts, temperature=temperature, retry_temperature=retry_temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, force=force, rows_per_shard=rows_per_shard)
+    opts = RewriteOptions(rules_file=rules, max_attempts=max_attempts, temperature=temperature, retry_temperature=retry_temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, force=force, rows_per_shard=rows_per_shard, wait_lock=wait_lock)
     cfg = engine_config(model=model, revision=revision, **engine_kw)
     try:
         if captions is not None and input_file is not None:
@@ -621,10 +635,10 @@ def tiny_models(
 
 
 def main() -> None:
-    try:
-        app()
-    except ConfigError as exc:
-        raise SystemExit(_print_config_error(exc))
+    """Entry point: exit 0 / 1 / 2 as :mod:`dataprep.exits` describes; --debug shows tracebacks."""
+    from dataprep.exits import run_cli
+
+    run_cli(app, "dataprep", lambda exc: isinstance(exc, ConfigError))
 
 
 def _print_config_error(exc: ConfigError) -> int:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import tempfile
 import uuid
 from collections import Counter
@@ -41,7 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dataprep.engines import ConfigError
-from dataprep.store import shard_paths, utcnow
+from dataprep.store import atomic_write_text, read_json_record, shard_paths, utcnow
 
 EXPORT_KINDS = ("softrepa", "piebench", "hf")
 
@@ -151,29 +150,42 @@ def file_names(pairs: list[Pair]) -> dict[str, str]:
     return out
 
 
+class NotAnImage(ValueError):
+    """The file at a pair's uri does not decode as an image (its reason is the message)."""
+
+
 def place_image(uri: str, dest: Path, link: bool) -> None:
     """Copy (or symlink, for plain local files) the image at ``uri`` to ``dest``.
 
-    Raises OSError/KeyError/ValueError with the cause when it cannot be read.
+    Only files that decode as images are placed: the file may have changed
+    since it was captioned (replaced, truncated, overwritten by a text file),
+    and an export is handed to other tools as images. Raises
+    :class:`NotAnImage` for such a file, OSError/KeyError/ValueError with the
+    cause when it cannot be read at all.
     """
+    from dataprep.images import decode
     from dataprep.sources import ImageRef, read_bytes
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.is_symlink() or dest.exists():
         dest.unlink()
     local = Path(uri)
-    if not uri.startswith("zip://") and local.is_file():
-        if link:
-            os.symlink(local.resolve(), dest)
-        else:
-            shutil.copyfile(local, dest)
-        return
     data = read_bytes(ImageRef("export", "export", uri))  # zip members cannot be linked: copied
     if not data:
-        raise ValueError("empty image")
+        raise NotAnImage("empty_file: zero bytes")
+    try:
+        decode(data)
+    except ValueError as exc:
+        raise NotAnImage(str(exc)) from None
+    if link and not uri.startswith("zip://") and local.is_file():
+        os.symlink(local.resolve(), dest)
+        return
     tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, dest)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _with_images(pairs: list[Pair], image_dir: Path, link: bool, skipped: Counter, progress: Callable[[int, int], None] | None) -> Iterator[tuple[Pair, str]]:
@@ -186,6 +198,9 @@ def _with_images(pairs: list[Pair], image_dir: Path, link: bool, skipped: Counte
             continue
         try:
             place_image(p.image_uri or "", image_dir / names[p.image_id], link)
+        except NotAnImage:
+            skipped["image_not_decodable"] += 1
+            continue
         except Exception:  # OSError, KeyError, ValueError, zipfile.BadZipFile (bad CRC), RuntimeError (encrypted): this image only
             skipped["image_unreadable"] += 1
             continue
@@ -196,10 +211,8 @@ def _with_images(pairs: list[Pair], image_dir: Path, link: bool, skipped: Counte
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(obj, indent=4, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    # key order kept (the official prompts_editing.json layout); fsync'd, temp removed on failure
+    atomic_write_text(path, json.dumps(obj, indent=4, ensure_ascii=False) + "\n")
 
 
 def _finish(kind: str, run_dir: Path | str, out: Path, pairs: int, skipped: Counter, files: list[Path], include_failed: bool) -> ExportSummary:
@@ -207,11 +220,9 @@ def _finish(kind: str, run_dir: Path | str, out: Path, pairs: int, skipped: Coun
     record = {"kind": kind, "path": str(out.resolve()), "run": str(Path(run_dir).resolve()), "pairs": pairs, "include_failed": include_failed, "skipped": summary.skipped, "created_at": utcnow().isoformat()}
     _write_json(out / "export.json", record)
     registry = Path(run_dir) / "exports.json"
-    try:
-        entries = json.loads(registry.read_text()).get("exports", []) if registry.exists() else []
-    except (OSError, ValueError):
-        entries = []
-    entries = [e for e in entries if e.get("path") != record["path"]] + [record]
+    old = read_json_record(registry)  # a corrupt registry is read as empty, with a warning
+    entries = old.get("exports") if isinstance(old, dict) and isinstance(old.get("exports"), list) else []
+    entries = [e for e in entries if isinstance(e, dict) and e.get("path") != record["path"]] + [record]
     _write_json(registry, {"exports": entries})
     return summary
 

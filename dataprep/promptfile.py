@@ -39,7 +39,10 @@ def load_prompt(path_or_name: str | Path, flag: str = "--prompt-file") -> Prompt
         p = default_prompt_path(p.name)
     if not p.is_file():
         raise ConfigError(f"prompt file not found: {path_or_name}", flag, "pass an existing text file")
-    text = p.read_text(encoding="utf-8").strip()
+    try:
+        text = p.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"prompt file {p} is not UTF-8 text (byte {exc.start}: {exc.reason})", flag, f"convert it to UTF-8, e.g. iconv -f latin1 -t utf-8 {p.name}") from None
     if not text:
         raise ConfigError(f"prompt file is empty: {p}", flag, "write the prompt into the file")
     return Prompt(prompt_id=p.name, text=text, sha256=sha256_text(text))

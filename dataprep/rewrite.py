@@ -31,7 +31,7 @@ from dataprep.engines import ChatRequest, ChatResult, ConfigError, Engine, Engin
 from dataprep.promptfile import load_prompt
 from dataprep.rules import RULES, Verdict, check
 from dataprep.stage import StageRun, StageSummary, model_identity, provenance
-from dataprep.store import CAPTIONS_SCHEMA, EDITS_SCHEMA, content_key, iter_rows, sha256_text, shard_paths
+from dataprep.store import CAPTIONS_SCHEMA, EDITS_SCHEMA, check_shards, content_key, iter_rows, sha256_text, shard_paths
 
 DEFAULT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 STAGE = "rewrite"
@@ -59,6 +59,7 @@ class RewriteOptions:
     seed: int = 0
     force: bool = False
     rows_per_shard: int = 256
+    wait_lock: bool = False  # another run holds OUT/edits: wait for it instead of exit 2
 
     def validate(self) -> None:
         if self.max_attempts < 1:
@@ -165,6 +166,7 @@ def inputs_from_captions(folder: Path | str) -> list[RewriteInput]:
     folder = Path(folder)
     if not shard_paths(folder):
         raise ConfigError(f"no caption shards in {folder}", "--captions", "run `dataprep caption ...` first, or pass --input FILE")
+    check_shards(folder, CAPTIONS_SCHEMA, flag="--captions")
     return [
         RewriteInput(image_id=r["image_id"], text=r["caption"], image_uri=r["image_uri"], error=r["error"])
         for r in iter_rows(folder, CAPTIONS_SCHEMA, columns=["image_id", "image_uri", "caption", "error"])
@@ -193,7 +195,8 @@ def inputs_from_file(path: Path | str, text_column: str = "caption", id_column: 
 def rewrite_key(item: RewriteInput, model: str, revision: str | None, rules_sha256: str, opts: RewriteOptions) -> str:
     # The image id is part of the input hash: two images with the same caption
     # each keep their own edit row (compaction keeps one row per key).
-    input_sha = sha256_text(json.dumps([item.image_id, item.text]))
+    # default=repr: a wrong-typed text (a date from Parquet) still gets a key, for its error row
+    input_sha = sha256_text(json.dumps([item.image_id, item.text], default=repr))
     return content_key(STAGE, input_sha, model, revision, rules_sha256, opts.policy(), opts.seed)
 
 
@@ -280,6 +283,7 @@ def run_rewrite(
     run = StageRun(
         STAGE, folder, EDITS_SCHEMA, engine_cfg, engine, progress=progress, rows_per_shard=opts.rows_per_shard,
         config={"options": asdict(opts), "prompt_id": rules.prompt_id, "prompt_sha256": rules.sha256},
+        wait_lock=opts.wait_lock,
     )
     engine, summary, tally = run.engine, run.summary, _Tally()
     pending: list[tuple[RewriteInput, str]] = []
@@ -300,8 +304,8 @@ def run_rewrite(
         v = o.verdict if o is not None else None
         return {
             "image_id": item.image_id,
-            "image_uri": item.image_uri,
-            "source": item.text,
+            "image_uri": item.image_uri if isinstance(item.image_uri, str) else None,
+            "source": item.text if isinstance(item.text, str) else None,
             "target": o.target if o is not None else None,
             "raw_output": o.raw_output if o is not None else None,
             "passed": v.passed if v is not None else False,
@@ -348,7 +352,11 @@ def run_rewrite(
                 continue
             key = rewrite_key(item, model, engine.revision, rules.sha256, opts)
             if not isinstance(item.text, str) or not item.text.strip():
-                error = "missing_caption: the input row has no caption text"
+                error = (
+                    "missing_caption: the input row has no caption text"
+                    if item.text is None or isinstance(item.text, str)
+                    else f"bad_type: the caption is {type(item.text).__name__}, not text: {str(item.text)[:80]!r}"
+                )
                 run.writer.add(row(item, key, error=error))
                 summary.fail(error)
                 run.advance()

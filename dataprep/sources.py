@@ -10,8 +10,12 @@ that :func:`read_bytes` here and ``fsspec.open`` in ``softrepa`` both open.
 
 from __future__ import annotations
 
+import errno
+import os
 import re
+import stat
 import zipfile
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -42,7 +46,46 @@ class ImageRef:
     row: HFRow | None = None  # an image embedded in a datasets dataset, fetched when read
 
 
+class RefList(list):
+    """Refs in caption order, plus what the source walk met and did not caption.
+
+    ``skipped`` maps a reason (``hidden``, ``not_an_image_extension``,
+    ``broken_link``, ``symlink_loop``, ``link_to_folder``,
+    ``not_a_regular_file``, ``unreadable_folder``, ...) to a count; the caption
+    stage prints it and writes it to the manifest, so nothing is dropped
+    silently.
+    """
+
+    def __init__(self, refs=(), skipped: Counter | dict | None = None):
+        super().__init__(refs)
+        self.skipped: Counter = Counter(skipped or {})
+
+
 # ------------------------------------------------------------------ reading
+
+
+def stored_size(ref: ImageRef) -> int | None:
+    """The file's size in bytes from its stat or zip header, without reading it.
+
+    An image inside a `datasets` row is measured in the memory-mapped Arrow
+    data (a zero-copy one-row slice), not copied out. None when unknown.
+    Raises OSError/KeyError like :func:`read_bytes` for a missing file.
+    """
+    if ref.data is not None:
+        return len(ref.data)
+    if ref.row is not None:
+        r = ref.row
+        cell = _hf_images(r.name_or_path, r.split, r.image_column).with_format("arrow")[r.index].column(r.image_column)[0]
+        if not cell.is_valid:
+            return None
+        data, path = cell["bytes"], cell["path"].as_py()
+        if data.is_valid:
+            return data.as_buffer().size
+        return os.stat(path).st_size if path else None
+    if ref.uri.startswith("zip://"):
+        member, archive = ref.uri[len("zip://"):].split("::", 1)
+        return _open_zip(archive).getinfo(member).file_size
+    return os.stat(ref.uri).st_size
 
 
 @lru_cache(maxsize=8)
@@ -58,7 +101,9 @@ def read_bytes(ref: ImageRef) -> bytes:
         return ref.data
     if ref.row is not None:
         r = ref.row
-        img = _hf_images(r.name_or_path, r.split, r.image_column)[r.index][r.image_column] or {}
+        img = _hf_images(r.name_or_path, r.split, r.image_column)[r.index][r.image_column]
+        if not isinstance(img, dict):
+            raise FileNotFoundError(f"row {r.index} of {r.name_or_path} has no image ({type(img).__name__})")
         if img.get("bytes") is not None:
             return img["bytes"]
         if img.get("path"):
@@ -90,7 +135,7 @@ def parse_ids(spec: str | None) -> set[int] | None:
     return out
 
 
-def div2k(data: Path | str, split: str = "train", ids: str | None = None, limit: int | None = None) -> list[ImageRef]:
+def div2k(data: Path | str, split: str = "train", ids: str | None = None, limit: int | None = None) -> RefList:
     """DIV2K HR images from the extracted folder or the official zip (not extracted).
 
     Ids are ``div2k/0001`` .. ``div2k/0800`` (train) or ``0801`` .. ``0900``
@@ -110,6 +155,7 @@ def div2k(data: Path | str, split: str = "train", ids: str | None = None, limit:
     lo, hi = DIV2K_SPLITS[split]
     wanted = parse_ids(ids)
     found: dict[int, str] = {}
+    skipped: Counter = Counter()
     if data.is_file():
         if not zipfile.is_zipfile(data):
             raise ConfigError(f"{data} is not a zip archive", "--data", "pass the DIV2K folder or the official .zip")
@@ -117,12 +163,18 @@ def div2k(data: Path | str, split: str = "train", ids: str | None = None, limit:
             m = re.search(r"(?:^|/)(\d{4})\.png$", name)
             if m:
                 found[int(m.group(1))] = f"zip://{name}::{data.resolve()}"
+            elif not name.endswith("/"):
+                skipped["not_a_div2k_name"] += 1
     else:
         for p in data.iterdir():
             m = re.fullmatch(r"(\d{4})\.png", p.name)
             if m:
                 found[int(m.group(1))] = str(p.resolve())
+            else:
+                skipped["not_a_div2k_name"] += 1
     numbers = sorted(wanted) if wanted is not None else sorted(n for n in found if lo <= n <= hi)
+    chosen = set(numbers)
+    skipped["not_selected"] += sum(1 for n in found if n not in chosen)
     if wanted is not None:
         outside = [n for n in numbers if not lo <= n <= hi]
         if outside:
@@ -130,29 +182,78 @@ def div2k(data: Path | str, split: str = "train", ids: str | None = None, limit:
     if not numbers:
         raise ConfigError(f"no DIV2K {split} images (NNNN.png, ids {lo}-{hi}) in {data}", "--data", "point at DIV2K_train_HR/ or DIV2K_valid_HR/ (or their zips)")
     if limit is not None:
+        skipped["beyond_limit"] += max(0, len(numbers) - limit)
         numbers = numbers[:limit]
     missing_dir = data if data.is_dir() else data.parent
-    return [
-        ImageRef(f"div2k/{n:04d}", "div2k", found.get(n, str((missing_dir / f"{n:04d}.png").resolve())))
-        for n in numbers
-    ]
+    return RefList(
+        (ImageRef(f"div2k/{n:04d}", "div2k", found.get(n, str((missing_dir / f"{n:04d}.png").resolve()))) for n in numbers),
+        +skipped,  # unary plus drops zero counts
+    )
 
 
 # ------------------------------------------------------------------ folders
 
 
-def folder(path: Path | str, name: str | None = None, limit: int | None = None) -> list[ImageRef]:
-    """Every image under ``path`` (recursive), sorted, id = name/relative path."""
+def folder(path: Path | str, name: str | None = None, limit: int | None = None) -> RefList:
+    """Every image under ``path`` (recursive), sorted, id = name/relative path.
+
+    Links to files are followed (the id keeps the link's own path); links to
+    folders are not (they could loop or reach outside ``path``). Everything
+    else the walk meets is counted in the result's ``skipped`` by reason (see
+    :class:`RefList`); an image-named link that leads nowhere is counted too.
+    """
     root = Path(path).expanduser()
     if not root.is_dir():
         raise ConfigError(f"image folder not found: {root}", "PATH", "pass an existing folder of images")
     prefix = name or root.resolve().name
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    skipped: Counter = Counter()
+    files = sorted(_walk(root, skipped))
     if not files:
-        raise ConfigError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}", "PATH", "pass a folder that holds images")
+        seen = f" (skipped: {', '.join(f'{k} {v}' for k, v in sorted(skipped.items()))})" if skipped else ""
+        raise ConfigError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}{seen}", "PATH", "pass a folder that holds images")
     if limit is not None:
+        if len(files) > limit:
+            skipped["beyond_limit"] += len(files) - limit
         files = files[:limit]
-    return [ImageRef(f"{prefix}/{p.relative_to(root).as_posix()}", "folder", str(p.resolve())) for p in files]
+    return RefList((ImageRef(f"{prefix}/{p.relative_to(root).as_posix()}", "folder", str(p.resolve())) for p in files), skipped)
+
+
+def _walk(folder: Path, skipped: Counter) -> Iterator[Path]:
+    """Image files under ``folder``; every other entry is counted in ``skipped``."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:  # no permission, vanished, not a folder after all
+        skipped["unreadable_folder"] += 1
+        return
+    for entry in entries:
+        p = Path(entry.path)
+        if entry.name.startswith("."):
+            skipped["hidden"] += 1
+            continue
+        try:
+            if entry.is_symlink():
+                try:
+                    target = os.stat(p)  # follows the link
+                except OSError as exc:
+                    skipped["symlink_loop" if exc.errno == errno.ELOOP else "broken_link"] += 1
+                    continue
+                mode = target.st_mode
+                if stat.S_ISDIR(mode):
+                    skipped["link_to_folder"] += 1
+                    continue
+            else:
+                mode = entry.stat(follow_symlinks=False).st_mode
+        except OSError:
+            skipped["unreadable_entry"] += 1
+            continue
+        if stat.S_ISDIR(mode):
+            yield from _walk(p, skipped)
+        elif not stat.S_ISREG(mode):
+            skipped["not_a_regular_file"] += 1  # fifo, socket, device: reading could block forever
+        elif p.suffix.lower() not in IMAGE_EXTENSIONS:
+            skipped["not_an_image_extension"] += 1
+        else:
+            yield p
 
 
 # ------------------------------------------------------------------ Hugging Face datasets
@@ -178,15 +279,19 @@ def hf_dataset(
     import datasets
 
     p = Path(name_or_path).expanduser()
-    ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    try:
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    except Exception as exc:  # a text or number column cannot hold images
+        raise ConfigError(f"column {image_column!r} of {name_or_path} does not hold images ({type(exc).__name__}: {exc})", "--image-column", "name the column that holds the images") from None
     label = p.name if p.exists() else name_or_path
     n = len(ds) if limit is None else min(limit, len(ds))
     # Refs keep no pixels: a 100k-image dataset must not sit in memory twice.
     # Workers fetch each row's bytes themselves (memory-mapped Arrow).
     for i in range(n):
         row = ds[i]
-        img = row[image_column] or {}
-        rid = str(row[id_column]) if id_column else f"{i:06d}"
+        img = row[image_column] if isinstance(row[image_column], dict) else {}
+        # a null id must not collapse rows onto the id "None"; the row number stays unique
+        rid = str(row[id_column]) if id_column and row[id_column] is not None else f"{i:06d}"
         path = img.get("path")
         if img.get("bytes") is None and path and Path(path).exists():
             yield ImageRef(f"{label}/{split}/{rid}", "hf", str(Path(path).resolve()))

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dataprep.engines import ChatResult, Sampling
-from dataprep.store import Manifest, ShardWriter, compact, new_run_id, utcnow
+from dataprep.store import Manifest, ShardWriter, StageLocked, check_shards, check_writable, compact, describe_holder, new_run_id, stage_lock, utcnow
 
 
 @dataclass
@@ -67,22 +67,31 @@ def model_identity(engine: Any, engine_cfg: Any = None) -> str:
 class StageRun:
     """One run of a model stage into its store folder: what both stages share.
 
-    Construction loads the engine (unless one is passed: flows reuse theirs),
-    so configuration fails before any input is read, and compacts the folder
-    (a killed earlier run may have left superseded rows). Inside ``with``,
+    Construction takes the folder's lock (another run on it: ConfigError at
+    once, or wait with ``wait_lock``), checks every shard already there
+    (a corrupt or foreign one: ConfigError naming it), then loads the engine
+    (unless one is passed: flows reuse theirs), so configuration fails before
+    any input is read, and compacts the folder (a killed earlier run may have
+    left superseded rows). The lock is held until :meth:`close`. Inside ``with``,
     ``writer`` takes rows and ``advance`` moves the progress bar. Leaving,
     normally or by an exception, keeps every finished row: the last shard is
     flushed, the folder compacted again (a retried key keeps one row), the
     manifest written and an engine this run loaded closed.
     """
 
-    def __init__(self, stage: str, folder: Path, schema: Any, engine_cfg: Any, engine: Any = None, *, config: dict[str, Any], rows_per_shard: int, progress: bool = True):
+    def __init__(self, stage: str, folder: Path, schema: Any, engine_cfg: Any, engine: Any = None, *, config: dict[str, Any], rows_per_shard: int, progress: bool = True, wait_lock: bool = False):
         from dataprep.engines import load_engine
 
-        self.own_engine = engine is None
-        self.engine = engine or load_engine(engine_cfg)
         self.folder, self.schema = Path(folder), schema
-        self.folder.mkdir(parents=True, exist_ok=True)
+        check_writable(self.folder)
+        self.lock = acquire_stage_lock(self.folder, wait_lock)
+        try:
+            check_shards(self.folder, schema)
+            self.own_engine = engine is None
+            self.engine = engine or load_engine(engine_cfg)
+        except BaseException:
+            self.lock.__exit__(None, None, None)
+            raise
         compact(self.folder, schema)
         self.run_id = new_run_id()
         self.summary = StageSummary(stage=stage, out_dir=self.folder, run_id=self.run_id)
@@ -126,8 +135,27 @@ class StageRun:
             self.manifest.finished_at = utcnow().isoformat()
             self.manifest.write(self.folder)
         finally:
-            if self.own_engine:
-                self.engine.close()
+            try:
+                if self.own_engine:
+                    self.engine.close()
+            finally:
+                self.lock.__exit__(None, None, None)
+
+
+def acquire_stage_lock(
+    folder: Path,
+    wait: bool = False,
+    flag: str = "--wait-lock",
+    fix: str = "wait for that run to finish, pass --wait-lock to queue behind it, or write to another --out folder",
+) -> stage_lock:
+    """The folder's lock, held (release with ``__exit__``); ConfigError (exit 2) naming the holder when taken and not ``wait``."""
+    from dataprep.engines import ConfigError
+
+    lock = stage_lock(folder, wait=wait)
+    try:
+        return lock.__enter__()
+    except StageLocked as exc:
+        raise ConfigError(f"{folder} is being written by another run ({describe_holder(exc.holder)})", flag, fix) from None
 
 
 def engine_manifest(engine_cfg: Any, engine: Any) -> dict[str, Any]:

@@ -189,11 +189,55 @@ def write_table_atomic(table: pa.Table, path: Path) -> None:
             tmp.unlink()
 
 
+def rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Rows -> a table of ``schema``; a row that does not fit never sinks the others.
+
+    The fast path converts all rows at once. When that fails (a number where a
+    caption belongs, a list in a text column), each row is converted alone and
+    a row that still fails is coerced: a value that does not fit its column
+    becomes null (a required string column gets ``str(value)``), and when the
+    schema has an ``error`` column the row becomes an error row
+    (``bad_type: column 'caption' got int``) unless it already was one.
+    """
+    try:
+        return pa.Table.from_pydict({name: [r.get(name) for r in rows] for name in schema.names}, schema=schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+        pass
+    return pa.Table.from_pylist([_fit_row(r, schema) for r in rows], schema=schema)
+
+
+def _fits(value: Any, type_: pa.DataType) -> bool:
+    try:
+        pa.array([value], type=type_)
+        return True
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+        return False
+
+
+def _fit_row(row: dict[str, Any], schema: pa.Schema) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    bad: list[str] = []
+    for f in schema:
+        value = row.get(f.name)
+        if value is None or _fits(value, f.type):
+            out[f.name] = value
+            continue
+        bad.append(f"column {f.name!r} got {type(value).__name__}")
+        out[f.name] = str(value) if not f.nullable and pa.types.is_string(f.type) else None
+    if bad and "error" in schema.names and out.get("error") is None:
+        out["error"] = "bad_type: " + "; ".join(bad)
+        if "finish_reason" in schema.names:
+            out["finish_reason"] = "error"
+    return out
+
+
 class ShardWriter:
     """Buffers rows and writes a shard every ``rows_per_shard`` rows.
 
     Rows are dicts with the schema's columns; missing columns become null,
-    unknown ones are an error (a typo must not silently drop data).
+    unknown ones are an error (a typo must not silently drop data). A value
+    of the wrong type makes its row an error row (see :func:`rows_to_table`)
+    instead of failing the whole shard.
     """
 
     def __init__(self, folder: Path | str, schema: pa.Schema, run_id: str, rows_per_shard: int = 256):
@@ -219,8 +263,7 @@ class ShardWriter:
     def flush(self) -> Path | None:
         if not self._buffer:
             return None
-        columns = {name: [r.get(name) for r in self._buffer] for name in self.schema.names}
-        table = pa.Table.from_pydict(columns, schema=self.schema)
+        table = rows_to_table(self._buffer, self.schema)
         while True:  # a shard name is never reused, even across runs with the same id
             path = self.folder / f"part-{self.run_id}-{self._index:05d}.parquet"
             self._index += 1
@@ -352,9 +395,55 @@ def count_rows(folder: Path | str) -> tuple[int, int]:
 MANIFEST_NAME = "_manifest.json"
 
 
+def atomic_write_text(path: Path | str, text: str) -> Path:
+    """Write ``text`` so readers see the old file or the new one, never a part.
+
+    A hidden temp file in the same folder (same file system, so the rename is
+    atomic), fsync, then ``os.replace``; on any failure (disk full) the temp
+    file is removed and the old file, if any, is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def atomic_write_json(path: Path | str, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json_record(path: Path | str) -> Any | None:
+    """A manifest or completion record, or None when absent or unreadable.
+
+    A corrupt record (a crash of an older version mid-write, a hand edit) is
+    treated as absent with a warning: the shards are the data, the record only
+    describes them, so a bad one must never stop a run.
+    """
+    import warnings
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        warnings.warn(f"ignoring unreadable {path}: {exc}", RuntimeWarning, stacklevel=2)
+        return None
+
+
 def read_manifest(folder: Path | str) -> dict[str, Any] | None:
-    path = Path(folder) / MANIFEST_NAME
-    return json.loads(path.read_text()) if path.exists() else None
+    """The folder's manifest as a dict; None when absent, corrupt or not an object."""
+    data = read_json_record(Path(folder) / MANIFEST_NAME)
+    return data if isinstance(data, dict) else None
 
 
 @dataclass
@@ -371,20 +460,175 @@ class Manifest:
     def write(self, folder: Path | str) -> Path:
         """Write the manifest; earlier runs are kept under ``runs``."""
         path = Path(folder) / MANIFEST_NAME
-        history: list[dict[str, Any]] = []
-        if path.exists():
-            try:
-                old = json.loads(path.read_text())
-                history = old.get("runs", [])
-            except (OSError, json.JSONDecodeError):
-                history = []
+        old = read_manifest(folder) or {}
+        history = [r for r in old.get("runs", []) if isinstance(r, dict)] if isinstance(old.get("runs"), list) else []
         this = {k: v for k, v in self.__dict__.items()}
         history = [r for r in history if r.get("run_id") != self.run_id] + [
             {k: this[k] for k in ("run_id", "started_at", "finished_at", "counts")}
         ]
-        body = dict(this, runs=history)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".manifest.{uuid.uuid4().hex[:8]}.tmp")
-        tmp.write_text(json.dumps(body, indent=2, sort_keys=True, default=str) + "\n")
-        os.replace(tmp, path)
-        return path
+        return atomic_write_json(path, dict(this, runs=history))
+
+
+# ---------------------------------------------------------------- checks before a run
+
+
+def check_shards(folder: Path | str, schema: pa.Schema, flag: str = "--out") -> None:
+    """Raise ConfigError naming the first shard that is unreadable or of another schema.
+
+    Runs before any model loads: a corrupt shard (a disk error, a copy cut
+    short) or one of another stage (``edits`` shards copied into
+    ``captions/``) would otherwise crash the resume index or the compaction
+    after the model loaded. Only the Parquet footer is read.
+    """
+    from dataprep.engines import ConfigError
+
+    for path in shard_paths(folder):
+        try:
+            found = pq.read_schema(path)
+        except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... for a bad footer
+            raise ConfigError(
+                f"shard {path} is corrupt ({type(exc).__name__}: {exc})",
+                flag,
+                f"move {path.name} out of {path.parent} (its rows are lost or must be rebuilt), then rerun; the other shards are kept",
+            ) from None
+        wrong = [f"{f.name} ({f.type})" for f in schema if f.name in found.names and not found.field(f.name).type.equals(f.type)]
+        missing = [f.name for f in schema if f.name not in found.names]  # ShardWriter always writes every column
+        if wrong or missing:
+            what = "; ".join(filter(None, [f"missing {', '.join(missing)}" if missing else "", f"other types for {', '.join(wrong)}" if wrong else ""]))
+            raise ConfigError(
+                f"shard {path} does not hold this stage's rows ({what})",
+                flag,
+                f"move {path.name} out of {path.parent}, or write this run to another --out folder",
+            )
+
+
+def check_writable(out: Path | str, flag: str = "--out") -> Path:
+    """Raise ConfigError unless ``out`` is (or can be made) a writable folder.
+
+    Called before any model loads, so a typo'd ``--out`` costs seconds, not a
+    model load and a crash at the first shard.
+    """
+    from dataprep.engines import ConfigError
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file, not a folder", flag, "pass a folder path (it is created if missing)")
+    probe = out
+    while not probe.exists():  # the nearest existing ancestor decides whether we can create it
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"cannot create {out}: {probe} is a file", flag, "pass a folder path under a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{probe} is not writable", flag, "pass a folder you can write to")
+    return out
+
+
+# ---------------------------------------------------------------- one run per stage folder
+
+LOCK_NAME = ".dataprep.lock"  # hidden: readers of the folder skip it
+HOLDER_NAME = ".dataprep.lock.json"
+_LOCKS: dict[str, Any] = {}  # lock file path -> FileLock, shared by every stage_lock of this process
+
+
+class StageLocked(Exception):
+    """Another process holds the folder's lock (``holder`` says who, when known)."""
+
+    def __init__(self, folder: Path, holder: dict[str, Any] | None):
+        self.folder, self.holder = folder, holder
+        super().__init__(f"{folder} is in use by another run: {describe_holder(holder)}")
+
+
+def describe_holder(holder: dict[str, Any] | None) -> str:
+    if not holder:
+        return "holder unknown (it has only just started)"
+    return f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started_at')}: {holder.get('command')}"
+
+
+class stage_lock:
+    """Hold the lock of a stage folder: ``with stage_lock(folder, wait=False): ...``.
+
+    Two runs writing one stage folder at once would both compact it and both
+    write a manifest; the second run therefore waits (``wait=True``, at most
+    ``timeout`` seconds, None = forever) or raises :class:`StageLocked` at once.
+    The lock is an OS file lock (``filelock``), so it is released when the
+    holder dies, even by kill -9: a stale lock never blocks a later run. The
+    holder's pid, host, start time and command sit in a JSON file beside it
+    for the message the second run prints. Re-entrant in one process.
+    """
+
+    def __init__(self, folder: Path | str, wait: bool = False, timeout: float | None = None):
+        self.folder = Path(folder)
+        self.wait, self.timeout = wait, timeout
+        self._lock = None
+
+    def __enter__(self) -> "stage_lock":
+        import socket
+        import sys
+
+        from filelock import FileLock, Timeout
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = str((self.folder / LOCK_NAME).resolve())
+        # one FileLock per path and process: flock() locks of two handles in
+        # one process exclude each other, so a nested use would wait on itself
+        self._lock = _LOCKS.setdefault(path, FileLock(path, thread_local=False))
+        timeout = (-1 if self.timeout is None else self.timeout) if self.wait else 0
+        try:
+            self._lock.acquire(timeout=timeout)
+        except Timeout:
+            raise StageLocked(self.folder, self.holder(self.folder)) from None
+        if self._lock.lock_counter == 1:
+            try:
+                atomic_write_json(self.folder / HOLDER_NAME, {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "started_at": utcnow().isoformat(timespec="seconds"),
+                    "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "python",
+                })
+            except BaseException:  # disk full: do not keep a lock nobody will release
+                self._lock.release()
+                raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._lock is None:
+            return
+        if self._lock.lock_counter == 1:
+            try:
+                (self.folder / HOLDER_NAME).unlink()
+            except OSError:
+                pass
+        self._lock.release()
+
+    @staticmethod
+    def holder(folder: Path | str) -> dict[str, Any] | None:
+        """Who holds the lock of ``folder`` (as its holder recorded it), or None."""
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            data = read_json_record(Path(folder) / HOLDER_NAME)
+        return data if isinstance(data, dict) else None
+
+
+# ---------------------------------------------------------------- completion records
+
+
+def run_record_path(folder: Path | str, run_id: str) -> Path:
+    """``_run-<run_id>.json``: written last, atomically, when a run finished all its shards."""
+    return Path(folder) / f"_run-{run_id}.json"
+
+
+def write_run_record(folder: Path | str, run_id: str, shards: list[Path], **fields: Any) -> Path:
+    """Mark run ``run_id`` complete: its shard names and ``fields``, written atomically.
+
+    A reader that finds no record (or an unreadable one) knows the run did
+    not finish: the shards present may be only part of it.
+    """
+    return atomic_write_json(run_record_path(folder, run_id), {"run_id": run_id, **fields, "shards": [Path(p).name for p in shards]})
+
+
+def read_run_record(folder: Path | str, run_id: str) -> dict[str, Any] | None:
+    """The completion record of ``run_id``, or None (absent or unreadable: not complete)."""
+    data = read_json_record(run_record_path(folder, run_id))
+    return data if isinstance(data, dict) and isinstance(data.get("shards"), list) else None

@@ -296,6 +296,9 @@ def train(
     inputs = shard_folder(shards, base / "train" / "inputs")
     out = options.pop("out", None) or str(base / "train" / f"{preset}-{inputs.name.removeprefix('shards-')}")
     options.setdefault("progress", False)
+    # the link folder has no completion record of its own; the batches flow
+    # announces shards only after its run wrote _run-<id>.json, so they are whole
+    options.setdefault("allow_partial", True)
     cfg = build(TrainConfig, options, "train", preset=preset, batches=str(inputs), model=model, out=out)
     cfg.validate()
     with gpu_slot(getattr(cfg, "device", "auto") != "cpu"):

@@ -3,6 +3,8 @@
 Commands only parse flags, call the library and print summaries; torch and
 diffusers are imported inside them so ``softrepa --help`` starts fast.
 Exit status: 0 on success, 2 for usage or configuration errors.
+Any other failure prints one line and exits 1 (``--debug`` or DATAPREP_DEBUG=1
+shows the traceback); see :mod:`dataprep.exits`.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def train_cmd(
     out: Annotated[Path, typer.Option("--out", help="Run folder: tokens/, checkpoints/, train_log.jsonl, train_config.json.")],
     steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps (default: Table 3, 30000 sd3/sdxl, 26000 sd1.5). Batch rows are cycled in shard order.")] = None,
     batch_run: Annotated[Optional[str], typer.Option("--batch-run", help="Which `dataprep batches` run to train on when --batches holds several (the id in part-<run>-NNNNN.parquet, e.g. sd3-s0-1a2b3c4d5e6f).")] = None,
+    allow_partial: Annotated[bool, typer.Option("--allow-partial", help="Train on a batch run that did not finish (no completion record from `dataprep batches`); by default such a run is refused.")] = False,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Save tokens + optimizer/scheduler/RNG state every N steps (and at the end).")] = 500,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out (same trajectory as an uninterrupted run).")] = False,
     lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate (paper: 1e-3).", rich_help_panel="Optimizer")] = 1e-3,
@@ -75,7 +78,7 @@ def train_cmd(
     from softrepa.train import ConfigError, TrainConfig, train
 
     cfg = TrainConfig(
-        preset=preset, batches=str(batches), batch_run=batch_run, model=model, out=str(out), steps=steps, checkpoint_every=checkpoint_every,
+        preset=preset, batches=str(batches), batch_run=batch_run, allow_partial=allow_partial, model=model, out=str(out), steps=steps, checkpoint_every=checkpoint_every,
         resume=resume, lr=lr, weight_decay=weight_decay, restart_every=restart_every, min_lr=min_lr, n_tokens=n_tokens,
         n_layers=n_layers, apply=_split_apply(apply), t_dependent=t_dependent, denoise_weight=denoise_weight, scale=scale,
         temperature=temperature, min_t=min_t, max_t=max_t, resolution=resolution, precision=precision, device=device,
@@ -225,7 +228,16 @@ def evaluate_edit_cmd(
 
 
 def main() -> None:
-    app()
+    """Entry point: exit 0 / 1 / 2 as :mod:`dataprep.exits` describes; --debug shows tracebacks."""
+    import sys
+
+    from dataprep.exits import run_cli
+
+    def is_config_error(exc: BaseException) -> bool:  # softrepa.backbone imports torch: only look if loaded
+        backbone = sys.modules.get("softrepa.backbone")
+        return backbone is not None and isinstance(exc, backbone.ConfigError)
+
+    run_cli(app, "softrepa", is_config_error)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ class Pair:
     image_path: str
     source: str
     target: str
+    error: str | None = None  # the input item itself is unusable (wrong types): every setting of it is an error row
 
 
 @dataclass(frozen=True)
@@ -196,12 +197,26 @@ def pairs_from_json(path: Path) -> list[Pair]:
         raise ConfigError(f"{path} is not a JSON list", flag="--pairs", fix="pass a JSON list of {prompt, img_path, tgt_prompt}")
     out = []
     for i, it in enumerate(items):
-        img = str(it.get("img_path", ""))
-        src, tgt = str(it.get("prompt", "")), str(it.get("tgt_prompt", ""))
+        bad = _bad_item(it)
+        if bad is not None:  # str(None) would edit towards the prompt "None"
+            out.append(Pair(f"item{i}-{_short_hash(repr(it))}", f"item{i}", "", "", "", error=f"bad_type: item {i}: {bad}"))
+            continue
+        img = it["img_path"]
+        src, tgt = it["prompt"], it["tgt_prompt"]
         image_id = Path(img).stem or f"item{i}"
         full = img if os.path.isabs(img) else str(path.parent / img)
         out.append(Pair(f"{_safe(image_id)}-{_short_hash(img, src, tgt)}", image_id, full, src, tgt))
     return out
+
+
+def _bad_item(item: Any) -> str | None:
+    """Why an item of prompts_editing.json cannot be edited, or None."""
+    if not isinstance(item, dict):
+        return f"{type(item).__name__}, not an object"
+    for key in ("img_path", "prompt", "tgt_prompt"):
+        if not isinstance(item.get(key), str) or not item[key].strip():
+            return f"{key} is {'missing' if item.get(key) is None else type(item[key]).__name__ if not isinstance(item[key], str) else 'empty'}"
+    return None
 
 
 def pairs_from_run(run_dir: Path) -> list[Pair]:
@@ -366,6 +381,11 @@ def edit_all(cfg: EvalConfig, pairs: Sequence[Pair], out: Path) -> tuple[dict[tu
             wanted = by_pair.get(p.pair_id, [])
             src_png = out / "images" / cfg.source_folder / f"{p.pair_id}.png"
             if not wanted and src_png.exists():
+                continue
+            if p.error is not None:
+                for s in settings:
+                    errors[(p.pair_id, s.setting_id)] = p.error
+                bar.advance(task, len(wanted))
                 continue
             try:
                 image = open_image(p.image_path)

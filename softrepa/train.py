@@ -55,6 +55,7 @@ class TrainConfig:
     model: str  # diffusers pipeline id or local path
     out: str
     batch_run: str | None = None  # which `dataprep batches` run in that folder (needed when it holds several)
+    allow_partial: bool = False  # train on a batch run that has no completion record (it did not finish)
     steps: int | None = None  # Table 3 iterations
     checkpoint_every: int = 500
     resume: bool = False
@@ -141,12 +142,15 @@ def batch_runs(folder: str | Path) -> dict[str, list[Path]]:
     return runs
 
 
-def read_batch_rows(folder: str | Path, run: str | None = None) -> list[dict[str, Any]]:
+def read_batch_rows(folder: str | Path, run: str | None = None, allow_partial: bool = False) -> list[dict[str, Any]]:
     """The batch rows of one run, in shard order (the trainer's deterministic data order).
 
     A folder that holds several runs (rebuilt batches, another seed or grid)
     is refused unless ``run`` picks one: training on all of them would repeat
-    images and mix stale captions into the data silently.
+    images and mix stale captions into the data silently. A run without its
+    completion record (``_run-<id>.json``, written last by `dataprep batches`),
+    or missing a shard the record lists, did not finish and is refused unless
+    ``allow_partial``: its shards may hold a fraction of the epochs.
     """
     import pyarrow.parquet as pq
 
@@ -161,11 +165,35 @@ def read_batch_rows(folder: str | Path, run: str | None = None) -> list[dict[str
         raise ConfigError(f"{folder} holds {len(runs)} batch runs: {', '.join(sorted(runs))}", "--batch-run", "pick one with --batch-run ID (or build each run into its own --out folder)")
     else:
         paths = [p for ps in runs.values() for p in ps]
+    if not allow_partial:
+        for run_id in ([run] if run is not None else list(runs)):
+            _check_complete(folder, run_id, runs[run_id])
     cols = ["batch_id", "preset", "image_ids", "image_uris", "prompts", "positive_index"]
     rows: list[dict[str, Any]] = []
     for path in paths:
         rows.extend(pq.read_table(path, columns=cols, schema=BATCHES_SCHEMA).to_pylist())
     return rows
+
+
+def _check_complete(folder: str | Path, run_id: str, paths: list[Path]) -> None:
+    from dataprep.store import read_run_record, run_record_path
+
+    record = read_run_record(folder, run_id)
+    if record is None:
+        raise ConfigError(
+            f"batch run {run_id} in {folder} has no completion record ({run_record_path(folder, run_id).name}): "
+            f"the `dataprep batches` run that wrote its {len(paths)} shard(s) did not finish",
+            "--allow-partial",
+            "rerun the same `dataprep batches` command to finish it, or pass --allow-partial to train on the shards there are",
+        )
+    have = {p.name for p in paths}
+    missing = [name for name in record["shards"] if name not in have]
+    if missing:
+        raise ConfigError(
+            f"batch run {run_id} in {folder} lacks {len(missing)} of the shards its completion record lists (e.g. {missing[0]})",
+            "--allow-partial",
+            "rerun the same `dataprep batches` command to rewrite them, or pass --allow-partial to train on the shards there are",
+        )
 
 
 def check_row(row: dict[str, Any]) -> str | None:
@@ -339,7 +367,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = N
     trajectory (optimizer, scheduler, RNG and data cursor restored).
     """
     cfg.validate()
-    rows = read_batch_rows(cfg.batches, cfg.batch_run)
+    rows = read_batch_rows(cfg.batches, cfg.batch_run, cfg.allow_partial)
     if not rows:
         raise ConfigError(f"no batch shards (part-*.parquet) in {cfg.batches}", "--batches", "run `dataprep batches` first")
     presets = {r["preset"] for r in rows if r.get("preset")}

@@ -51,7 +51,7 @@ def write_batch_shards(folder: Path, preset: str, uris: list[str], prompts: list
     the next captions as negatives, like ``dataprep batches`` lays them out.
     Rows in ``bad_uri_rows`` point at a missing file.
     """
-    from dataprep.store import BATCHES_SCHEMA, ShardWriter
+    from dataprep.store import BATCHES_SCHEMA, ShardWriter, write_run_record
 
     with ShardWriter(folder, BATCHES_SCHEMA, run_id="test", rows_per_shard=2) as w:
         for r in range(n_rows):
@@ -68,6 +68,7 @@ def write_batch_shards(folder: Path, preset: str, uris: list[str], prompts: list
                 "prompt_image_ids": [f"img/{i}" for i in pidx],
                 "positive_index": list(range(n_images)), "seed": 0, "epoch": 0,
             })
+    write_run_record(folder, "test", w.written)  # finished, as `dataprep batches` marks it
     return w.written
 
 

@@ -226,13 +226,14 @@ def test_unet_noising_is_ddpm_whatever_the_pipelines_scheduler(kind):
 
 def test_a_folder_with_several_batch_runs_needs_batch_run(tmp_path):
     """Rebuilt batches land beside the old ones; training on both would mix them silently."""
-    from dataprep.store import BATCHES_SCHEMA, ShardWriter
+    from dataprep.store import BATCHES_SCHEMA, ShardWriter, write_run_record
     from softrepa.train import ConfigError, read_batch_rows
 
     for run, n in (("sd3-s0-aaaa", 2), ("sd3-s1-bbbb", 3)):
         with ShardWriter(tmp_path, BATCHES_SCHEMA, run_id=run, rows_per_shard=2) as w:
             for r in range(n):
                 w.add({"batch_id": f"{run}-{r}", "preset": "sd3", "image_ids": ["i"], "image_uris": ["u"], "prompts": ["p"], "positive_index": [0]})
+        write_run_record(tmp_path, run, w.written)
     with pytest.raises(ConfigError) as exc:
         read_batch_rows(tmp_path)
     assert exc.value.flag == "--batch-run" and "sd3-s0-aaaa" in str(exc.value) and "sd3-s1-bbbb" in str(exc.value)

@@ -1,0 +1,82 @@
+"""How the command lines end: exit codes and the one line a failure prints.
+
+Both ``dataprep`` and ``softrepa`` run their typer app through
+:func:`run_cli`. The contract:
+
+- 0: the run completed (per-row errors are recorded in the rows, not fatal);
+- 2: bad configuration or environment, found before any model loads; the
+  message names the flag and the fix (``ConfigError``);
+- 1: anything else (disk full, a server gone, a bug): one readable line on
+  stderr, no traceback; ``--debug`` (anywhere on the command line) or
+  ``DATAPREP_DEBUG=1`` shows the full traceback instead;
+- 130: interrupted with Ctrl-C.
+
+Only the standard library is imported here, so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from typing import Any, Callable
+
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = ("DATAPREP_DEBUG", "SOFTREPA_DEBUG")
+
+# errno -> what to do about it, for the one-line message
+_HINTS = {
+    errno.ENOSPC: "free disk space (or pass another --out), then rerun: finished shards are kept and skipped",
+    errno.EDQUOT: "free space in your quota, then rerun: finished shards are kept and skipped",
+    errno.EACCES: "check the permissions of that path",
+    errno.EROFS: "write to a writable file system (--out)",
+    errno.EMFILE: "raise the open-file limit (ulimit -n) or lower --workers",
+}
+
+
+def debug_requested(argv: list[str], environ: dict[str, str] | os._Environ = os.environ) -> tuple[bool, list[str]]:
+    """(debug on?, argv without ``--debug``). Only flags before a ``--`` separator count."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    debug = DEBUG_FLAG in argv[:end] or any(environ.get(k, "").strip().lower() not in ("", "0", "false", "no") for k in DEBUG_ENV)
+    return debug, [a for i, a in enumerate(argv) if not (a == DEBUG_FLAG and i < end)]
+
+
+def one_line(exc: BaseException, limit: int = 600) -> str:
+    """The failure as one readable line: type, message, and a fix when one is known."""
+    text = " ".join(str(exc).split()) or "(no message)"
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    hint = _HINTS.get(getattr(exc, "errno", None))
+    if hint is None and isinstance(exc, (ConnectionError, TimeoutError)):
+        hint = "check that the server is up and reachable (--base-url), then rerun: finished rows are kept"
+    line = f"{type(exc).__name__}: {text}"
+    return f"{line}. Fix: {hint}" if hint else line
+
+
+def print_error(message: str) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+
+
+def run_cli(app: Callable[..., Any], prog_name: str, is_config_error: Callable[[BaseException], bool], argv: list[str] | None = None) -> None:
+    """Run a typer ``app`` and turn every failure into the exit code of the contract above.
+
+    ``is_config_error`` is a predicate rather than a class so that a CLI whose
+    ConfigError lives beside torch does not import torch to start.
+    """
+    debug, args = debug_requested(list(sys.argv[1:] if argv is None else argv))
+    try:
+        app(args=args, prog_name=prog_name)
+    except KeyboardInterrupt:
+        print_error("interrupted: finished shards are kept; rerun the same command to continue")
+        raise SystemExit(130) from None
+    except Exception as exc:
+        if debug:
+            raise
+        if is_config_error(exc):
+            print_error(str(exc))
+            raise SystemExit(2) from None
+        print_error(f"{one_line(exc)} (rerun with {DEBUG_FLAG} or {DEBUG_ENV[0]}=1 for the traceback)")
+        raise SystemExit(1) from None
