@@ -252,6 +252,11 @@ def check_cmd(
         raise fail(str(exc))
     console = Console()
     print_check_summary(summary, console, title=f"check: {path} ({src} -> {tgt})")
+    from dataprep import diversity
+
+    div = diversity.from_rows(report).summary()
+    if div["replacements"]:
+        console.print(diversity.render(div))
     if show > 0:
         id_col = id_column or next((c for c in ("image_id", "id", "img_path") if any(c in r for r in rows)), None)
         print_failures(report, show, console, id_col)

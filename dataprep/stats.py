@@ -111,7 +111,16 @@ def _exports(run: Path) -> list[dict[str, Any]]:
 def collect(run_dir: Path | str) -> dict[str, Any]:
     """Counts per stage of ``run_dir``; a stage that is absent maps to None."""
     run = Path(run_dir)
-    return {"run": str(run), "images": _images(run), "captions": _captions(run), "edits": _edits(run), "batches": _batches(run), "exports": _exports(run)}
+    return {"run": str(run), "images": _images(run), "captions": _captions(run), "edits": _edits(run), "diversity": _diversity(run), "batches": _batches(run), "exports": _exports(run)}
+
+
+def _diversity(run: Path) -> dict[str, Any] | None:
+    """Replacement diversity of the passing edits (see dataprep.diversity), or None without edits."""
+    from dataprep import diversity
+
+    if not shard_paths(run / "edits"):
+        return None
+    return diversity.from_edits(run / "edits").summary()
 
 
 def _fmt(d: dict[str, Any]) -> str:
@@ -144,6 +153,11 @@ def render(stats: dict[str, Any]) -> Any:
         section("edits", [("rows checked / errors", f"{ed['checked']} / {ed['errors']}"), ("passed", f"{ed['passed']} ({rate})"), ("images with a passing edit", ed["images_with_passing_edit"]), *[(f"violation {k}", v) for k, v in ed["violations"].items()], ("failures by reason", _fmt(ed["failures"]))])
     else:
         section("edits", [("", "none")])
+    div = stats.get("diversity")
+    if div and div["replacements"]:
+        from dataprep.diversity import table_rows
+
+        section("diversity", [(r["what"], r["value"]) for r in table_rows(div)])
     if b:
         section("batches", [("batches / shards", f"{b['rows']} / {b['shards']}"), ("presets", _fmt(b["presets"])), ("epochs", b["epochs"]), ("prompts by kind", _fmt(b["prompts"])), *[(f"run {k}", f"{v['preset']}, seed {v['seed']}, {v['epochs']} epochs, {v['batches']} batches") for k, v in b["runs"].items()]])
     else:
