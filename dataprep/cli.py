@@ -287,6 +287,8 @@ def rewrite_cmd(
     force: ForceOpt = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any row failed or any kept rewrite breaks the rules (default: record and exit 0).", rich_help_panel="Run")] = False,
     rows_per_shard: ShardOpt = 256,
+    max_target_share: Annotated[Optional[float], typer.Option("--max-target-share", help="Diversity steering: retry a passing rewrite whose target concept is already more than this share of the passing edits (e.g. 0.05); kept with a note if it stays over.", rich_help_panel="Rewrite")] = None,
+    share_min_edits: Annotated[int, typer.Option("--share-min-edits", help="With --max-target-share: judge the share only once this many passing edits are counted.", rich_help_panel="Rewrite")] = 20,
     engine_kw: dict = None,
 ) -> None:
     """Rewrite captions into single-concept edits with Llama-3.1-8B-Instruct and prompts/edit.txt; every output is rule-checked and retried."""
@@ -295,7 +297,7 @@ def rewrite_cmd(
     from dataprep.rewrite import KEPT_FAILING, RewriteOptions, inputs_from_captions, inputs_from_file, run_rewrite
     from dataprep.stage import print_summary
 
-    opts = RewriteOptions(rules_file=rules, max_attempts=max_attempts, temperature=temperature, retry_temperature=retry_temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, force=force, rows_per_shard=rows_per_shard)
+    opts = RewriteOptions(rules_file=rules, max_attempts=max_attempts, temperature=temperature, retry_temperature=retry_temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, force=force, rows_per_shard=rows_per_shard, max_target_share=max_target_share, share_min_edits=share_min_edits)
     cfg = engine_config(model=model, revision=revision, **engine_kw)
     try:
         if captions is not None and input_file is not None:

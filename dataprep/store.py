@@ -89,6 +89,8 @@ EDITS_SCHEMA = pa.schema(
         pa.field("target_span", pa.string()),
         pa.field("attempts", pa.int32()),
         *PROVENANCE_FIELDS,
+        # non-fatal remark, e.g. why a rewrite was kept over --max-target-share
+        pa.field("note", pa.string()),
     ]
 )
 
