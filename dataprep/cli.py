@@ -141,6 +141,9 @@ CAPTION_FLAGS = {
     "strict": (StrictOpt, False),
     "rows_per_shard": (ShardOpt, 256),
     "workers": (WorkersOpt, 2),
+    "min_side": (Annotated[int, typer.Option("--min-side", help="Image check: flag 'small' when the shorter side is below this many pixels (0 = off). Stored in image_flags; not part of the row key.", rich_help_panel="Image checks")], 128),
+    "blank_std": (Annotated[float, typer.Option("--blank-std", help="Image check: flag 'blank' when the grey-level standard deviation (0-255) is below this (0 = off).", rich_help_panel="Image checks")], 4.0),
+    "max_aspect": (Annotated[float, typer.Option("--max-aspect", help="Image check: flag 'aspect' when long side / short side exceeds this.", rich_help_panel="Image checks")], 4.0),
 }
 
 
@@ -349,6 +352,7 @@ def batches_cmd(
     drop_last: Annotated[bool, typer.Option("--drop-last/--keep-last", help="Drop the last partial batch of an epoch (fixed grid shape, default) or keep it with fewer images.", rich_help_panel="Run")] = True,
     seed: Annotated[int, typer.Option("--seed", help="Shuffle and negative-sampling seed; same inputs + seed give byte-identical shards.", rich_help_panel="Run")] = 0,
     rows_per_shard: Annotated[int, typer.Option("--rows-per-shard", help="Batches per Parquet shard (memory holds at most this many beyond the caption index).", rich_help_panel="Run")] = 1024,
+    drop_image_flags: Annotated[Optional[str], typer.Option("--drop-image-flags", help="Leave out images whose caption row has any of these image checks, comma-separated: small,blank,aspect (see `dataprep caption ... --min-side/--blank-std/--max-aspect`).", rich_help_panel="Input")] = None,
 ) -> None:
     """Build contrastive image x prompt batches (positives, hard negatives from passing edits, negatives) as Parquet shards."""
     from rich.console import Console
@@ -356,9 +360,11 @@ def batches_cmd(
 
     from dataprep.batches import BatchOptions, build_batches, build_coco_batches
 
-    opts = BatchOptions(preset=preset, images=images, prompts=prompts, hard_negatives=hard_negatives, epochs=epochs, drop_last=drop_last, seed=seed, rows_per_shard=rows_per_shard)
+    from dataprep.imagecheck import parse_flags
+
     console = Console()
     try:
+        opts = BatchOptions(preset=preset, images=images, prompts=prompts, hard_negatives=hard_negatives, epochs=epochs, drop_last=drop_last, seed=seed, rows_per_shard=rows_per_shard, drop_image_flags=tuple(sorted(parse_flags(drop_image_flags))))
         opts.validate()
         if (captions is None) == (coco_captions is None):
             raise ConfigError("pass exactly one caption source", "--captions / --coco-captions", "give --captions OUT/captions, or --coco-captions FILE with --coco-images DIR")

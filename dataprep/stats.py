@@ -38,10 +38,14 @@ def _images(run: Path) -> dict[str, Any] | None:
 
 
 def _captions(run: Path) -> dict[str, Any] | None:
-    t = _columns(run / "captions", ["image_id", "error"])
+    t = _columns(run / "captions", ["image_id", "error", "image_flags"])
     if t is None:
         return None
     good = pc.is_null(t["error"])
+    flags: Counter = Counter()
+    if "image_flags" in t.column_names:
+        for names in t["image_flags"].drop_null().to_pylist():
+            flags.update(names)
     ids_all = pc.unique(t["image_id"])
     ids_good = pc.unique(t.filter(good)["image_id"])
     return {
@@ -52,6 +56,7 @@ def _captions(run: Path) -> dict[str, Any] | None:
         "images_captioned": len(ids_good),
         "images_without_caption": len(ids_all) - len(ids_good),
         "failures": failure_counts(run / "captions"),
+        **({"image_flags": dict(sorted(flags.items()))} if flags else {}),  # rows per image check (dataprep.imagecheck)
     }
 
 
@@ -145,7 +150,7 @@ def render(stats: dict[str, Any]) -> Any:
     if img:
         section("images", [("rows", img["rows"]), ("distinct ids", img["distinct"]), ("errors", img["errors"]), ("failures by reason", _fmt(img["failures"]))])
     if cap:
-        section("captions", [("images", cap["images"]), ("rows good / failed", f"{cap['good']} / {cap['failed']}"), ("images captioned", cap["images_captioned"]), ("images without caption", cap["images_without_caption"]), ("failures by reason", _fmt(cap["failures"]))])
+        section("captions", [("images", cap["images"]), ("rows good / failed", f"{cap['good']} / {cap['failed']}"), ("images captioned", cap["images_captioned"]), ("images without caption", cap["images_without_caption"]), ("failures by reason", _fmt(cap["failures"])), ("image flags (rows)", _fmt(cap.get("image_flags", {})))])
     else:
         section("captions", [("", "none")])
     if ed:

@@ -73,6 +73,8 @@ CAPTIONS_SCHEMA = pa.schema(
         pa.field("image_height", pa.int32()),
         pa.field("caption", pa.string()),
         *PROVENANCE_FIELDS,
+        # image checks (dataprep.imagecheck): small, blank, aspect; null = not checked
+        pa.field("image_flags", pa.list_(pa.string())),
     ]
 )
 
