@@ -408,7 +408,7 @@ IncludeFailedOpt = Annotated[bool, typer.Option("--include-failed", help="Also e
 LinkOpt = Annotated[bool, typer.Option("--link", help="Symlink local image files instead of copying them (zip members are always copied).")]
 
 
-def _export(name: str, out: Path, run: Path, **kw) -> None:
+def _export(name: str, out: Path, run: Path, **kw):
     """Run dataprep.export.export_<name> with a progress bar and print its one-line summary."""
     from rich.console import Console
 
@@ -422,6 +422,7 @@ def _export(name: str, out: Path, run: Path, **kw) -> None:
         raise fail(str(exc))
     skipped = ", ".join(f"{k} {v}" for k, v in s.skipped.items()) or "none"
     Console().print(f"export {s.kind}: {s.pairs} pairs -> {s.out}  (skipped: {skipped})", highlight=False)
+    return s
 
 
 @export_app.command("softrepa")
@@ -442,9 +443,25 @@ def export_hf_cmd(
     run: ExportRunOpt,
     include_failed: IncludeFailedOpt = False,
     push_to_hub: Annotated[Optional[str], typer.Option("--push-to-hub", help="Also push to this hub dataset repo (user/name); needs a token with write access (huggingface-cli login).")] = None,
+    private: Annotated[bool, typer.Option("--private", help="With --push-to-hub: create the hub repo private.")] = False,
+    license: Annotated[str, typer.Option("--license", help="license field of the dataset card (a hub license id, e.g. cc-by-4.0; default other: the images keep their source's license).")] = "other",
 ) -> None:
-    """Save a `datasets` dataset (image, image_id, source, target, passed, violations) with save_to_disk."""
-    _export("hf", out, run, include_failed=include_failed, push_to_hub=push_to_hub)
+    """Save a `datasets` dataset (image, pair, provenance columns) with save_to_disk and a dataset card README.md; optionally push it.
+
+    A failed push prints why in one line and exits 1; the local export is kept and listed in RUN/exports.json.
+    """
+    s = _export("hf", out, run, include_failed=include_failed, push_to_hub=push_to_hub, private=private, license=license)
+    if s.push is not None:
+        if s.push["ok"]:
+            print(f"pushed to {s.push['url']}{' (private)' if private else ''}")
+        else:
+            from rich.console import Console
+            from rich.markup import escape
+
+            # soft_wrap: one line however narrow the terminal, so logs and grep see it whole
+            msg = f"push to {s.push['repo']} failed: {s.push['error']} (the local export is kept at {s.out} and listed in {run / 'exports.json'})"
+            Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(msg)}", highlight=False)
+            raise typer.Exit(1)
 
 
 @app.command("stats")
