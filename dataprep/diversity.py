@@ -43,7 +43,7 @@ def entropy_bits(counts: Iterable[int]) -> float:
     """Shannon entropy (bits) of a distribution given by its counts; 0 when empty."""
     counts = [c for c in counts if c > 0]
     n = sum(counts)
-    return -sum(c / n * math.log2(c / n) for c in counts) if n else 0.0
+    return max(0.0, -sum(c / n * math.log2(c / n) for c in counts)) if n else 0.0  # max: no "-0.0"
 
 
 @dataclass

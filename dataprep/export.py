@@ -291,9 +291,7 @@ def _judge_by_edit(run: Path) -> dict[Any, str]:
     row's key) when the judge rows have it, else by (image_id, target). Its
     provenance and text columns are left out of the JSON.
     """
-    from dataprep.store import shard_paths as _shards
-
-    paths = _shards(run / "judge")
+    paths = shard_paths(run / "judge")
     if not paths:
         return {}
     drop = {"key", "engine", "model_revision", "prompt_id", "prompt_sha256", "sampling", "seed", "finish_reason", "prompt_tokens", "completion_tokens", "created_at", "source", "raw_output", "image_uri"}
@@ -326,8 +324,9 @@ def export_hf(
     JSON text when ``RUN/judge`` exists, else null). ``OUT/README.md`` is the
     dataset card (:mod:`dataprep.hfcard`). With ``push_to_hub`` the Parquet
     data and the card are uploaded with huggingface_hub (``private`` repo when
-    asked). A failed push never loses the export: it is saved and registered
-    first, and the summary's ``push`` says why (``ok`` false, ``error`` one line).
+    asked). A failed push never loses the export: it is saved before the push
+    and registered whatever the push did; the summary's ``push`` (also in the
+    registry entry) says why (``ok`` false, ``error`` one line).
     """
     import datasets
 

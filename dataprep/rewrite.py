@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -231,9 +231,9 @@ def steer_targets(
                 k += 1
             why = f"target_share: {target!r} was {share:.1%} of {counted} passing edits (> --max-target-share {opts.max_target_share:g})"
             if kept is not None:
-                kept = _replace(kept, note=f"{why}; attempt {kept.attempts} replaced attempt {o.attempts}")
+                kept = replace(kept, note=f"{why}; attempt {kept.attempts} replaced attempt {o.attempts}")
             else:
-                kept = _replace(o, attempts=max(o.attempts, opts.max_attempts), note=f"{why}; kept: no other passing target in {opts.max_attempts} attempts")
+                kept = replace(o, attempts=max(o.attempts, opts.max_attempts), note=f"{why}; kept: no other passing target in {opts.max_attempts} attempts")
             c.add(kept.verdict.source_span, kept.verdict.target_span)
             final.append(kept)
         if not needs:
@@ -249,12 +249,6 @@ def steer_targets(
                 extra[(i, k)] = Outcome(None, res.text or None, None, k, req.sampling, res, error=res.error)
             else:
                 extra[(i, k)] = Outcome(res.text.strip(), res.text, check(captions[i], res.text), k, req.sampling, res)
-
-
-def _replace(o: Outcome, **kw: Any) -> Outcome:
-    from dataclasses import replace
-
-    return replace(o, **kw)
 
 
 # ------------------------------------------------------------ inputs

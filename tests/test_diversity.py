@@ -39,6 +39,9 @@ def test_summary_top_pairs_top_target_share_and_entropy():
     assert math.isclose(s["pair_entropy_bits"], 1.5, abs_tol=1e-4)  # 1/2, 1/4, 1/4
     assert s["top_pairs"][0] == {"source": "dog", "target": "cat", "edits": 2, "share": 0.5}
     assert diversity.Diversity().summary()["top_target"] is None
+    one = diversity.Diversity()
+    one.add("dog", "cat")
+    assert one.summary()["target_entropy_bits"] == 0.0 and "-" not in diversity.table_rows(one.summary())[3]["value"]
 
 
 def test_from_rows_counts_only_passing_checked_rows():

@@ -36,8 +36,12 @@ def front_matter(text: str) -> dict:
 def test_export_keeps_provenance_and_writes_the_card(run, tmp_path):  # noqa: F811
     import datasets
 
+    from dataprep.store import Manifest
+
     root, _ = run
     add_judge(root)
+    engine = {"model": "meta-llama/Llama-3.1-8B-Instruct", "engine": "vllm", "revision": "abc123", "resolved_dtype": "bfloat16"}
+    Manifest(stage="rewrite", run_id="r1", config={"engine": engine, "prompt_id": "edit.txt", "prompt_sha256": "f" * 64, "options": {"temperature": 0.0, "max_attempts": 3}}).write(root / "edits")
     s = export_hf(root, tmp_path / "hf", license="cc-by-4.0")
     ds = datasets.load_from_disk(str(tmp_path / "hf"))
     assert len(ds) == s.pairs == 5
@@ -53,6 +57,8 @@ def test_export_keeps_provenance_and_writes_the_card(run, tmp_path):  # noqa: F8
     assert "text-to-image" in meta["task_categories"]
     for section in ("## Generation", "## Counts", "## Rule checker", "## Judge", "## Diversity of the replacements", "## Columns"):
         assert section in card, section
+    assert '| edits | meta-llama/Llama-3.1-8B-Instruct | abc123 | vllm | bfloat16 | edit.txt | `ffffffffffffffff` | `{"max_attempts": 3, "temperature": 0.0}` |' in card
+    assert "| captions | (no manifest) |" in card
     assert "| multiple_concepts | 2 |" in card  # two failed rows in the fixture
     assert "`judge_passed` true: 50.0%" in card and "`verdict`: good 1, bad 1" in card
     assert "pair dog -> fox" in card
