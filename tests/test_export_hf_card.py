@@ -97,24 +97,53 @@ def test_cli_failed_push_is_one_line_and_exit_1(run, tmp_path):  # noqa: F811
     assert (tmp_path / "hf" / "README.md").exists()
 
 
-def test_push_uses_the_hub_api_with_private(run, tmp_path, monkeypatch):  # noqa: F811
-    """The upload itself against a recording HfApi (no hub is reachable here)."""
-    import huggingface_hub
+@pytest.fixture
+def refusing_hub(monkeypatch):
+    """A real HTTP server on 127.0.0.1 standing in for the hub: it records each
+    request and answers 401, as the hub does for a token without write access."""
+    import http.server
+    import threading
 
-    calls = []
+    from huggingface_hub import constants
 
-    class Api:
-        def create_repo(self, repo_id, repo_type=None, private=None, exist_ok=False):
-            calls.append(("create", repo_id, repo_type, private))
-            return f"https://huggingface.co/datasets/{repo_id}"
+    seen: list[tuple[str, str, dict]] = []
 
-        def upload_folder(self, repo_id, repo_type, folder_path, commit_message):
-            from pathlib import Path
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self):
+            n = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(n) if n else b""
+            try:
+                payload = json.loads(body) if body else {}
+            except ValueError:
+                payload = {}
+            seen.append((self.command, self.path, payload))
+            data = json.dumps({"error": "Invalid credentials in Authorization header"}).encode()
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
 
-            files = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file())
-            calls.append(("upload", repo_id, repo_type, files))
+        do_GET = do_POST = do_PUT = do_HEAD = _answer
 
-    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    yield seen
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_push_asks_the_hub_for_a_private_repo_and_reports_its_refusal(run, tmp_path, refusing_hub):  # noqa: F811
     s = export_hf(run[0], tmp_path / "hf", push_to_hub="me/pairs", private=True)
-    assert s.push == {"repo": "me/pairs", "private": True, "ok": True, "url": "https://huggingface.co/datasets/me/pairs"}
-    assert calls == [("create", "me/pairs", "dataset", True), ("upload", "me/pairs", "dataset", ["README.md", "data/train-00000-of-00001.parquet"])]
+    (body,) = [b for m, p, b in refusing_hub if (m, p) == ("POST", "/api/repos/create")]
+    assert body["visibility"] == "private" and body["type"] == "dataset" and (body["organization"], body["name"]) == ("me", "pairs")
+    assert s.push["ok"] is False and "401" in s.push["error"] and "\n" not in s.push["error"]
+    assert (tmp_path / "hf" / "README.md").exists()
