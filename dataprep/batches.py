@@ -47,7 +47,7 @@ from array import array
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -82,6 +82,7 @@ class BatchOptions:
     drop_last: bool = True
     seed: int = 0
     rows_per_shard: int = 1024
+    drop_image_flags: tuple[str, ...] = ()  # leave out images whose caption row has one of these image_flags
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -127,6 +128,10 @@ class BatchOptions:
             raise ConfigError(f"epochs must be >= 1, got {self.epochs}", "--epochs", "pass a positive number")
         if self.rows_per_shard < 1:
             raise ConfigError(f"rows per shard must be >= 1, got {self.rows_per_shard}", "--rows-per-shard", "pass a positive number")
+        if self.drop_image_flags:
+            from dataprep.imagecheck import parse_flags
+
+            parse_flags(",".join(self.drop_image_flags))
         return self
 
 
@@ -189,14 +194,19 @@ def _ts(col: pa.Array) -> list[int]:
     return pc.fill_null(col.cast(pa.int64()), -(2**63)).to_pylist()
 
 
-def load_caption_index(captions_dir: Path | str) -> CaptionIndex:
+def load_caption_index(captions_dir: Path | str, drop_image_flags: Iterable[str] = ()) -> CaptionIndex:
     """Newest good caption per image_id from a caption store (read shard by shard).
 
     A store may hold several good rows for one image (other model or prompt,
     hence other keys): the newest ``created_at`` wins, ties go to the later
     shard/row. Error rows, empty captions and images with no good row are
-    skipped and counted in ``skipped``.
+    skipped and counted in ``skipped``. An image whose good caption row has
+    any of ``drop_image_flags`` in ``image_flags`` (see dataprep.imagecheck)
+    is left out, counted as ``image_flagged`` and per flag as
+    ``image_flag_<name>``; rows written before the checks existed (null) pass.
     """
+    drop = frozenset(drop_image_flags)
+    flagged: dict[str, set[str]] = {}
     paths = shard_paths(captions_dir)
     if not paths:
         raise ConfigError(f"no caption shards in {captions_dir}", "--captions", "point it at OUT/captions of a `dataprep caption` run")
@@ -223,6 +233,12 @@ def load_caption_index(captions_dir: Path | str) -> CaptionIndex:
         created = pc.fill_null(t["created_at"].cast(pa.int64()), -(2**63))
         k = pa.table({"image_id": t["image_id"], "created_at": created, "_shard": pa.array([si] * t.num_rows, pa.int32()), "_row": rows})
         keys.append(k.filter(pc.invert(bad)))
+        if drop and "image_flags" in pq.read_schema(path).names:
+            fl = pq.read_table(path, columns=["image_id", "image_flags"]).filter(pc.invert(bad))
+            fl = fl.filter(pc.fill_null(pc.greater(pc.list_value_length(fl["image_flags"]), 0), False))
+            for image_id, names in zip(fl["image_id"].to_pylist(), fl["image_flags"].to_pylist()):
+                if drop.intersection(names):
+                    flagged.setdefault(image_id, set()).update(drop.intersection(names))
         del t
     k = pa.concat_tables(keys)
     del keys
@@ -232,6 +248,11 @@ def load_caption_index(captions_dir: Path | str) -> CaptionIndex:
         ids = k["image_id"].combine_chunks()
         k = k.filter(pa.concat_arrays([pc.not_equal(ids.slice(0, n - 1), ids.slice(1)), pa.array([True])]))
         del ids
+    if flagged:
+        k = k.filter(pc.invert(pc.is_in(k["image_id"], pa.array(sorted(flagged), pa.string()))))
+        skipped["image_flagged"] = len(flagged)
+        for names in flagged.values():
+            skipped.update(f"image_flag_{n}" for n in names)
     image_ids = k["image_id"].to_pylist()
     k = k.append_column("_pos", pa.array(range(k.num_rows), pa.int64()))
     texts: list[str] = [""] * k.num_rows
@@ -357,7 +378,10 @@ class BuildCounts:
 
 def run_id_for(opts: BatchOptions, fingerprint: str) -> str:
     """Deterministic run id: preset + hash of options and the index fingerprint."""
-    payload = json.dumps([asdict(opts), fingerprint], sort_keys=True)
+    options = asdict(opts)
+    if not options["drop_image_flags"]:
+        del options["drop_image_flags"]  # runs without the filter keep the ids they always had
+    payload = json.dumps([options, fingerprint], sort_keys=True)
     return f"{opts.label}-s{opts.seed}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
 
 
@@ -679,7 +703,7 @@ def _counts(s: BatchSummary) -> dict[str, int]:
 def build_batches(captions_dir: Path | str, out_dir: Path | str, opts: BatchOptions, edits_dir: Path | str | None = None, progress: Callable[[int, int], None] | None = None) -> BatchSummary:
     """Caption store (+ optional edit store) -> batch shards in ``out_dir``."""
     opts.validate()
-    index = load_caption_index(captions_dir)
+    index = load_caption_index(captions_dir, opts.drop_image_flags)
     if edits_dir is not None:
         attach_edits(index, edits_dir)
     inputs = {"captions": str(captions_dir), "edits": None if edits_dir is None else str(edits_dir)}
@@ -689,6 +713,8 @@ def build_batches(captions_dir: Path | str, out_dir: Path | str, opts: BatchOpti
 def build_coco_batches(coco_captions: Path | str, coco_images: Path | str, out_dir: Path | str, opts: BatchOptions, edits_dir: Path | str | None = None, progress: Callable[[int, int], None] | None = None) -> BatchSummary:
     """COCO captions json + image folder (+ optional edit store) -> batch shards."""
     opts.validate()
+    if opts.drop_image_flags:
+        raise ConfigError("COCO captions carry no image checks", "--drop-image-flags", "use it with --captions OUT/captions (a `dataprep caption` run), or leave it out")
     index = load_coco_index(coco_captions, coco_images)
     if edits_dir is not None:
         attach_edits(index, edits_dir)

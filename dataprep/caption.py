@@ -47,8 +47,19 @@ class CaptionOptions:
     workers: int = 2  # decode processes; 0 decodes in the main process
     max_bytes: int = DEFAULT_MAX_BYTES  # larger files become too_large rows without being read
     wait_lock: bool = False  # another run holds OUT/captions: wait for it instead of exit 2
+    # image checks stored in image_flags (dataprep.imagecheck); not part of the key
+    min_side: int = 128
+    blank_std: float = 4.0
+    max_aspect: float = 4.0
+
+    def image_checks(self):
+        """The thresholds as a validated :class:`dataprep.imagecheck.ImageChecks`."""
+        from dataprep.imagecheck import ImageChecks
+
+        return ImageChecks(min_side=self.min_side, blank_std=self.blank_std, max_aspect=self.max_aspect)
 
     def validate(self) -> None:
+        self.image_checks()  # raises ConfigError naming --min-side / --blank-std / --max-aspect
         if self.max_bytes < 1:
             raise ConfigError(f"--max-bytes {self.max_bytes} is not positive", "--max-bytes", f"default {DEFAULT_MAX_BYTES} (256 MiB)")
         if self.workers < 0:
@@ -228,6 +239,7 @@ def run_caption(
             "image_width": getattr(prep, "width", None),
             "image_height": getattr(prep, "height", None),
             "caption": result.text if result is not None else None,
+            "image_flags": getattr(prep, "flags", None),
             **provenance(key=item["key"], engine=engine, prompt_id=prompt.prompt_id, prompt_sha256=prompt.sha256, sampling=sampling, run_id=run.run_id, result=result, error=error),
         }
 
@@ -258,7 +270,7 @@ def run_caption(
             prompt_sha256=prompt.sha256,
             sampling=sampling.to_json(),
             seed=sampling.seed,
-            prep=PrepOptions(mode="crop" if opts.crop else "pad", size=engine.image_size(), max_pixels=opts.max_pixels),
+            prep=PrepOptions(mode="crop" if opts.crop else "pad", size=engine.image_size(), max_pixels=opts.max_pixels, checks=opts.image_checks()),
             done=frozenset() if opts.force else frozenset(done_keys(folder)),
             max_bytes=opts.max_bytes,
         )

@@ -154,6 +154,9 @@ CAPTION_FLAGS = {
     "workers": (WorkersOpt, 2),
     "max_bytes": (Annotated[int, typer.Option("--max-bytes", help="Files larger than this many bytes become too_large error rows, decided from the file size without reading it (default 256 MiB).", rich_help_panel="Caption")], 256 * 1024 * 1024),
     "wait_lock": (Annotated[bool, typer.Option("--wait-lock", help="If another run is writing OUT/captions, wait for it to finish (default: stop at once, exit 2, naming it).", rich_help_panel="Run")], False),
+    "min_side": (Annotated[int, typer.Option("--min-side", help="Image check: flag 'small' when the shorter side is below this many pixels (0 = off). Stored in image_flags; not part of the row key.", rich_help_panel="Image checks")], 128),
+    "blank_std": (Annotated[float, typer.Option("--blank-std", help="Image check: flag 'blank' when the grey-level standard deviation (0-255) is below this (0 = off).", rich_help_panel="Image checks")], 4.0),
+    "max_aspect": (Annotated[float, typer.Option("--max-aspect", help="Image check: flag 'aspect' when long side / short side exceeds this.", rich_help_panel="Image checks")], 4.0),
 }
 
 
@@ -265,6 +268,11 @@ def check_cmd(
         raise fail(str(exc))
     console = Console()
     print_check_summary(summary, console, title=f"check: {path} ({src} -> {tgt})")
+    from dataprep import diversity
+
+    div = diversity.from_rows(report).summary()
+    if div["replacements"]:
+        console.print(diversity.render(div))
     if show > 0:
         id_col = id_column or next((c for c in ("image_id", "id", "img_path") if any(c in r for r in rows)), None)
         print_failures(report, show, console, id_col)
@@ -296,6 +304,8 @@ def rewrite_cmd(
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any row failed or any kept rewrite breaks the rules (default: record and exit 0).", rich_help_panel="Run")] = False,
     rows_per_shard: ShardOpt = 256,
     wait_lock: Annotated[bool, typer.Option("--wait-lock", help="If another run is writing OUT/edits, wait for it to finish (default: stop at once, exit 2, naming it).", rich_help_panel="Run")] = False,
+    max_target_share: Annotated[Optional[float], typer.Option("--max-target-share", help="Diversity steering: retry a passing rewrite whose target concept is already more than this share of the passing edits (e.g. 0.05); kept with a note if it stays over.", rich_help_panel="Rewrite")] = None,
+    share_min_edits: Annotated[int, typer.Option("--share-min-edits", help="With --max-target-share: judge the share only once this many passing edits are counted.", rich_help_panel="Rewrite")] = 20,
     engine_kw: dict = None,
 ) -> None:
     """Rewrite captions into single-concept edits with Llama-3.1-8B-Instruct and prompts/edit.txt; every output is rule-checked and retried."""
@@ -304,7 +314,7 @@ def rewrite_cmd(
     from dataprep.rewrite import KEPT_FAILING, RewriteOptions, inputs_from_captions, inputs_from_file, run_rewrite
     from dataprep.stage import print_summary
 
-    opts = RewriteOptions(rules_file=rules, max_attempts=max_attempts, temperature=temperature, retry_temperature=retry_temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, force=force, rows_per_shard=rows_per_shard, wait_lock=wait_lock)
+    opts = RewriteOptions(rules_file=rules, max_attempts=max_attempts, temperature=temperature, retry_temperature=retry_temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, force=force, rows_per_shard=rows_per_shard, max_target_share=max_target_share, share_min_edits=share_min_edits, wait_lock=wait_lock)
     cfg = engine_config(model=model, revision=revision, **engine_kw)
     try:
         if captions is not None and input_file is not None:
@@ -356,6 +366,7 @@ def batches_cmd(
     drop_last: Annotated[bool, typer.Option("--drop-last/--keep-last", help="Drop the last partial batch of an epoch (fixed grid shape, default) or keep it with fewer images.", rich_help_panel="Run")] = True,
     seed: Annotated[int, typer.Option("--seed", help="Shuffle and negative-sampling seed; same inputs + seed give byte-identical shards.", rich_help_panel="Run")] = 0,
     rows_per_shard: Annotated[int, typer.Option("--rows-per-shard", help="Batches per Parquet shard (memory holds at most this many beyond the caption index).", rich_help_panel="Run")] = 1024,
+    drop_image_flags: Annotated[Optional[str], typer.Option("--drop-image-flags", help="Leave out images whose caption row has any of these image checks, comma-separated: small,blank,aspect (see `dataprep caption ... --min-side/--blank-std/--max-aspect`).", rich_help_panel="Input")] = None,
 ) -> None:
     """Build contrastive image x prompt batches (positives, hard negatives from passing edits, negatives) as Parquet shards."""
     from rich.console import Console
@@ -363,9 +374,11 @@ def batches_cmd(
 
     from dataprep.batches import BatchOptions, build_batches, build_coco_batches
 
-    opts = BatchOptions(preset=preset, images=images, prompts=prompts, hard_negatives=hard_negatives, epochs=epochs, drop_last=drop_last, seed=seed, rows_per_shard=rows_per_shard)
+    from dataprep.imagecheck import parse_flags
+
     console = Console()
     try:
+        opts = BatchOptions(preset=preset, images=images, prompts=prompts, hard_negatives=hard_negatives, epochs=epochs, drop_last=drop_last, seed=seed, rows_per_shard=rows_per_shard, drop_image_flags=tuple(sorted(parse_flags(drop_image_flags))))
         opts.validate()
         if (captions is None) == (coco_captions is None):
             raise ConfigError("pass exactly one caption source", "--captions / --coco-captions", "give --captions OUT/captions, or --coco-captions FILE with --coco-images DIR")
@@ -411,7 +424,7 @@ IncludeFailedOpt = Annotated[bool, typer.Option("--include-failed", help="Also e
 LinkOpt = Annotated[bool, typer.Option("--link", help="Symlink local image files instead of copying them (zip members are always copied).")]
 
 
-def _export(name: str, out: Path, run: Path, **kw) -> None:
+def _export(name: str, out: Path, run: Path, **kw):
     """Run dataprep.export.export_<name> with a progress bar and print its one-line summary."""
     from rich.console import Console
 
@@ -425,6 +438,7 @@ def _export(name: str, out: Path, run: Path, **kw) -> None:
         raise fail(str(exc))
     skipped = ", ".join(f"{k} {v}" for k, v in s.skipped.items()) or "none"
     Console().print(f"export {s.kind}: {s.pairs} pairs -> {s.out}  (skipped: {skipped})", highlight=False)
+    return s
 
 
 @export_app.command("softrepa")
@@ -445,9 +459,25 @@ def export_hf_cmd(
     run: ExportRunOpt,
     include_failed: IncludeFailedOpt = False,
     push_to_hub: Annotated[Optional[str], typer.Option("--push-to-hub", help="Also push to this hub dataset repo (user/name); needs a token with write access (huggingface-cli login).")] = None,
+    private: Annotated[bool, typer.Option("--private", help="With --push-to-hub: create the hub repo private.")] = False,
+    license: Annotated[str, typer.Option("--license", help="license field of the dataset card (a hub license id, e.g. cc-by-4.0; default other: the images keep their source's license).")] = "other",
 ) -> None:
-    """Save a `datasets` dataset (image, image_id, source, target, passed, violations) with save_to_disk."""
-    _export("hf", out, run, include_failed=include_failed, push_to_hub=push_to_hub)
+    """Save a `datasets` dataset (image, pair, provenance columns) with save_to_disk and a dataset card README.md; optionally push it.
+
+    A failed push prints why in one line and exits 1; the local export is kept and listed in RUN/exports.json.
+    """
+    s = _export("hf", out, run, include_failed=include_failed, push_to_hub=push_to_hub, private=private, license=license)
+    if s.push is not None:
+        if s.push["ok"]:
+            print(f"pushed to {s.push['url']}{' (private)' if private else ''}")
+        else:
+            from rich.console import Console
+            from rich.markup import escape
+
+            # soft_wrap: one line however narrow the terminal, so logs and grep see it whole
+            msg = f"push to {s.push['repo']} failed: {s.push['error']} (the local export is kept at {s.out} and listed in {run / 'exports.json'})"
+            Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(msg)}", highlight=False)
+            raise typer.Exit(1)
 
 
 @app.command("stats")

@@ -13,8 +13,9 @@
   edited words; ``blended_word`` is "<source word> <target word>", the last
   word of the first changed span on each side (e.g. "dog fox"). A caption
   that already holds ``[`` or ``]`` makes the marks ambiguous; none is escaped.
-- :func:`export_hf`: a `datasets` dataset with an ``Image`` column, saved with
-  ``save_to_disk`` and optionally pushed to the hub.
+- :func:`export_hf`: a `datasets` dataset with an ``Image`` column and the
+  edits' provenance columns, saved with ``save_to_disk`` beside a dataset card
+  (``README.md``, see :mod:`dataprep.hfcard`), optionally pushed to the hub.
 
 Only edits that passed the checker (and have no error) are exported unless
 ``include_failed``. One pair per image: its newest passing edit (with
@@ -53,6 +54,13 @@ class Pair:
     target: str
     passed: bool
     violations: tuple[str, ...] = ()
+    # the edit row's provenance columns (PROVENANCE_COLUMNS that the store has)
+    provenance: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+
+# Edit-row columns `export hf` keeps beside each pair, so a published row can be
+# traced to the model, revision, prompt and run that made it.
+PROVENANCE_COLUMNS = ("key", "engine", "model", "model_revision", "prompt_id", "prompt_sha256", "sampling", "seed", "attempts", "source_span", "target_span", "finish_reason", "run_id", "note")
 
 
 @dataclass
@@ -62,6 +70,7 @@ class ExportSummary:
     pairs: int
     skipped: dict[str, int] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
+    push: dict[str, Any] | None = None  # export hf --push-to-hub: repo, private, ok, url or error
 
 
 # ---------------------------------------------------------------- reading a run
@@ -83,10 +92,13 @@ def load_pairs(run_dir: Path | str, include_failed: bool = False) -> tuple[list[
     best: dict[str, tuple[tuple[bool, int], Pair]] = {}
     cols = ["image_id", "image_uri", "source", "target", "passed", "violations", "error", "created_at"]
     for path in shard_paths(edits):
-        for b in pq.ParquetFile(path).iter_batches(columns=cols):
+        prov_cols = [c for c in PROVENANCE_COLUMNS if c in pq.read_schema(path).names]
+        for b in pq.ParquetFile(path).iter_batches(columns=cols + prov_cols):
             ts = b.column("created_at").cast("int64").to_pylist()
             data = [b.column(c).to_pylist() for c in cols[:-1]]
-            for (image_id, uri, source, target, passed, violations, err), t in zip(zip(*data), ts):
+            created = [None if d is None else d.isoformat() for d in b.column("created_at").to_pylist()]
+            prov = [dict(zip(prov_cols, vals), created_at=c) for c, *vals in zip(created, *(b.column(c).to_pylist() for c in prov_cols))]
+            for (image_id, uri, source, target, passed, violations, err), t, pv in zip(zip(*data), ts, prov):
                 if err is not None:
                     skipped["edit_error_rows"] += 1
                     continue
@@ -101,7 +113,7 @@ def load_pairs(run_dir: Path | str, include_failed: bool = False) -> tuple[list[
                 if cur is None or rank >= cur[0]:
                     if cur is not None:
                         skipped["superseded_rows"] += 1
-                    best[image_id] = (rank, Pair(image_id, uri, source, target, passed is True, tuple(violations or ())))
+                    best[image_id] = (rank, Pair(image_id, uri, source, target, passed is True, tuple(violations or ()), pv))
                 else:
                     skipped["superseded_rows"] += 1
     missing_uri = [k for k, (_, p) in best.items() if not p.image_uri]
@@ -109,7 +121,7 @@ def load_pairs(run_dir: Path | str, include_failed: bool = False) -> tuple[list[
         uris = _caption_uris(run / "captions", set(missing_uri))
         for k in missing_uri:
             rank, p = best[k]
-            best[k] = (rank, Pair(p.image_id, uris.get(k), p.source, p.target, p.passed, p.violations))
+            best[k] = (rank, Pair(p.image_id, uris.get(k), p.source, p.target, p.passed, p.violations, p.provenance))
     return [best[k][1] for k in sorted(best)], skipped
 
 
@@ -215,9 +227,9 @@ def _write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=4, ensure_ascii=False) + "\n")
 
 
-def _finish(kind: str, run_dir: Path | str, out: Path, pairs: int, skipped: Counter, files: list[Path], include_failed: bool) -> ExportSummary:
+def _finish(kind: str, run_dir: Path | str, out: Path, pairs: int, skipped: Counter, files: list[Path], include_failed: bool, extra: dict[str, Any] | None = None) -> ExportSummary:
     summary = ExportSummary(kind, out, pairs, dict(sorted(skipped.items())), files)
-    record = {"kind": kind, "path": str(out.resolve()), "run": str(Path(run_dir).resolve()), "pairs": pairs, "include_failed": include_failed, "skipped": summary.skipped, "created_at": utcnow().isoformat()}
+    record = {"kind": kind, "path": str(out.resolve()), "run": str(Path(run_dir).resolve()), "pairs": pairs, "include_failed": include_failed, "skipped": summary.skipped, "created_at": utcnow().isoformat(), **(extra or {})}
     _write_json(out / "export.json", record)
     registry = Path(run_dir) / "exports.json"
     old = read_json_record(registry)  # a corrupt registry is read as empty, with a warning
@@ -283,14 +295,59 @@ def export_piebench(run_dir: Path | str, out: Path | str, include_failed: bool =
     return _finish("piebench", run_dir, out, len(mapping), skipped, [out / "mapping_file.json"], include_failed)
 
 
-def export_hf(run_dir: Path | str, out: Path | str, include_failed: bool = False, push_to_hub: str | None = None, progress: Callable[[int, int], None] | None = None) -> ExportSummary:
-    """A `datasets` dataset (``image`` as an Image column, plus image_id, source,
-    target, passed, violations) saved to ``OUT``; pushed to ``push_to_hub``
-    when given (needs a token with write access to that repo)."""
+def _judge_by_edit(run: Path) -> dict[Any, str]:
+    """Newest judge row per edit, as JSON text, from ``RUN/judge`` when it exists.
+
+    The judge stage's rows are matched generically: by ``edit_key`` (the edit
+    row's key) when the judge rows have it, else by (image_id, target). Its
+    provenance and text columns are left out of the JSON.
+    """
+    paths = shard_paths(run / "judge")
+    if not paths:
+        return {}
+    drop = {"key", "engine", "model_revision", "prompt_id", "prompt_sha256", "sampling", "seed", "finish_reason", "prompt_tokens", "completion_tokens", "created_at", "source", "raw_output", "image_uri"}
+    out: dict[Any, tuple[str, str]] = {}
+    for path in paths:
+        for r in pq.read_table(path).to_pylist():
+            if r.get("error") is not None:
+                continue
+            link = ("key", r["edit_key"]) if "edit_key" in r else ("pair", r.get("image_id"), r.get("target"))
+            when = str(r.get("created_at") or "")
+            if link not in out or when >= out[link][0]:
+                out[link] = (when, json.dumps({k: v for k, v in r.items() if k not in drop}, default=str, sort_keys=True))
+    return {k: v for k, (_, v) in out.items()}
+
+
+def export_hf(
+    run_dir: Path | str,
+    out: Path | str,
+    include_failed: bool = False,
+    push_to_hub: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    private: bool = False,
+    license: str = "other",
+) -> ExportSummary:
+    """A `datasets` dataset saved to ``OUT`` with a dataset card, optionally pushed.
+
+    Columns: ``image`` (an Image column), image_id, source, target, passed,
+    violations, then the edit row's provenance (:data:`PROVENANCE_COLUMNS`,
+    ``created_at`` as ISO text) and ``judge`` (the judge stage's verdict as
+    JSON text when ``RUN/judge`` exists, else null). ``OUT/README.md`` is the
+    dataset card (:mod:`dataprep.hfcard`). With ``push_to_hub`` the Parquet
+    data and the card are uploaded with huggingface_hub (``private`` repo when
+    asked). A failed push never loses the export: it is saved before the push
+    and registered whatever the push did; the summary's ``push`` (also in the
+    registry entry) says why (``ok`` false, ``error`` one line).
+    """
     import datasets
 
+    from dataprep import hfcard
+
     out = Path(out)
+    run = Path(run_dir)
     pairs, skipped = load_pairs(run_dir, include_failed)
+    judged = _judge_by_edit(run)
+    strings = [c for c in PROVENANCE_COLUMNS if c not in ("seed", "attempts")]
     features = datasets.Features(
         {
             "image": datasets.Image(),
@@ -299,10 +356,16 @@ def export_hf(run_dir: Path | str, out: Path | str, include_failed: bool = False
             "target": datasets.Value("string"),
             "passed": datasets.Value("bool"),
             "violations": datasets.Sequence(datasets.Value("string")),
+            **{c: datasets.Value("string") for c in strings},
+            "seed": datasets.Value("int64"),
+            "attempts": datasets.Value("int32"),
+            "created_at": datasets.Value("string"),
+            "judge": datasets.Value("string"),
         }
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     schema = features.arrow_schema
+    push: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".hf-export-") as tmp:
         staged, table_path = Path(tmp) / "images", Path(tmp) / "pairs.parquet"
         # Rows go to a Parquet file in small chunks, so DIV2K's multi-MB PNGs never
@@ -312,14 +375,30 @@ def export_hf(run_dir: Path | str, out: Path | str, include_failed: bool = False
             for p, name in _with_images(pairs, staged, False, skipped, progress):
                 data = (staged / name).read_bytes()
                 (staged / name).unlink()  # one image staged at a time
-                chunk.append({"image": {"bytes": data, "path": name}, "image_id": p.image_id, "source": p.source, "target": p.target, "passed": p.passed, "violations": list(p.violations)})
+                prov = {c: p.provenance.get(c) for c in (*PROVENANCE_COLUMNS, "created_at")}
+                judge = judged.get(("key", prov["key"])) or judged.get(("pair", p.image_id, p.target))
+                chunk.append({"image": {"bytes": data, "path": name}, "image_id": p.image_id, "source": p.source, "target": p.target, "passed": p.passed, "violations": list(p.violations), **prov, "judge": judge})
                 if len(chunk) >= 32:
                     writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
                     chunk.clear()
             writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
         ds = datasets.Dataset.from_parquet(str(table_path), features=features, cache_dir=str(Path(tmp) / "cache"))
         ds.save_to_disk(str(out))
-        if push_to_hub:
-            ds.push_to_hub(push_to_hub)
         n = len(ds)
-    return _finish("hf", run_dir, out, n, skipped, [out], include_failed)
+        card = hfcard.card_markdown(hfcard.card_facts(run, n, list(features)), license=license)
+        (out / "README.md").write_text(card, encoding="utf-8")
+        if push_to_hub:
+            # the hub layout: Parquet under data/ (its viewer and load_dataset
+            # read it) and the card as README.md
+            hub = Path(tmp) / "hub"
+            (hub / "data").mkdir(parents=True)
+            ds.to_parquet(str(hub / "data" / "train-00000-of-00001.parquet"))
+            (hub / "README.md").write_text(card, encoding="utf-8")
+            push = {"repo": push_to_hub, "private": private}
+            try:
+                push.update(ok=True, url=hfcard.push(hub, push_to_hub, private=private))
+            except Exception as exc:  # no network, no token, no rights: the local export stays
+                push.update(ok=False, error=hfcard.one_line(exc))
+    summary = _finish("hf", run_dir, out, n, skipped, [out, out / "README.md"], include_failed, extra={"push": push} if push else None)
+    summary.push = push
+    return summary

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    from dataprep.imagecheck import ImageChecks
 
 # LLaVA-1.5 pads to a square with the CLIP image mean (image_aspect_ratio=pad),
 # so the padding is neutral after the processor normalises it.
@@ -27,6 +31,7 @@ class PrepOptions:
     mode: str = "pad"  # pad (LLaVA-1.5 default) | crop (center crop)
     size: int | None = None  # resize the square to size x size (the model's input side); None keeps it
     max_pixels: int = DEFAULT_MAX_PIXELS
+    checks: "ImageChecks | None" = None  # record image_flags (dataprep.imagecheck); None: not checked
 
 
 @dataclass
@@ -38,6 +43,7 @@ class Prepared:
     height: int | None = None
     image: Image.Image | None = None
     error: str | None = None
+    flags: list[str] | None = None  # failed image checks, when PrepOptions.checks is set
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -153,8 +159,13 @@ def prepare(data: bytes, opts: PrepOptions = PrepOptions()) -> Prepared:
     try:
         img = decode(data, opts.max_pixels)
         w, h = img.size
+        flags = None
+        if opts.checks is not None:
+            from dataprep.imagecheck import image_flags
+
+            flags = image_flags(img, opts.checks)  # the full image: a padded square would look uniform
         rgb = to_rgb(img)
-        return Prepared(sha256=digest, width=w, height=h, image=square(rgb, opts))
+        return Prepared(sha256=digest, width=w, height=h, image=square(rgb, opts), flags=flags)
     except ValueError as exc:
         return Prepared(sha256=digest, error=str(exc))
     except Exception as exc:  # any other decoder failure is still one bad row

@@ -12,6 +12,18 @@ the caption as the user message. Every output is judged by the rule checker
   and its violations. Nothing is edited into passing: ``target`` is the
   model's text with only surrounding whitespace removed.
 
+Diversity steering (rule 3, "ensure diversity in word choices across
+different modifications", cannot be checked per pair): with
+``--max-target-share X``, a passing rewrite whose target concept (the
+checker's ``target_span``, see :mod:`dataprep.diversity`) already makes up
+more than X of the passing edits counted so far is retried like a failing one
+(``--retry-temperature``, the next seed). The first attempt that passes and is
+not over the share is kept; if none is, the first passing one is kept with
+``note`` saying so: never dropped. The count starts from the passing rows
+already in ``OUT/edits`` and follows the input order, one row at a time, so a
+resumed run decides as an uninterrupted one would. Like ``max_attempts`` it is
+a retry policy, not part of the key.
+
 Rows follow ``EDITS_SCHEMA``; keys, shards, manifest, resume and compaction
 work as in the caption stage. A rerun skips keys that already have a good row
 that passed or used every allowed attempt, so raising ``--max-attempts``
@@ -23,10 +35,11 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
 
+from dataprep import diversity
 from dataprep.engines import ChatRequest, ChatResult, ConfigError, Engine, EngineConfig, Sampling
 from dataprep.promptfile import load_prompt
 from dataprep.rules import RULES, Verdict, check
@@ -60,8 +73,14 @@ class RewriteOptions:
     force: bool = False
     rows_per_shard: int = 256
     wait_lock: bool = False  # another run holds OUT/edits: wait for it instead of exit 2
+    max_target_share: float | None = None  # steer diversity: retry a passing rewrite whose target is over this share
+    share_min_edits: int = 20  # the share is judged once this many passing edits are counted
 
     def validate(self) -> None:
+        if self.max_target_share is not None and not 0 < self.max_target_share < 1:
+            raise ConfigError(f"--max-target-share {self.max_target_share} is outside (0, 1)", "--max-target-share", "e.g. 0.05 (no target concept in more than 5% of the edits), or leave it out")
+        if self.share_min_edits < 1:
+            raise ConfigError(f"--share-min-edits {self.share_min_edits} is less than 1", "--share-min-edits", "e.g. 20")
         if self.max_attempts < 1:
             raise ConfigError(f"--max-attempts {self.max_attempts} is less than 1", "--max-attempts", "use 1 (greedy only) or more; default 3")
         if self.temperature < 0:
@@ -106,6 +125,7 @@ class Outcome:
     result: ChatResult
     error: str | None = None
     first_passed: bool = False
+    note: str | None = None  # non-fatal remark stored with the row (diversity steering)
 
 
 def messages(rules_text: str, caption: str) -> list[dict[str, str]]:
@@ -156,6 +176,80 @@ def rewrite_with_retries(
         todo = still
     missing = ChatResult.failed("internal: the engine returned no result for this request")
     return [o if o is not None else Outcome(None, None, None, 0, opts.attempt_sampling(1), missing, error=missing.error) for o in outcomes]
+
+
+def _over(counts: diversity.Diversity, target: str | None, opts: RewriteOptions) -> bool:
+    return target is not None and counts.n >= opts.share_min_edits and counts.share(target) > opts.max_target_share
+
+
+def steer_targets(
+    engine: Engine,
+    rules_text: str,
+    captions: list[str],
+    outcomes: list[Outcome],
+    opts: RewriteOptions,
+    counts: diversity.Diversity,
+    ids: list[str] | None = None,
+) -> list[Outcome]:
+    """Apply ``--max-target-share`` to one batch's outcomes, in input order; updates ``counts``.
+
+    Caption i's outcome is final once judged against ``counts`` plus the final
+    outcomes of captions 0..i-1 (the sequential rule of the module doc). Extra
+    attempts continue the attempt numbering (sampling of attempt k, see
+    :meth:`RewriteOptions.attempt_sampling`), so each is the same request
+    whatever the batch. To keep batching, each round asks the engine at once
+    for the next attempt of every caption that is over the share under the
+    current assumptions (a caption still waiting is assumed to keep its
+    outcome); rounds repeat until every caption is decided. An attempt a later
+    round no longer needs is simply unused.
+    """
+    n = len(captions)
+    ids = ids or [str(i) for i in range(n)]
+    extra: dict[tuple[int, int], Outcome] = {}
+    while True:
+        c = diversity.Diversity(Counter(counts.pairs), Counter(counts.targets))
+        final: list[Outcome] = []
+        needs: dict[int, int] = {}
+        for i, o in enumerate(outcomes):
+            if o.error is not None or o.verdict is None or not o.verdict.passed:
+                final.append(o)
+                continue
+            target = diversity.concept(o.verdict.target_span)
+            if not _over(c, target, opts):
+                c.add(o.verdict.source_span, o.verdict.target_span)
+                final.append(o)
+                continue
+            share, counted = c.share(target), c.n
+            kept, k = None, o.attempts + 1
+            while k <= opts.max_attempts:
+                r = extra.get((i, k))
+                if r is None:
+                    needs[i] = k
+                    break
+                if r.error is None and r.verdict is not None and r.verdict.passed and not _over(c, diversity.concept(r.verdict.target_span), opts):
+                    kept = r
+                    break
+                k += 1
+            why = f"target_share: {target!r} was {share:.1%} of {counted} passing edits (> --max-target-share {opts.max_target_share:g})"
+            if kept is not None:
+                kept = replace(kept, note=f"{why}; attempt {kept.attempts} replaced attempt {o.attempts}")
+            else:
+                kept = replace(o, attempts=max(o.attempts, opts.max_attempts), note=f"{why}; kept: no other passing target in {opts.max_attempts} attempts")
+            c.add(kept.verdict.source_span, kept.verdict.target_span)
+            final.append(kept)
+        if not needs:
+            counts.pairs, counts.targets = c.pairs, c.targets
+            return final
+        todo = sorted(needs.items())
+        requests = [
+            ChatRequest(messages=messages(rules_text, captions[i]), sampling=opts.attempt_sampling(k), request_id=f"{ids[i]}#{k}")
+            for i, k in todo
+        ]
+        for (i, k), req, res in zip(todo, requests, engine.generate(requests)):
+            if res.error is not None:
+                extra[(i, k)] = Outcome(None, res.text or None, None, k, req.sampling, res, error=res.error)
+            else:
+                extra[(i, k)] = Outcome(res.text.strip(), res.text, check(captions[i], res.text), k, req.sampling, res)
 
 
 # ------------------------------------------------------------ inputs
@@ -234,6 +328,8 @@ class _Tally:
     attempts: int = 0
     caption_errors: int = 0
     by_rule: Counter = field(default_factory=Counter)  # violations of the rows kept failing
+    share_retried: int = 0  # a passing rewrite replaced for diversity
+    share_kept: int = 0  # kept over --max-target-share (with a note)
 
     def add(self, o: Outcome) -> None:
         self.checked += 1
@@ -242,6 +338,9 @@ class _Tally:
         self.attempts += o.attempts
         if not o.verdict.passed:
             self.by_rule.update(o.verdict.violations)
+        if o.note:
+            self.share_kept += "; kept:" in o.note
+            self.share_retried += "; kept:" not in o.note
 
     def extra(self) -> dict[str, Any]:
         n = self.checked
@@ -256,6 +355,9 @@ class _Tally:
             for rule in RULES:
                 if self.by_rule.get(rule):
                     out[f"  still failing: {rule}"] = self.by_rule[rule]
+            if self.share_retried or self.share_kept:
+                out["replaced for --max-target-share"] = self.share_retried
+                out["kept over --max-target-share (noted)"] = self.share_kept
         return out
 
 
@@ -295,6 +397,8 @@ def run_rewrite(
             "passed": tally.passed,
             "passed_first_attempt": tally.first,
             "caption_errors_skipped": tally.caption_errors,
+            "target_share_replaced": tally.share_retried,
+            "target_share_kept_over": tally.share_kept,
             **{f"violations.{r}": n for r, n in tally.by_rule.items()},
         })
 
@@ -313,6 +417,7 @@ def run_rewrite(
             "source_span": v.source_span if v is not None else None,
             "target_span": v.target_span if v is not None else None,
             "attempts": o.attempts if o is not None else 0,
+            "note": o.note if o is not None else None,
             **provenance(
                 key=key,
                 engine=engine,
@@ -328,9 +433,10 @@ def run_rewrite(
     def flush(tried: dict[str, int]) -> None:
         if not pending:
             return
-        outcomes = rewrite_with_retries(
-            engine, rules.text, [it.text for it, _ in pending], opts, [it.image_id or "" for it, _ in pending], [tried.get(k, 0) + 1 for _, k in pending]
-        )
+        texts, ids = [it.text for it, _ in pending], [it.image_id or "" for it, _ in pending]
+        outcomes = rewrite_with_retries(engine, rules.text, texts, opts, ids, [tried.get(k, 0) + 1 for _, k in pending])
+        if counts is not None:
+            outcomes = steer_targets(engine, rules.text, texts, outcomes, opts, counts, ids)
         for (it, key), o in zip(pending, outcomes):
             run.writer.add(row(it, key, o))
             if o.error:
@@ -345,6 +451,12 @@ def run_rewrite(
     with run.open(total=len(items)):
         done, tried = (set(), {}) if opts.force else resume_state(folder, opts.max_attempts)
         model = model_identity(engine, engine_cfg)
+        counts = None
+        if opts.max_target_share is not None:
+            # the passing edits before this run's first row, in input order: with
+            # --force this run's own keys are recomputed, so their old rows do not count
+            redo = {rewrite_key(it, model, engine.revision, rules.sha256, opts) for it in items if it.error is None} if opts.force else set()
+            counts = diversity.from_edits(folder, skip_keys=redo)
         for item in items:
             if item.error is not None:
                 tally.caption_errors += 1

@@ -26,9 +26,12 @@ How a pair is judged
    ``structure_changed``; the rest are replacements. Replacements whose
    content words share a lemma on both sides (dog / dogs / dog's -> fox /
    foxes / fox's) are the same concept at another mention; more than one
-   distinct concept is ``multiple_concepts``. Colour words (with shades) that
-   differ inside any region give ``color_change``; a building noun turned into
-   another building noun gives ``building_type`` (rule 6).
+   distinct concept is ``multiple_concepts``, and so is one replaced phrase
+   that swaps an adjective-noun phrase for a different one ("a small wooden
+   chair" -> "a large metal table"; "a red car" -> "a red bus" is one).
+   Colour words (with shades) that differ inside any region give
+   ``color_change``; a building noun turned into another building noun gives
+   ``building_type`` (rule 6).
 
 A pair passes when no rule fires. Exactly one concept then changed.
 """
@@ -408,7 +411,7 @@ def _classify(src: list[str], tgt: list[str], regions: list[_Region]) -> None:
 
 # Closed-class words: a change to one of them beside a replaced noun is a second
 # concept ("a dog sits" -> "a cat stands", "two dogs" -> "three cats", "dog in"
-# -> "fox of"), unlike a modifier of a replaced phrase ("wooden chair" -> "metal table").
+# -> "fox of"); attribute words are judged by :func:`_attribute_swap`.
 NUMBERS = frozenset("one two three four five six seven eight nine ten eleven twelve several many few couple dozen".split())
 
 
@@ -434,6 +437,65 @@ def _fused_concepts(src: list[str], tgt: list[str], r: _Region) -> bool:
         return False
     changed = [(x, y) for x, y in zip(a, b) if lemma(x) != lemma(y) and frozenset((x, y)) not in AGREEMENT]
     return len(changed) >= 2 and any(_closed_class(x, y) for x, y in changed)
+
+
+# Attribute adjectives: size, material, age, state, shape, texture, pattern.
+# Rule 7 of prompts/edit.txt (appendix C) changes ONE concept: "a small wooden
+# chair" -> "a large metal table" changes the object, its size and its material.
+# Colours are not listed: a colour change is its own rule (color_change).
+ATTRIBUTES = frozenset(
+    """small large big little tiny huge giant enormous massive tall short long wide narrow thick thin
+    miniature oversized compact petite high low deep shallow heavy light-weight lightweight
+    wooden wood metal metallic steel iron plastic glass stone brick concrete leather wool woolen woollen
+    cotton silk paper cardboard ceramic porcelain marble rubber wicker bamboo straw velvet denim fur furry
+    clay granite tin copper-plated aluminum aluminium crystal fabric knitted woven
+    old new modern ancient antique vintage young elderly broken open closed empty full wet dry clean
+    dirty shiny rusty worn torn cracked fresh ripe rotten damaged new-looking weathered
+    round square rectangular circular oval flat curved smooth rough hard fluffy fuzzy hairy spiky
+    striped spotted checkered plaid patterned polka-dotted dotted wrinkled folded
+    ornate plain fancy simple elegant rustic wild domestic stuffed toy""".split()
+)
+_ADJ_SUFFIXES = ("ous", "ful", "less", "able", "ible")
+
+
+def _attribute(word: str) -> bool:
+    w = lemma(word)
+    return w in ATTRIBUTES or (len(w) > 5 and w.endswith(_ADJ_SUFFIXES))
+
+
+def _attribute_swap(src: list[str], tgt: list[str], r: _Region) -> bool:
+    """Does one replaced phrase change an attribute and something else with it?
+
+    An adjective-noun phrase exchanged for a different adjective-noun phrase
+    ("small wooden chair" -> "large metal table": object, size, material) or
+    two attribute words changed at once ("small wooden" -> "large metal") is
+    more than one concept. A phrase whose attribute stays ("a red car" ->
+    "a red bus") never reaches here: the diff leaves the shared word out of
+    the region. Colour words are ignored (``color_change`` covers them);
+    "of" phrases ("cup of tea") are one compound noun.
+    """
+    a = [t for t in src[r.a1:r.i2] if _is_word(t)]
+    b = [t for t in tgt[r.b1:r.j2] if _is_word(t)]
+    if "of" in a or "of" in b or len(a) + len(b) < 3:
+        return False
+
+    def split(words: list[str]) -> tuple[set[str], set[str]]:
+        mods: set[str] = set()
+        words = [w for w in words if w not in ARTICLES and not _colour_word(w)]
+        i = 0
+        while i < len(words) - 1 and _attribute(words[i]):  # the last word is the head noun
+            mods.add(lemma(words[i]))
+            i += 1
+        return mods, {lemma(w) for w in words[i:] if w not in FUNCTION_WORDS}
+
+    (ma, ha), (mb, hb) = split(a), split(b)
+    if ma and mb and ma != mb and ha and hb and ha != hb:
+        return True  # the object and its attribute both changed
+    only_attrs_a = [w for w in a if w not in ARTICLES and not _colour_word(w)]
+    only_attrs_b = [w for w in b if w not in ARTICLES and not _colour_word(w)]
+    if len(only_attrs_a) == len(only_attrs_b) >= 2 and all(map(_attribute, only_attrs_a + only_attrs_b)):
+        return sum(lemma(x) != lemma(y) for x, y in zip(only_attrs_a, only_attrs_b)) >= 2
+    return False
 
 
 def _content(words: list[str]) -> frozenset[str]:
@@ -515,7 +577,7 @@ def check(source: str, target: str) -> Verdict:
         found.add("removed_content")
     if "structure" in kinds:
         found.add("structure_changed")
-    if regions_for_rules and (len(concepts) > 1 or any(r.kind == "concept" and _fused_concepts(src, tgt, r) for r in regions_for_rules)):
+    if regions_for_rules and (len(concepts) > 1 or any(r.kind == "concept" and (_fused_concepts(src, tgt, r) or _attribute_swap(src, tgt, r)) for r in regions_for_rules)):
         found.add("multiple_concepts")
 
     for r in regions_for_rules:

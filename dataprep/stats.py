@@ -38,10 +38,14 @@ def _images(run: Path) -> dict[str, Any] | None:
 
 
 def _captions(run: Path) -> dict[str, Any] | None:
-    t = _columns(run / "captions", ["image_id", "error"])
+    t = _columns(run / "captions", ["image_id", "error", "image_flags"])
     if t is None:
         return None
     good = pc.is_null(t["error"])
+    flags: Counter = Counter()
+    if "image_flags" in t.column_names:
+        for names in t["image_flags"].drop_null().to_pylist():
+            flags.update(names)
     ids_all = pc.unique(t["image_id"])
     ids_good = pc.unique(t.filter(good)["image_id"])
     return {
@@ -52,6 +56,7 @@ def _captions(run: Path) -> dict[str, Any] | None:
         "images_captioned": len(ids_good),
         "images_without_caption": len(ids_all) - len(ids_good),
         "failures": failure_counts(run / "captions"),
+        **({"image_flags": dict(sorted(flags.items()))} if flags else {}),  # rows per image check (dataprep.imagecheck)
     }
 
 
@@ -111,7 +116,16 @@ def _exports(run: Path) -> list[dict[str, Any]]:
 def collect(run_dir: Path | str) -> dict[str, Any]:
     """Counts per stage of ``run_dir``; a stage that is absent maps to None."""
     run = Path(run_dir)
-    return {"run": str(run), "images": _images(run), "captions": _captions(run), "edits": _edits(run), "batches": _batches(run), "exports": _exports(run)}
+    return {"run": str(run), "images": _images(run), "captions": _captions(run), "edits": _edits(run), "diversity": _diversity(run), "batches": _batches(run), "exports": _exports(run)}
+
+
+def _diversity(run: Path) -> dict[str, Any] | None:
+    """Replacement diversity of the passing edits (see dataprep.diversity), or None without edits."""
+    from dataprep import diversity
+
+    if not shard_paths(run / "edits"):
+        return None
+    return diversity.from_edits(run / "edits").summary()
 
 
 def _fmt(d: dict[str, Any]) -> str:
@@ -136,7 +150,7 @@ def render(stats: dict[str, Any]) -> Any:
     if img:
         section("images", [("rows", img["rows"]), ("distinct ids", img["distinct"]), ("errors", img["errors"]), ("failures by reason", _fmt(img["failures"]))])
     if cap:
-        section("captions", [("images", cap["images"]), ("rows good / failed", f"{cap['good']} / {cap['failed']}"), ("images captioned", cap["images_captioned"]), ("images without caption", cap["images_without_caption"]), ("failures by reason", _fmt(cap["failures"]))])
+        section("captions", [("images", cap["images"]), ("rows good / failed", f"{cap['good']} / {cap['failed']}"), ("images captioned", cap["images_captioned"]), ("images without caption", cap["images_without_caption"]), ("failures by reason", _fmt(cap["failures"])), ("image flags (rows)", _fmt(cap.get("image_flags", {})))])
     else:
         section("captions", [("", "none")])
     if ed:
@@ -144,6 +158,11 @@ def render(stats: dict[str, Any]) -> Any:
         section("edits", [("rows checked / errors", f"{ed['checked']} / {ed['errors']}"), ("passed", f"{ed['passed']} ({rate})"), ("images with a passing edit", ed["images_with_passing_edit"]), *[(f"violation {k}", v) for k, v in ed["violations"].items()], ("failures by reason", _fmt(ed["failures"]))])
     else:
         section("edits", [("", "none")])
+    div = stats.get("diversity")
+    if div and div["replacements"]:
+        from dataprep.diversity import table_rows
+
+        section("diversity", [(r["what"], r["value"]) for r in table_rows(div)])
     if b:
         section("batches", [("batches / shards", f"{b['rows']} / {b['shards']}"), ("presets", _fmt(b["presets"])), ("epochs", b["epochs"]), ("prompts by kind", _fmt(b["prompts"])), *[(f"run {k}", f"{v['preset']}, seed {v['seed']}, {v['epochs']} epochs, {v['batches']} batches") for k, v in b["runs"].items()]])
     else:

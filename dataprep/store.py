@@ -73,6 +73,8 @@ CAPTIONS_SCHEMA = pa.schema(
         pa.field("image_height", pa.int32()),
         pa.field("caption", pa.string()),
         *PROVENANCE_FIELDS,
+        # image checks (dataprep.imagecheck): small, blank, aspect; null = not checked
+        pa.field("image_flags", pa.list_(pa.string())),
     ]
 )
 
@@ -89,6 +91,8 @@ EDITS_SCHEMA = pa.schema(
         pa.field("target_span", pa.string()),
         pa.field("attempts", pa.int32()),
         *PROVENANCE_FIELDS,
+        # non-fatal remark, e.g. why a rewrite was kept over --max-target-share
+        pa.field("note", pa.string()),
     ]
 )
 
@@ -472,6 +476,12 @@ class Manifest:
 # ---------------------------------------------------------------- checks before a run
 
 
+# Columns added to a schema after shards were first written with it. A shard
+# from before lacks them and still belongs to its stage: readers fill them with
+# null, and its rows resume like any other.
+LATER_COLUMNS = frozenset({"image_flags", "note"})
+
+
 def check_shards(folder: Path | str, schema: pa.Schema, flag: str = "--out") -> None:
     """Raise ConfigError naming the first shard that is unreadable or of another schema.
 
@@ -492,7 +502,8 @@ def check_shards(folder: Path | str, schema: pa.Schema, flag: str = "--out") -> 
                 f"move {path.name} out of {path.parent} (its rows are lost or must be rebuilt), then rerun; the other shards are kept",
             ) from None
         wrong = [f"{f.name} ({f.type})" for f in schema if f.name in found.names and not found.field(f.name).type.equals(f.type)]
-        missing = [f.name for f in schema if f.name not in found.names]  # ShardWriter always writes every column
+        # ShardWriter always writes every column, save those added since
+        missing = [f.name for f in schema if f.name not in found.names and f.name not in LATER_COLUMNS]
         if wrong or missing:
             what = "; ".join(filter(None, [f"missing {', '.join(missing)}" if missing else "", f"other types for {', '.join(wrong)}" if wrong else ""]))
             raise ConfigError(

@@ -92,6 +92,30 @@ def rule_rows(edits_dir: Path | str) -> list[dict[str, Any]]:
     return rows
 
 
+def diversity_rows(edits_dir: Path | str) -> list[dict[str, Any]]:
+    """The replacement diversity of the passing edits (dataprep.diversity) as (what, value) rows."""
+    from dataprep import diversity
+
+    summary = diversity.from_edits(edits_dir).summary()
+    return diversity.table_rows(summary) if summary["replacements"] else []
+
+
+def stage_folder_rows(folder: Path | str) -> list[dict[str, Any]]:
+    """Counts of a quality stage folder read generically (RUN/judge, RUN/dedup):
+    rows, errors, the true share of each boolean column, the value counts of
+    each short string column. [] when the folder has no shards."""
+    from dataprep.hfcard import stage_rows
+
+    s = stage_rows(folder)
+    if s is None:
+        return []
+    rows: list[dict[str, Any]] = [{"what": "rows", "value": s["rows"]}, {"what": "error rows", "value": s["errors"]}]
+    rows += [{"what": f"{name} true", "value": "-" if share is None else f"{share:.1%}"} for name, share in s["true_share"].items()]
+    rows += [{"what": f"{name} = {value}", "value": n} for name, counts in s["values"].items() for value, n in counts.items()]
+    rows += [{"what": f"distinct {name}", "value": n} for name, n in s.get("distinct", {}).items()]
+    return rows
+
+
 def links_markdown(title: str, folders: dict[str, Path | str], extra: Iterable[str] = ()) -> str:
     """Markdown with file:// links to output folders and their shard counts."""
     lines = [f"## {title}", ""]
@@ -117,6 +141,14 @@ def publish_rules(dataset: str, edits_dir: Path | str) -> None:
     rows = rule_rows(edits_dir)
     if rows:
         create_table_artifact(rows, key=artifact_key(dataset, "rewrite", "rules"), description="single-concept checker: pass rate overall and per rule")
+
+
+def publish_quality(dataset: str, run_dir: Path | str) -> None:
+    """Diversity table of RUN/edits, and the judge / dedup counts when those stage folders exist."""
+    run = Path(run_dir)
+    publish_table(f"{dataset}-rewrite-diversity", diversity_rows(run / "edits"), "replacements (source -> target concept): top pairs, top target share, entropy")
+    for stage, what in (("judge", "judge verdicts (agreement with the checker)"), ("dedup", "duplicate clusters")):
+        publish_table(f"{dataset}-{stage}-counts", stage_folder_rows(run / stage), f"{stage}: {what}")
 
 
 def publish_table(key: str, rows: list[dict[str, Any]], description: str) -> None:

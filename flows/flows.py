@@ -142,6 +142,7 @@ def rewrite(
     calls = [(rewrite_shard, dict(items=shard, out=run, engine_cfg=cfg, opts=opts, prompt_sha256=prompt_sha), len(shard)) for shard in chunks(items, shard_size)]
     summary = _run_shards(dataset, "rewrite", run / "edits", cfg, calls)
     artifacts.publish_rules(dataset, run / "edits")
+    artifacts.publish_quality(dataset, run)
     artifacts.publish_markdown(f"{dataset}-rewrite-shards", artifacts.links_markdown("rewrite", {"captions": run / "captions", "edits": run / "edits"}))
     return summary
 

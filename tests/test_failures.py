@@ -564,3 +564,26 @@ def test_a_corrupt_exports_registry_is_replaced_not_fatal(tmp_path):
     export_softrepa(run, tmp_path / "out")
     assert [e["pairs"] for e in json.loads((run / "exports.json").read_text())["exports"]] == [1]
     assert not [p for p in run.iterdir() if p.name.startswith(".")]
+
+
+def test_shards_written_before_later_columns_resume_untouched(tmp_path):
+    """Shards from before image_flags / note were added still belong to their stage.
+
+    check_shards refused them (missing columns), which would have stopped
+    every existing run folder from resuming after an upgrade.
+    """
+    import pyarrow as pa
+
+    from dataprep.store import CAPTIONS_SCHEMA, EDITS_SCHEMA, LATER_COLUMNS, check_shards, done_keys, read_table, write_table_atomic
+
+    for name, schema in (("captions", CAPTIONS_SCHEMA), ("edits", EDITS_SCHEMA)):
+        old = pa.schema([f for f in schema if f.name not in LATER_COLUMNS])
+        assert len(old) < len(schema)
+        row = {f.name: None for f in old} | {"key": f"k-{name}", "image_id": "div2k/0001"}
+        folder = tmp_path / name
+        folder.mkdir()
+        write_table_atomic(pa.Table.from_pylist([row], schema=old), folder / "part-old-00000.parquet")
+        check_shards(folder, schema)  # no ConfigError
+        assert done_keys(folder) == {f"k-{name}"}
+        t = read_table(folder, schema)
+        assert t.num_rows == 1 and all(t.column(c).null_count == 1 for c in LATER_COLUMNS if c in schema.names)
