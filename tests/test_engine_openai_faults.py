@@ -346,3 +346,36 @@ def test_cli_takes_repeated_and_comma_base_urls_and_checks_max_inflight(hostile,
     finally:
         other.shutdown()
         other.server_close()
+
+
+class Slow(Hostile):
+    """Holds each completion 50 ms and records the most requests it had open at once."""
+
+    def do_POST(self):
+        srv = self.server
+        with srv.lock:
+            srv.open += 1
+            srv.peak = max(srv.peak, srv.open)
+        try:
+            time.sleep(0.05)
+            super().do_POST()
+        finally:
+            with srv.lock:
+                srv.open -= 1
+
+
+def test_concurrency_bounds_requests_on_the_wire_over_all_connection_pools():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    srv.daemon_threads = True
+    srv.seen, srv.bodies, srv.auth, srv.lock, srv.open, srv.peak = [], {}, [], threading.Lock(), 0, 0
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        eng = load_engine(EngineConfig(engine="openai", model="served-model", base_url=url(srv), concurrency=12))
+        assert len(eng.generate(ask("warm"))) == 1 and len(eng._clients) == 2  # 12 connections in pools of 8: two pools
+        out = eng.generate(ask(*[f"q{i}" for i in range(60)]))
+        eng.close()
+        assert [r.text for r in out] == [f"echo q{i}" for i in range(60)]
+        assert 2 <= srv.peak <= 12
+    finally:
+        srv.shutdown()
+        srv.server_close()

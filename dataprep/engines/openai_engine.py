@@ -184,6 +184,14 @@ def httpx_timeout():
     return httpx.TimeoutException
 
 
+async def _deadline(awaitable, seconds: float):
+    """``await awaitable`` or raise TimeoutError after ``seconds`` in all."""
+    if hasattr(asyncio, "timeout"):  # 3.11+: no extra task per request (wait_for makes one)
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, seconds)
+
+
 # ------------------------------------------------------------ a fleet of servers (pure bookkeeping)
 
 
@@ -272,6 +280,7 @@ class OpenAIEngine:
     name = "openai"
     backoff_base_s = 0.5  # first retry waits ~0.5 s, then 1, 2, 4 ... (capped)
     backoff_cap_s = 30.0
+    POOL_SIZE = 8  # connections per httpx pool (see _setup)
     probe_s = 2.0  # a server that dropped a connection gets no work for this long, doubling per failure
 
     def __init__(self, cfg: EngineConfig):
@@ -401,8 +410,15 @@ class OpenAIEngine:
         if self._client is None:
             import httpx
 
-            limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
-            self._client = httpx.AsyncClient(timeout=self.timeout_s, limits=limits, headers=self._headers())
+            # Several small connection pools instead of one big one: httpcore scans
+            # every connection of its pool for each request it places, so one pool of
+            # 64 connections costs the client more CPU per request than the HTTP work
+            k = max(1, -(-self.concurrency // self.POOL_SIZE))
+            per = -(-self.concurrency // k)
+            limits = httpx.Limits(max_connections=per, max_keepalive_connections=per)
+            self._clients = [httpx.AsyncClient(timeout=self.timeout_s, limits=limits, headers=self._headers()) for _ in range(k)]
+            self._active = [0] * k
+            self._client = self._clients[0]
             self._wire = asyncio.Semaphore(self.concurrency)
             self._payloads = asyncio.Semaphore(self.max_inflight)
 
@@ -473,7 +489,7 @@ class OpenAIEngine:
                 try:
                     # a total deadline: httpx's timeout is per read, and a server that
                     # sends a byte a second never trips it
-                    r = await asyncio.wait_for(self._client.post(server.base + "/chat/completions", json=body), self.timeout_s)
+                    r = await self._send(server.base + "/chat/completions", body)
                 except (asyncio.TimeoutError, httpx.TimeoutException) as exc:
                     r, last = None, f"timeout: no complete answer within {self.timeout_s:g} s ({type(exc).__name__})"
                 except httpx.TransportError as exc:  # refused, reset, dropped mid-response: the server is gone
@@ -504,6 +520,16 @@ class OpenAIEngine:
             await asyncio.sleep(backoff_delay(attempt, self.backoff_base_s, self.backoff_cap_s, retry_after))
             attempt += 1
 
+    async def _send(self, url: str, body: dict[str, Any]):
+        """POST on the pool with the fewest requests (it always has a free connection:
+        the wire semaphore keeps the total at --concurrency)."""
+        i = min(range(len(self._clients)), key=self._active.__getitem__)
+        self._active[i] += 1
+        try:
+            return await _deadline(self._clients[i].post(url, json=body), self.timeout_s)
+        finally:
+            self._active[i] -= 1
+
     def image_size(self) -> int | None:
         return None  # the server resizes for its model; images are capped at MAX_SEND_SIDE on the wire
 
@@ -516,7 +542,8 @@ class OpenAIEngine:
 
         async def shutdown() -> None:
             if self._client is not None:
-                await self._client.aclose()
+                for client in self._clients:
+                    await client.aclose()
 
         try:
             asyncio.run_coroutine_threadsafe(shutdown(), loop).result(timeout=10)
