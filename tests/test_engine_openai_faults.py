@@ -379,3 +379,31 @@ def test_concurrency_bounds_requests_on_the_wire_over_all_connection_pools():
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_caption_stage_holds_images_no_larger_than_the_engine_sends(hostile, tmp_path):
+    """The decoders shrink a big photo to the 1024 side the engine sends (a 4000x3000 photo
+    padded to a square is 48 MB decoded, 3 MB at 1024); smaller images are never enlarged."""
+    import base64
+
+    from dataprep.caption import CaptionOptions, run_caption
+    from dataprep.sources import folder
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    Image.new("RGB", (2500, 1200), (200, 10, 10)).save(d / "big.png")
+    Image.new("RGB", (300, 200), (10, 200, 10)).save(d / "small.png")
+    cfg = EngineConfig(engine="openai", model="served-model", base_url=url(hostile))
+    eng = load_engine(cfg)
+    held, real = [], eng.generate
+
+    def generate(requests):
+        held.extend(r.image.size for r in requests)
+        return real(requests)
+
+    eng.generate = generate
+    s = run_caption(folder(d), tmp_path / "run", cfg, CaptionOptions(workers=0, max_new_tokens=4), engine=eng, progress=False)
+    eng.close()
+    assert s.done == 2 and sorted(held) == [(300, 300), (1024, 1024)]
+    sent = sorted(Image.open(io.BytesIO(base64.b64decode(b["messages"][-1]["content"][0]["image_url"]["url"].split(",", 1)[1]))).size for b in hostile.seen)
+    assert sent == [(300, 300), (1024, 1024)]  # what the server gets is what it got before

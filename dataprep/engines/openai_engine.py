@@ -533,6 +533,10 @@ class OpenAIEngine:
     def image_size(self) -> int | None:
         return None  # the server resizes for its model; images are capped at MAX_SEND_SIDE on the wire
 
+    # the caption stage's decoders shrink larger images to this side already, so a
+    # batch waiting for the server holds 1024x1024 squares, not 48 MB 4000x4000 ones
+    max_image_side = MAX_SEND_SIDE
+
     def close(self) -> None:
         """Close the client and stop the loop thread; a later generate() starts them again."""
         with self._lock:
