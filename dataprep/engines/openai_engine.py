@@ -203,7 +203,7 @@ class Server:
     inflight: int = 0
     down_until: float = 0.0  # monotonic time before which it gets no work
     failures: int = 0  # connection failures in a row
-    sent: int = 0  # requests sent (for the manifest and tests)
+    sent: int = 0  # attempts sent to it (how the work was spread)
 
     def up(self, now: float) -> bool:
         return self.down_until <= now
@@ -271,10 +271,10 @@ class OpenAIEngine:
       upload and the whole answer: a server that trickles bytes slowly
       cannot hold a request forever (httpx's own timeouts are per read).
 
-    Requests run on one event loop in a background thread with one
-    ``httpx.AsyncClient``, kept for the engine's life, so connections are
-    reused across ``generate`` calls and calls from several threads share
-    the bounds above.
+    Requests run on one event loop in a background thread, over httpx clients
+    (connection pools of ``POOL_SIZE``) kept for the engine's life, so
+    connections are reused across ``generate`` calls and calls from several
+    threads share the bounds above.
     """
 
     name = "openai"
