@@ -270,7 +270,8 @@ def run_caption(
             prompt_sha256=prompt.sha256,
             sampling=sampling.to_json(),
             seed=sampling.seed,
-            prep=PrepOptions(mode="crop" if opts.crop else "pad", size=engine.image_size(), max_pixels=opts.max_pixels, checks=opts.image_checks()),
+            prep=PrepOptions(mode="crop" if opts.crop else "pad", size=engine.image_size(), max_side=getattr(engine, "max_image_side", None),
+                             max_pixels=opts.max_pixels, checks=opts.image_checks()),
             done=frozenset() if opts.force else frozenset(done_keys(folder)),
             max_bytes=opts.max_bytes,
         )

@@ -64,7 +64,7 @@ BatchOpt = Annotated[str, typer.Option("--batch-size", help="Requests per genera
 QuantOpt = Annotated[Optional[str], typer.Option("--quantize", help="Load weights with bitsandbytes: 4bit (NF4, like the paper's 4-bit LLaVA) or 8bit. Needs the quant extra and a CUDA GPU.", rich_help_panel="Engine")]
 TPOpt = Annotated[int, typer.Option("--tensor-parallel-size", help="vllm: GPUs to shard the model over.", rich_help_panel="Engine")]
 GMUOpt = Annotated[float, typer.Option("--gpu-memory-utilization", help="vllm: fraction of GPU memory it may take.", rich_help_panel="Engine")]
-BaseUrlOpt = Annotated[Optional[str], typer.Option("--base-url", help="openai: server URL, e.g. http://127.0.0.1:8000/v1.", rich_help_panel="Engine")]
+BaseUrlOpt = Annotated[Optional[list[str]], typer.Option("--base-url", help="openai: server URL, e.g. http://127.0.0.1:8000/v1. Repeat it (or give a comma list) for a fleet: each request goes to the least-loaded server, and a server that drops connections is set aside while the others take its work.", rich_help_panel="Engine")]
 ApiKeyEnvOpt = Annotated[Optional[str], typer.Option("--api-key-env", help="openai: name of the environment variable holding the API key (the key itself is never logged).", rich_help_panel="Engine")]
 ConcurrencyOpt = Annotated[int, typer.Option("--concurrency", help="openai: requests in flight at once.", rich_help_panel="Engine")]
 TempOpt = Annotated[float, typer.Option("--temperature", help="0 = greedy (default); > 0 samples.", rich_help_panel="Sampling")]
@@ -77,7 +77,8 @@ ShardOpt = Annotated[int, typer.Option("--rows-per-shard", help="Rows per Parque
 
 
 MaxRetriesOpt = Annotated[int, typer.Option("--max-retries", help="openai: retries per request on 429, 5xx, timeouts and dropped connections (exponential backoff).", rich_help_panel="Engine")]
-TimeoutOpt = Annotated[float, typer.Option("--timeout", help="openai: seconds per request before it counts as timed out.", rich_help_panel="Engine")]
+TimeoutOpt = Annotated[float, typer.Option("--timeout", help="openai: seconds per request attempt, a total deadline (connect, upload and the whole answer, also from a server that trickles bytes).", rich_help_panel="Engine")]
+MaxInflightOpt = Annotated[Optional[int], typer.Option("--max-inflight", help="openai: requests whose payload (the encoded image) exists at once; bounds memory on large images. Default: --concurrency.", rich_help_panel="Engine")]
 
 # Flag groups shared by several commands: name -> (annotated type, default).
 # `with_flags` appends a group to a command's signature and hands the values
@@ -95,6 +96,7 @@ ENGINE_FLAGS = {
     "concurrency": (ConcurrencyOpt, 64),
     "max_retries": (MaxRetriesOpt, 5),
     "timeout_s": (TimeoutOpt, 120.0),
+    "max_inflight": (MaxInflightOpt, None),
 }
 
 
@@ -125,8 +127,10 @@ def with_flags(**groups: dict[str, tuple[object, object]]):
 
 
 def engine_config(**kw) -> "object":
-    from dataprep.engines import EngineConfig
+    from dataprep.engines import EngineConfig, split_base_urls
 
+    if isinstance(kw.get("base_url"), (list, tuple)):  # --base-url repeated: one comma list in the config
+        kw["base_url"] = ",".join(split_base_urls(kw["base_url"])) or None
     return EngineConfig(**kw)
 
 

@@ -30,6 +30,7 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 class PrepOptions:
     mode: str = "pad"  # pad (LLaVA-1.5 default) | crop (center crop)
     size: int | None = None  # resize the square to size x size (the model's input side); None keeps it
+    max_side: int | None = None  # shrink (never enlarge) the square to at most this side: what a server engine sends
     max_pixels: int = DEFAULT_MAX_PIXELS
     checks: "ImageChecks | None" = None  # record image_flags (dataprep.imagecheck); None: not checked
 
@@ -148,6 +149,10 @@ def square(img: Image.Image, opts: PrepOptions) -> Image.Image:
     img = pad_to_square(img) if opts.mode == "pad" else center_crop_square(img)
     if opts.size is not None and img.size != (opts.size, opts.size):
         img = img.resize((opts.size, opts.size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    elif opts.max_side is not None and img.width > opts.max_side:
+        # a 4000x3000 photo padded to 4000x4000 is 48 MB decoded; the openai engine
+        # would send it at 1024 anyway, so the batch waiting for the server holds 3 MB
+        img = img.resize((opts.max_side, opts.max_side), Image.Resampling.BICUBIC, reducing_gap=3.0)
     return img
 
 

@@ -384,3 +384,40 @@ def test_pipeline_sends_rewrites_to_the_rewrite_server(server, scripted, tiny_mo
     assert {e["image_id"] for e in edits} == set(captions) and all(e["raw_output"] == f"echo {captions[e['image_id']]}" for e in edits)
     with pytest.raises(ConfigError, match="--rewrite-base-url"):
         run_pipeline(div2k(samples_dir), tmp_path, EngineConfig(device="cpu"), "a", "b", rewrite_base_url=rewrite_url, progress=False)
+
+
+@pytest.mark.server
+def test_fleet_server_killed_mid_run_every_row_completes_once_through_the_other(server, tiny_models, tmp_path):
+    """--base-url A,B: B is killed while a batch is in flight; its requests move to A, and
+    every rewrite row is written once and good, although no request may be retried (max_retries=0)."""
+    from dataprep.rewrite import RewriteInput, RewriteOptions, run_rewrite
+
+    items = [RewriteInput(image_id=f"cap/{i:02d}", text=f"A {c} dog sits on a {s} bench.") for i, (c, s) in enumerate((c, s) for c in ("brown", "black", "white", "small") for s in ("wooden", "stone", "metal", "red"))]
+    doomed, doomed_url = start_server(tmp_path / "doomed.log")
+    cfg = openai_cfg(f"{server},{doomed_url}", tiny_models / "llama", concurrency=4, batch_size="4", max_retries=0)
+    engine = load_engine(cfg)
+    real_generate, calls, killer = engine.generate, [], []
+
+    def generate(requests):
+        calls.append(len(requests))
+        if len(calls) == 2:  # kill B while the second batch is in flight
+            killer.append(threading.Timer(0.05, stop_server, args=(doomed,)))
+            killer[0].start()
+        out = real_generate(requests)
+        if killer:
+            killer[0].join()
+        return out
+
+    engine.generate = generate
+    try:
+        summary = run_rewrite(items, tmp_path / "run", cfg, RewriteOptions(max_attempts=1, max_new_tokens=8), engine=engine, progress=False)
+    finally:
+        stop_server(doomed)
+        engine.close()
+    rows = read_rows(tmp_path / "run", "edits")
+    assert sorted(r["image_id"] for r in rows) == [it.image_id for it in items]  # each row exactly once
+    assert all(r["error"] is None and r["completion_tokens"] >= 1 for r in rows), [r["error"] for r in rows if r["error"]]
+    assert (summary.done, summary.n_failed) == (len(items), 0)
+    a, b = engine.fleet.servers
+    assert a.sent > 0 and b.sent > 0  # both servers took work (least-loaded spreads it) ...
+    assert b.failures >= 1  # ... and B's dropped or refused connections set it aside

@@ -120,11 +120,12 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
     # openai
-    base_url: str | None = None
+    base_url: str | None = None  # one URL, or a comma-separated fleet (least-loaded first)
     api_key_env: str | None = None
     concurrency: int = 64
-    timeout_s: float = 120.0
+    timeout_s: float = 120.0  # per attempt, a total deadline (connect + upload + whole answer)
     max_retries: int = 5
+    max_inflight: int | None = None  # request payloads (encoded images) alive at once; None: concurrency
 
     def validate(self) -> None:
         if self.engine not in ENGINES:
@@ -144,12 +145,34 @@ class EngineConfig:
             raise ConfigError(f"invalid device {self.device!r}", "--device", "use auto, cpu, cuda, cuda:N or mps")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"invalid dtype {self.dtype!r}", "--dtype", "use auto, float32, bfloat16 or float16")
-        if self.engine == "openai" and not self.base_url:
+        if self.engine == "openai" and not split_base_urls(self.base_url):
             raise ConfigError("the openai engine needs a server", "--base-url", "e.g. --base-url http://127.0.0.1:8000/v1")
+        if self.max_inflight is not None and self.max_inflight < 1:
+            raise ConfigError(f"--max-inflight {self.max_inflight} must be at least 1", "--max-inflight", "leave it out (default: --concurrency)")
 
     def public_dict(self) -> dict[str, Any]:
-        """For manifests: never contains a secret (only the env var's name)."""
-        return asdict(self)
+        """For manifests: never contains a secret (only the env var's name; URLs lose any
+        ``user:password@`` part and key-like query parameters)."""
+        from dataprep.engines.redact import redact
+
+        d = asdict(self)
+        if d["base_url"]:
+            d["base_url"] = redact(d["base_url"])
+        return d
+
+
+def split_base_urls(value: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """``--base-url`` values (repeated, comma lists, or both) -> one list of URLs, order kept, no duplicates."""
+    if not value:
+        return []
+    items = [value] if isinstance(value, str) else list(value)
+    out: list[str] = []
+    for item in items:
+        for url in str(item).split(","):
+            url = url.strip()
+            if url and url not in out:
+                out.append(url)
+    return out
 
 
 def load_engine(cfg: EngineConfig) -> Engine:
