@@ -17,7 +17,7 @@ SAMPLES = $(SHARED)/reference/softrepa/samples
 # offline, and quiet about the tiny models' random-token prompts being truncated
 OFFLINE = HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error DIFFUSERS_VERBOSITY=error HF_HUB_DISABLE_PROGRESS_BARS=1
 
-.PHONY: demo test install clean-demo
+.PHONY: demo test install clean-demo browser
 
 install: $(VENV)/.installed
 
@@ -50,3 +50,10 @@ test: install
 
 clean-demo:
 	rm -rf $(DEMO)
+
+# The report and grid tests drive Debian's chromium through playwright (which
+# never downloads a browser here: it is given /usr/bin/chromium). Needs root for apt.
+browser: install
+	command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
+	$(VENV)/bin/python -m pip install -q -e ".[browser]"
+

@@ -11,12 +11,14 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from dataprep.rules import check
 from dataprep.store import CAPTIONS_SCHEMA, EDITS_SCHEMA, ShardWriter
+from softrepa.evaluate import Setting
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 
@@ -102,3 +104,28 @@ def make_big_run(root: Path, n: int) -> Path:
         full = {f.name: cols.get(f.name, [None] * n) for f in schema}
         pq.write_table(pa.Table.from_pydict(full, schema=schema), root / name / "part-r1-00000.parquet")
     return root
+
+
+# evaluator settings for grid tests: one vanilla FlowEdit and two soft-token guidance scales
+GRID_SETTINGS = [Setting("flowedit", 33, 13.5, "aaaa"), Setting("flowedit+tokens", 30, 9.0, "bbbb"), Setting("flowedit+tokens", 30, 13.0, "cccc")]
+
+
+def grid_rows(tmp_path: Path, broken: str | None = None) -> list[dict]:
+    """Score rows as softrepa.evaluate.score_all writes them, over drawn images."""
+    rows = []
+    rng = np.random.RandomState(0)
+    for k, (iid, src, tgt) in enumerate([("div2k/0001", "a brown dog on a sofa", "a brown fox on a sofa"), ("div2k/0002", "a red car by a house", "a red bus by a house")]):
+        pid = f"{iid.replace('/', '_')}-x{k}"
+        source = tmp_path / "images" / "source_64" / f"{pid}.png"
+        source.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((rng.rand(64, 64, 3) * 255).astype("uint8")).save(source)
+        for s in GRID_SETTINGS:
+            edited = tmp_path / "images" / s.setting_id / f"{pid}.png"
+            edited.parent.mkdir(parents=True, exist_ok=True)
+            error = "edit: RuntimeError: out of memory" if (broken and s.setting_id == broken and k == 1) else None
+            if error is None:
+                Image.fromarray((rng.rand(64, 64, 3) * 255).astype("uint8")).save(edited)
+            rows.append({"pair_id": pid, "image_id": iid, "setting": s.setting_id, "method": s.method, "n_max": s.n_max, "tgt_cfg": s.tgt_cfg,
+                         "source_prompt": src, "target_prompt": tgt, "source_image": str(source), "edited_image": str(edited), "error": error,
+                         "clip": None if error else 0.2 + 0.01 * k, "pickscore": None, "lpips": None if error else 0.3, "imagereward": None, "hpsv2": None})
+    return rows

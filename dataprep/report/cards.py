@@ -16,8 +16,9 @@ them in chunk files)::
     viol     violated rule ids             att         rewrite attempts
     raw      raw model output when it differs from tgt eerr  edit error
     more     how many other edit rows the image has
-    cp, ep   caption / edit provenance: {"p": index into the shared provenance
-             table, "key", "seed", "finish", "tok": [prompt, completion], "run", "at"}
+    cp, ep   caption / edit provenance: [index into the shared provenance table
+             (engine, model, revision, prompt, sampling, run id), key, seed,
+             finish_reason, prompt_tokens, completion_tokens, created_at]
     judge    {"verdict": ..., other judge columns}     (when RUN/judge exists)
     dup      [{"cluster": ..., "kind": ..., ...}]      duplicate clusters (RUN/dedup)
 
@@ -27,7 +28,6 @@ row, else its newest error row (shards sort in run order, see store.new_run_id).
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -39,7 +39,9 @@ import pyarrow.parquet as pq
 from dataprep.store import shard_paths
 
 #: provenance columns shared by many rows: interned into one table
-SHARED_PROV = ("engine", "model", "model_revision", "prompt_id", "prompt_sha256", "sampling")
+SHARED_PROV = ("engine", "model", "model_revision", "prompt_id", "prompt_sha256", "sampling", "run_id")
+#: per-row provenance, as a list in this order (no key names: 100k cards ship in the page)
+ROW_PROV = ("p", "key", "seed", "finish_reason", "prompt_tokens", "completion_tokens", "created_at")
 #: optional stage folders and the column names their id / verdict / cluster may have
 JUDGE_DIR, DEDUP_DIR = "judge", "dedup"
 ID_COLUMNS = ("image_id", "item_id", "id")
@@ -67,19 +69,39 @@ def span_range(text: str | None, span: str | None) -> list[int] | None:
     """
     if not text or not span:
         return None
+    i = text.find(span)
+    if i < 0:
+        return None
+    j = i + len(span)
+    if (i == 0 or not _word(text[i - 1])) and (j == len(text) or not _word(text[j])):
+        return [i, j]  # the first occurrence is a whole word (the common case, no regex)
     m = re.search(r"(?<!\w)" + re.escape(span) + r"(?!\w)", text)
     if m:
         return [m.start(), m.end()]
-    i = text.find(span)
-    return [i, i + len(span)] if i >= 0 else None
+    return [i, j]
+
+
+def _word(ch: str) -> bool:
+    return ch.isalnum() or ch == "_"
 
 
 def _rows(folder: Path, columns: Iterable[str] | None = None) -> Iterable[dict[str, Any]]:
-    """Rows of every shard in write order, only the wanted columns each shard has."""
+    """Rows of every shard in write order, only the wanted columns each shard has.
+
+    Timestamps arrive as ISO-like strings (Arrow casts them in C; a Python
+    datetime per row would dominate at 100k rows).
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     for path in shard_paths(folder):
-        have = pq.read_schema(path).names
+        pf = pq.ParquetFile(path)
+        have = pf.schema_arrow.names
         cols = [c for c in columns if c in have] if columns is not None else None
-        for batch in pq.ParquetFile(path).iter_batches(columns=cols):
+        for batch in pf.iter_batches(columns=cols, batch_size=65_536):
+            for i, f in enumerate(batch.schema):
+                if pa.types.is_timestamp(f.type) or pa.types.is_date(f.type):
+                    batch = batch.set_column(i, f.name, pc.cast(batch.column(i), pa.string()))
             yield from batch.to_pylist()
 
 
@@ -99,25 +121,19 @@ class _Interner:
         self._index: dict[str, int] = {}
 
     def __call__(self, row: dict[str, Any]) -> int:
-        item = {k: row.get(k) for k in SHARED_PROV}
-        key = json.dumps(item, sort_keys=True, default=str)
-        if key not in self._index:
-            self._index[key] = len(self.table)
-            self.table.append(item)
-        return self._index[key]
+        g = row.get
+        key = (g("engine"), g("model"), g("model_revision"), g("prompt_id"), g("prompt_sha256"), g("sampling"), g("run_id"))  # = SHARED_PROV
+        i = self._index.get(key)
+        if i is None:
+            i = self._index[key] = len(self.table)
+            self.table.append({k: row.get(k) for k in SHARED_PROV})
+        return i
 
 
-def _prov(row: dict[str, Any], intern: _Interner) -> dict[str, Any]:
-    at = row.get("created_at")
-    return {
-        "p": intern(row),
-        "key": row.get("key"),
-        "seed": row.get("seed"),
-        "finish": row.get("finish_reason"),
-        "tok": [row.get("prompt_tokens"), row.get("completion_tokens")],
-        "run": row.get("run_id"),
-        "at": at.isoformat() if hasattr(at, "isoformat") else at,
-    }
+def _prov(row: dict[str, Any], intern: _Interner) -> list[Any]:
+    """The row's provenance in :data:`ROW_PROV` order; ``p`` indexes the shared table."""
+    g = row.get
+    return [intern(row), g("key"), g("seed"), g("finish_reason"), g("prompt_tokens"), g("completion_tokens"), g("created_at")]
 
 
 def _edit_rank(row: dict[str, Any]) -> int:

@@ -90,21 +90,22 @@
     dl.appendChild(el("dt", null, k));
     dl.appendChild(el("dd", null, typeof v === "object" ? JSON.stringify(v) : v));
   }
+  // p = [shared index, key, seed, finish_reason, prompt_tokens, completion_tokens, created_at] (cards.py ROW_PROV)
   function provRows(dl, label, p) {
     if (!p) return;
-    var shared = META.provenance[p.p] || {};
+    var shared = META.provenance[p[0]] || {};
     dl.appendChild(el("dt", "group", label));
     dl.appendChild(el("dd", "group", ""));
     row(dl, "engine", shared.engine);
     row(dl, "model", shared.model + (shared.model_revision ? "@" + shared.model_revision : ""));
     row(dl, "prompt", (shared.prompt_id || "") + (shared.prompt_sha256 ? " (" + shared.prompt_sha256.slice(0, 12) + ")" : ""));
     row(dl, "sampling", shared.sampling);
-    row(dl, "seed", p.seed);
-    row(dl, "finish", p.finish);
-    if (p.tok && (p.tok[0] !== null || p.tok[1] !== null)) row(dl, "tokens (prompt / completion)", p.tok[0] + " / " + p.tok[1]);
-    row(dl, "run", p.run);
-    row(dl, "created", p.at);
-    row(dl, "key", p.key);
+    row(dl, "seed", p[2]);
+    row(dl, "finish", p[3]);
+    if (p[4] !== null || p[5] !== null) row(dl, "tokens (prompt / completion)", p[4] + " / " + p[5]);
+    row(dl, "run", shared.run_id);
+    row(dl, "created", p[6]);
+    row(dl, "key", p[1]);
   }
   function chip(text, cls, onclick, title) {
     var b = el(onclick ? "button" : "span", "chip " + (cls || ""), text);
