@@ -481,7 +481,7 @@ def report_cmd(
     except ConfigError as exc:
         raise fail(str(exc))
     errs = f", {s.thumb_errors} without thumbnail" if s.thumb_errors else ""
-    Console().print(f"report: {s.cards} images in {s.chunks} data chunks, {s.thumbs} thumbnails{errs}\n  open {s.index.resolve().as_uri()}", highlight=False)
+    Console().print(f"report: {s.cards} images in {s.chunks} data chunks, {s.thumbs} thumbnails{errs}\n  open {s.index.resolve().as_uri()}", highlight=False, soft_wrap=True)
 
 
 # ------------------------------------------------------------ pipeline (issue 4)

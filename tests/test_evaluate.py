@@ -243,6 +243,7 @@ def test_cli_evaluate_edit_on_a_run_directory_prints_the_table(tiny, tmp_path):
     assert (out / "summary.md").exists() and (out / "scores.parquet").exists()
     # beside the tables: the grid page and one PNG per pair (softrepa.grids)
     assert (out / "grids" / "index.html").exists() and len(list((out / "grids").glob("*.png"))) == 2
+    assert "grids: file://" in res.output
 
 
 def test_cli_bad_flag_value_exits_2_with_the_flag(tmp_path):

@@ -113,7 +113,7 @@ def test_cli_report_and_stats_say_where_it_is(tmp_path):
     cli = CliRunner()
     r = cli.invoke(app, ["report", str(run), "--page-size", "6"])
     assert r.exit_code == 0, r.output
-    assert "12 images" in r.output and (run / "report" / "index.html").exists()
+    assert "12 images" in r.output and (run / "report" / "index.html").resolve().as_uri() in r.output
     (run / "train" / "sd3-x").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(run / "train" / "sd3-x" / "curves.png")
     (run / "eval" / "vanilla" / "grids").mkdir(parents=True)

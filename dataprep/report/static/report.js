@@ -126,7 +126,15 @@
       img.src = c.th;
       img.width = c.tw; img.height = c.thh;
       img.alt = c.id;
-      fig.appendChild(img);
+      if (c.uri && c.uri.charAt(0) === "/") { // a local file: the thumbnail opens the full image
+        var a = el("a");
+        a.href = "file://" + c.uri.split("/").map(encodeURIComponent).join("/");
+        a.title = "open " + c.uri;
+        a.appendChild(img);
+        fig.appendChild(a);
+      } else {
+        fig.appendChild(img);
+      }
     } else {
       fig.appendChild(el("span", "nothumb", c.terr ? "no thumbnail: " + c.terr : "no image"));
     }
