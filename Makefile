@@ -43,6 +43,7 @@ demo: install
 	$(SR) import-tokens $(SHARED)/reference/softrepa/tokens/sd3 $(DEMO)/tokens-official-sd3 --backbone sd3
 	$(OFFLINE) $(SR) evaluate-edit --pairs $(SAMPLES)/prompts_editing.json --model $(DEMO)/models/sd3 --tokens $(DEMO)/train-sd3/tokens \
 	  --out $(DEMO)/eval-edit --steps 6 --n-max 4 --tgt-cfg 9,13 --size 32 --device cpu --tiny-metrics
+	$(DP) report $(DEMO)
 	$(DP) stats $(DEMO)
 
 test: install
