@@ -74,6 +74,7 @@ def make_run(root: Path, judge: bool = False, dedup: bool = False) -> Path:
         rows = [{"image_id": iid, "key": f"j-{iid}", "verdict": "bad" if iid == "div2k/0004" else "good",
                  "reasons": "rule 2: a canoe is fine" if iid != "div2k/0004" else "rule 2: a canoe is not a sailboat-sized change", "error": None}
                 for iid, *_ in PAIRS[:6]]
+        rows.append({"image_id": "div2k/0001", "key": "j-late", "verdict": None, "reasons": None, "error": "engine: timeout"})  # a later failed judgement
         (run / "judge").mkdir()
         pq.write_table(pa.Table.from_pylist(rows), run / "judge" / "part-r1-00000.parquet")
     if dedup:

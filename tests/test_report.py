@@ -48,6 +48,7 @@ def test_judge_and_dedup_folders_are_read_generically(tmp_path):
     cards = {c["id"]: c for c in data.cards}
     assert cards["div2k/0004"]["judge"]["verdict"] == "bad" and "canoe" in cards["div2k/0004"]["judge"]["reasons"]
     assert "judge" not in cards["div2k/0007"]
+    assert cards["div2k/0001"]["judge"]["verdict"] == "good"  # its later judge error row does not hide the verdict
     # an image cluster by image id, a caption cluster by the caption's key; a singleton is no duplicate
     assert [d["cluster"] for d in cards["div2k/0001"]["dup"]] == ["c1"] and cards["div2k/0009"]["dup"][0]["size"] == 2
     assert "dup" not in cards["div2k/0005"] and "dup" not in cards["div2k/0002"]

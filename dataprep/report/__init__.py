@@ -94,8 +94,12 @@ def environment() -> Any:
     )
 
 
-def build_report(run: Path | str, out: Path | str, options: ReportOptions | None = None, progress: Callable[[int], None] | None = None) -> ReportSummary:
-    """Write the report of ``run`` into ``out`` (see the module doc) and register it in RUN/reports.json."""
+def build_report(run: Path | str, out: Path | str, options: ReportOptions | None = None, progress: Callable[[int, int], None] | None = None) -> ReportSummary:
+    """Write the report of ``run`` into ``out`` (see the module doc) and register it in RUN/reports.json.
+
+    ``progress(done, total)`` follows the thumbnails. Raises ConfigError (naming RUN) when ``run``
+    is not a run directory; unreadable images are per-card errors.
+    """
     from dataprep.report.cards import collect
     from dataprep.report.thumbs import make_thumbs
     from dataprep.rules import RULES
@@ -127,8 +131,9 @@ def build_report(run: Path | str, out: Path | str, options: ReportOptions | None
         name = f"data/chunk-{k:04d}.js"
         _write_atomic(out / name, f"window.__chunk({k},{_js_json(data.cards[i:i + opts.chunk_size])});\n")
         chunks.append({"file": name, "start": i, "n": len(data.cards[i:i + opts.chunk_size])})
+    current = {Path(c["file"]).name for c in chunks}
     for old in (out / "data").glob("chunk-*.js"):
-        if old.name not in {Path(c["file"]).name for c in chunks}:
+        if old.name not in current:
             old.unlink()
 
     generated = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -58,7 +58,6 @@ class ReportData:
     cards: list[dict[str, Any]]
     provenance: list[dict[str, Any]]
     summary: dict[str, Any]
-    facets: dict[str, list[str]] = field(default_factory=dict)
 
 
 def span_range(text: str | None, span: str | None) -> list[int] | None:
@@ -228,13 +227,15 @@ def collect(run: Path | str, limit: int | None = None) -> ReportData:
         if edit_count[iid] > 1:
             c["more"] = edit_count[iid] - 1
 
-    # judge: the newest verdict per image
+    # judge: the newest verdict per image (a newer error row does not hide a verdict)
     judge_rows, jid = _optional_rows(run / JUDGE_DIR)
     verdict_col = _first(judge_rows[0].keys(), VERDICT_COLUMNS) if judge_rows else None
     for row in judge_rows:
         iid = row.get(jid)
         iid = iid if iid in cards else by_key.get(iid)
         if iid is None:
+            continue
+        if row.get("error") is not None and "judge" in cards[iid] and "error" not in cards[iid]["judge"]:
             continue
         shown = {k: _jsonable(v) for k, v in row.items() if k not in _HIDDEN and k != jid and v is not None}
         if verdict_col:
