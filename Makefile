@@ -18,7 +18,7 @@ SAMPLES = $(DEMO)/models/div2k
 # offline, and quiet about the tiny models' random-token prompts being truncated
 OFFLINE = HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error DIFFUSERS_VERBOSITY=error HF_HUB_DISABLE_PROGRESS_BARS=1
 
-.PHONY: demo test install clean-demo
+.PHONY: demo test install clean-demo browser
 
 install: $(VENV)/.installed
 
@@ -44,6 +44,7 @@ demo: install
 	$(SR) import-tokens $(DEMO)/models/official-tokens/sd3 $(DEMO)/tokens-official-sd3 --backbone sd3
 	$(OFFLINE) $(SR) evaluate-edit --pairs $(SAMPLES)/prompts_editing.json --model $(DEMO)/models/sd3 --tokens $(DEMO)/train-sd3/tokens \
 	  --out $(DEMO)/eval-edit --steps 6 --n-max 4 --tgt-cfg 9,13 --size 32 --device cpu --tiny-metrics
+	$(DP) report $(DEMO)
 	$(DP) stats $(DEMO)
 
 test: install
@@ -51,3 +52,10 @@ test: install
 
 clean-demo:
 	rm -rf $(DEMO)
+
+# The report and grid tests drive Debian's chromium through playwright (which
+# never downloads a browser here: it is given /usr/bin/chromium). Needs root for apt.
+browser: install
+	command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
+	$(VENV)/bin/python -m pip install -q -e ".[browser]"
+

@@ -505,6 +505,35 @@ def stats_cmd(
         Console().print(stats.render(s))
 
 
+@app.command("report")
+def report_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory (OUT of the stages: captions/, edits/, optionally judge/ and dedup/).")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Report folder (default RUN_DIR/report): index.html, assets/, data/, thumbs/. Opens from disk, no server.")] = None,
+    page_size: Annotated[int, typer.Option("--page-size", help="Cards per page.")] = 48,
+    chunk_size: Annotated[int, typer.Option("--chunk-size", help="Cards per data file (data/chunk-NNNN.js); the page loads only the chunks it shows.")] = 500,
+    thumb_size: Annotated[int, typer.Option("--thumb-size", help="Longest side of the JPEG thumbnails, in pixels.")] = 256,
+    thumbs: Annotated[bool, typer.Option("--thumbs/--no-thumbs", help="Write thumbnails (existing ones are reused).")] = True,
+    workers: Annotated[int, typer.Option("--workers", help="Thumbnail processes (0 = this process).")] = 0,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N images (by id).")] = None,
+    title: Annotated[Optional[str], typer.Option("--title", help="Page title (default: the run folder's name).")] = None,
+) -> None:
+    """Write a static HTML report of a run: a card per image (thumbnail, caption, target with the changed spans
+    highlighted, verdict, violations, provenance), filters by rule / verdict / judge / duplicates, text search."""
+    from rich.console import Console
+
+    from dataprep.report import ReportOptions, build_report
+
+    try:
+        opts = ReportOptions(page_size=page_size, chunk_size=chunk_size, thumb_size=thumb_size, thumbs=thumbs, workers=workers, limit=limit, title=title)
+        bar, update = _progress("thumbnails")
+        with bar:
+            s = build_report(run_dir, out or run_dir / "report", opts, progress=update)
+    except ConfigError as exc:
+        raise fail(str(exc))
+    errs = f", {s.thumb_errors} without thumbnail" if s.thumb_errors else ""
+    Console().print(f"report: {s.cards} images in {s.chunks} data chunks, {s.thumbs} thumbnails{errs}\n  open {s.index.resolve().as_uri()}", highlight=False, soft_wrap=True)
+
+
 # ------------------------------------------------------------ pipeline (issue 4)
 
 pipeline_app = typer.Typer(help="Caption, then rewrite, in one command with one engine choice (OUT/captions then OUT/edits; the same resume rules as the two stage commands).", no_args_is_help=True)

@@ -116,7 +116,9 @@ def _exports(run: Path) -> list[dict[str, Any]]:
 def collect(run_dir: Path | str) -> dict[str, Any]:
     """Counts per stage of ``run_dir``; a stage that is absent maps to None."""
     run = Path(run_dir)
-    return {"run": str(run), "images": _images(run), "captions": _captions(run), "edits": _edits(run), "diversity": _diversity(run), "batches": _batches(run), "exports": _exports(run)}
+    from dataprep.report.views import find_views
+
+    return {"run": str(run), "images": _images(run), "captions": _captions(run), "edits": _edits(run), "diversity": _diversity(run), "batches": _batches(run), "exports": _exports(run), "views": find_views(run)}
 
 
 def _diversity(run: Path) -> dict[str, Any] | None:
@@ -171,4 +173,7 @@ def render(stats: dict[str, Any]) -> Any:
         section("exports", [(e["kind"], f"{e['pairs']} pairs -> {e['path']}{'' if e['exists'] else ' (missing)'}") for e in stats["exports"]])
     else:
         section("exports", [("", "none")])
+    views = [(kind, f"{v['path']}{'' if v['exists'] else ' (missing)'}") for kind, found in stats.get("views", {}).items() for v in found]
+    if views:  # written by dataprep report, softrepa evaluate-edit (grids), softrepa train (curves)
+        section("to look at", views)
     return table

@@ -126,6 +126,30 @@ def links_markdown(title: str, folders: dict[str, Path | str], extra: Iterable[s
     return "\n".join(lines) + "\n"
 
 
+def views_markdown(run: Path | str | None, extra: dict[str, Path | str] | None = None) -> str | None:
+    """Markdown with file:// links to what a person looks at: the HTML report, editing grids, training curves.
+
+    ``run``'s views are found by :func:`dataprep.report.views.find_views`;
+    ``extra`` (label -> file) adds files this flow just wrote. Files that do
+    not exist are left out; None when nothing is left.
+    """
+    from dataprep.report.views import find_views
+
+    items: dict[str, str] = {}
+    for label, path in (extra or {}).items():
+        if Path(path).exists():
+            items[str(Path(path).resolve())] = label
+    if run is not None and Path(run).is_dir():
+        for kind, found in find_views(run).items():
+            for v in found:
+                if v["exists"]:
+                    items.setdefault(v["path"], kind)
+    if not items:
+        return None
+    lines = ["## views", ""] + [f"- **{label}**: [{p}]({Path(p).as_uri()})" for p, label in items.items()]
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------ publishing (needs a Prefect run context)
 
 
@@ -180,3 +204,10 @@ class Progress:
 
         self.done += n
         update_progress_artifact(self.id, 100.0 * self.done / self.total, description=f"{self.stage}: {self.done}/{self.total} shards")
+
+
+def publish_views(key: str, run: Path | str | None, extra: dict[str, Path | str] | None = None) -> None:
+    """A markdown artifact linking the report, grids and curves (nothing when there are none)."""
+    md = views_markdown(run, extra)
+    if md:
+        publish_markdown(key, md, "report, editing grids and training curves: open them from disk")

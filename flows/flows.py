@@ -242,17 +242,21 @@ def prepare(
     shard_size: int = 256,
     train_options: dict[str, Any] | None = None,
     eval_options: dict[str, Any] | None = None,
+    make_report: bool = True,
+    report_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """caption -> rewrite -> batches; new shards are handed to training by event.
+    """caption -> rewrite -> batches -> the HTML report; new shards are handed to training by event.
 
     ``engine`` applies to both models (device, dtype, batch size, ...).
     ``train_options`` (TrainConfig fields, e.g. model, steps, out) and
     ``eval_options`` (EvalConfig fields; None: no evaluation) travel with the event.
+    ``make_report``: write OUT/report (``report_options``: ReportOptions fields).
     """
     cap = caption(data=data, out=out, dataset=dataset, source=source, split=split, ids=ids, limit=limit, model=caption_model, engine=engine, caption_options=caption_options, shard_size=shard_size)
     rew = rewrite(out=out, dataset=dataset, model=rewrite_model, engine=engine, rewrite_options=rewrite_options, shard_size=shard_size)
     bat = batches(out=out, dataset=dataset, preset=preset, batch_options=batch_options, train_options=train_options, eval_options=eval_options)
-    return {"caption": cap, "rewrite": rew, "batches": bat}
+    rep = report(out=out, dataset=dataset, report_options=report_options) if make_report else None
+    return {"caption": cap, "rewrite": rew, "batches": bat, "report": rep}
 
 
 def shard_folder(shards: list[str], root: Path) -> Path:
@@ -311,6 +315,7 @@ def train(
         f"soft-token training ({preset}) on {len(shards)} shards",
     )
     artifacts.publish_markdown(f"{dataset}-train-{preset}-tokens", f"## tokens ({preset})\n\n- tokens: [{result.tokens_dir}]({Path(result.tokens_dir).resolve().as_uri()})\n- log: [{result.log_path}]({Path(result.log_path).resolve().as_uri()})\n")
+    artifacts.publish_views(f"{dataset}-train-{preset}-views", base, {"training curves": Path(out) / "curves.png"})
     from prefect.events import emit_event
 
     evaluable = eval_options is not None and preset == "sd3"  # FlowEdit is defined on SD3 (issue 7)
@@ -338,4 +343,19 @@ def evaluate_edit(pairs: str, model: str = TRAIN_MODELS["sd3"], tokens: str | No
         result = evaluate_task(cfg)
     artifacts.publish_table("evaluate-edit-summary", result.table, "FlowEdit with/without soft tokens (rows: method x target CFG)")
     artifacts.publish_markdown("evaluate-edit-report", result.markdown or f"scores: {result.scores_path}", "evaluation summary")
+    artifacts.publish_views("evaluate-edit-views", pairs if Path(pairs).is_dir() else None, {"editing grids": Path(out) / "grids" / "index.html"})
     return result
+
+
+@flow(name="report", log_prints=True)
+def report(out: str = DEFAULT_OUT, dataset: str = "div2k", report_options: dict[str, Any] | None = None) -> str:
+    """The static HTML report of a run (dataprep.report) in OUT/report; returns its index.html path."""
+    from dataprep.report import ReportOptions, build_report
+
+    options = dict(report_options or {})
+    folder = options.pop("out", None) or str(Path(out) / "report")
+    opts = build(ReportOptions, options, "report")
+    result = build_report(out, folder, opts)
+    artifacts.publish_table(f"{dataset}-report", [{"metric": "images", "value": result.cards}, {"metric": "thumbnails", "value": result.thumbs}, {"metric": "without thumbnail", "value": result.thumb_errors}], "the run's HTML report")
+    artifacts.publish_views(f"{dataset}-views", out, {"report": result.index})
+    return str(result.index)

@@ -225,6 +225,8 @@ def evaluate_edit_cmd(
     typer.echo(res.markdown)
     console.print(f"pairs {res.n_pairs}; edited {res.n_edited}, reused {res.n_reused}, failed {res.n_failed} (pair x setting)", highlight=False, markup=False)
     console.print(f"scores: {res.scores_path}\nsummary: {res.summary_md} and {res.summary_csv}", highlight=False, markup=False)
+    if (res.out_dir / "grids" / "index.html").exists():
+        console.print(f"grids: {(res.out_dir / 'grids' / 'index.html').resolve().as_uri()} (and a PNG per pair beside it)", highlight=False, markup=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -541,6 +541,9 @@ def evaluate_edit(cfg: EvalConfig) -> EvalResult:
 
     manifest.finished_at = utcnow().isoformat()
     manifest_path = manifest.write(out)
+    from softrepa.grids import write_grids  # OUT/grids: one page + a PNG per pair (see softrepa.grids)
+
+    write_grids(out, rows, cfg.settings())
     return EvalResult(out, out / "scores.parquet", out / "summary.md", out / "summary.csv", table, unavailable,
                       len(pairs), n_edited, n_reused, n_failed, md, manifest_path)
 

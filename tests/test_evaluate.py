@@ -238,6 +238,9 @@ def test_cli_evaluate_edit_on_a_run_directory_prints_the_table(tiny, tmp_path):
     assert "| FlowEdit | 2 | 6 | 2 |" in res.output and "| FlowEdit + soft tokens | 2 | 6 | 2 |" in res.output
     assert "pip install" in res.output  # missing optional metrics are named
     assert (out / "summary.md").exists() and (out / "scores.parquet").exists()
+    # beside the tables: the grid page and one PNG per pair (softrepa.grids)
+    assert (out / "grids" / "index.html").exists() and len(list((out / "grids").glob("*.png"))) == 2
+    assert "grids: file://" in res.output
 
 
 def test_cli_bad_flag_value_exits_2_with_the_flag(tmp_path):

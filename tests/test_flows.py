@@ -240,6 +240,12 @@ def test_prepare_flow_then_rerun_recomputes_nothing(harness, tiny_models, sample
     assert shard_paths(run / "captions") and shard_paths(run / "edits") and shard_paths(run / "batches" / "sdxl")
     assert first["batches"]["event"] is not None
     assert first["batches"]["event"].payload["shards"] == [str(p) for p in first["batches"]["shards"]]
+    assert first["report"] == str(run / "report" / "index.html") and (run / "report" / "data" / "chunk-0000.js").exists()
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        views = [a for a in client.read_artifacts() if a.key == "div2k-views"]
+    assert views and (run / "report" / "index.html").resolve().as_uri() in views[-1].data  # the UI links the report
     before = _shard_state(run)
 
     second = prepare(**params)  # the store skips every key; no new shards, so no event
