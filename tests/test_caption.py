@@ -42,7 +42,9 @@ def test_samples_and_generated_images_all_caption(tmp_path, samples_dir, tiny_mo
     assert summary.done == len(refs) == 12 and summary.n_failed == 0
     assert {r["image_id"] for r in out} == {r.image_id for r in refs}
     by_id = {r["image_id"]: r for r in out}
-    assert by_id["div2k/0001"]["image_width"] == 1024
+    # DIV2K-sized frames keep their true size in the row (the model sees a padded square)
+    assert (by_id["div2k/0001"]["image_width"], by_id["div2k/0001"]["image_height"]) == (2040, 1356)
+    assert (by_id["div2k/0002"]["image_width"], by_id["div2k/0002"]["image_height"]) == (1356, 2040)
     assert by_id["gen/photo_exif.jpg"]["image_width"] == 20  # EXIF rotation applied before measuring
     for r in out:
         assert r["caption"] and r["error"] is None
