@@ -46,13 +46,15 @@ def test_two_torchrun_processes_match_one_process_with_two_rows_per_step_and_res
     pngs = [str(p) for p in write_pngs(tmp_path / "img", 8)]
     write_batch_shards(tmp_path / "b", "sd1.5", pngs, PROMPTS, n_rows=4, n_images=2, n_prompts=4, bad_uri_rows=(2,))
     model = str(tiny_pipelines()["sd1.5"])
+    # scale 1000 / temperature 1: the tiny UNet's error differences are ~1e-3, so at the paper's 4 / 0.07
+    # the contrastive logits underflow and only the denoising term would carry a gradient
     common = dict(preset="sd1.5", batches=str(tmp_path / "b"), model=model, lr=0.05, checkpoint_every=2, resolution="native",
-                  best_by="none", progress=False)
+                  best_by="none", progress=False, scale=1000.0, temperature=1.0)
     torch.set_num_threads(1)
     ref = train(TrainConfig(out=str(tmp_path / "ref"), steps=4, accumulate=2, **common))
 
     args = ["--preset", "sd1.5", "--batches", str(tmp_path / "b"), "--model", model, "--lr", "0.05", "--checkpoint-every", "2",
-            "--resolution", "native", "--best-by", "none", "--out", str(tmp_path / "dp")]
+            "--resolution", "native", "--best-by", "none", "--scale", "1000", "--temperature", "1", "--out", str(tmp_path / "dp")]
     out = _torchrun(args, tmp_path)
     assert out.stdout.count("trained 3 steps") == 1 and out.stdout.count("trained 4 steps") == 1  # only the first process reports
     dp = tmp_path / "dp"
@@ -64,6 +66,7 @@ def test_two_torchrun_processes_match_one_process_with_two_rows_per_step_and_res
     a, b = _steps(ref.log_path), _steps(dp / "train_log.jsonl")
     assert [(r["step"], r["batch_id"], r["t"]) for r in a] == [(r["step"], r["batch_id"], r["t"]) for r in b]
     assert any(len(r["batch_id"]) == 1 for r in a)  # the step whose other row was unreadable trained on one row
+    assert len({round(r["contrastive"], 6) for r in a}) > 1  # the contrastive term is live, not stuck at log(P)
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5)
     ta, tb = load_tokens(ref.tokens_dir), load_tokens(dp / "tokens")
     torch.testing.assert_close(tb.tokens, ta.tokens, rtol=1e-5, atol=1e-6)
