@@ -68,9 +68,10 @@ def train_cmd(
     seed: Annotated[int, typer.Option("--seed", help="Seed of token init, timesteps, noise and VAE samples.", rich_help_panel="Run")] = 0,
     shuffle: Annotated[bool, typer.Option("--shuffle/--no-shuffle", help="Visit the batch rows in a new seeded order every pass (as the official trainer reshuffles every epoch); --no-shuffle keeps shard order.", rich_help_panel="Run")] = True,
     accumulate: Annotated[int, typer.Option("--accumulate", help="Batch rows per process per optimizer step (gradients averaged). Under torchrun/accelerate launch a step trains processes x N rows.", rich_help_panel="Run")] = 1,
-    best_by: Annotated[str, typer.Option("--best-by", help="clip: at every checkpoint sample the held-out prompts with the tokens, CLIP-score them and keep the best tokens in OUT/best (as the official trainer); none: off.", rich_help_panel="Best checkpoint")] = "clip",
+    best_by: Annotated[str, typer.Option("--best-by", help="clip: every --eval-every steps sample the held-out prompts with the tokens, CLIP-score them and keep the best tokens in OUT/best (as the official trainer); none: off.", rich_help_panel="Best checkpoint")] = "clip",
     eval_prompts: Annotated[Optional[Path], typer.Option("--eval-prompts", help="Held-out prompts, one per line. Default: the captions of --eval-holdout images taken out of training.", rich_help_panel="Best checkpoint")] = None,
     eval_holdout: Annotated[int, typer.Option("--eval-holdout", help="Images held out of training whose captions are the evaluation prompts (official: 50 prompts).", rich_help_panel="Best checkpoint")] = 50,
+    eval_every: Annotated[int, typer.Option("--eval-every", help="Evaluate (and checkpoint) every N steps and at the end (official: every 2500 iterations).", rich_help_panel="Best checkpoint")] = 2500,
     eval_steps: Annotated[Optional[int], typer.Option("--eval-steps", help="Sampling steps per evaluation image (default: the official sampler's 28 sd3, 30 sdxl/sd1.5).", rich_help_panel="Best checkpoint")] = None,
     eval_guidance: Annotated[Optional[float], typer.Option("--eval-guidance", help="Guidance scale of the evaluation samples (default: 4 sd3, 7 sdxl/sd1.5).", rich_help_panel="Best checkpoint")] = None,
     eval_size: Annotated[Optional[int], typer.Option("--eval-size", help="Evaluation image size (default: the model's native size, as the official sampler).", rich_help_panel="Best checkpoint")] = None,
@@ -90,7 +91,7 @@ def train_cmd(
         n_layers=n_layers, apply=_split_apply(apply), t_dependent=t_dependent, denoise_weight=denoise_weight, scale=scale,
         temperature=temperature, min_t=min_t, max_t=max_t, resolution=resolution, precision=precision, device=device,
         gradient_checkpointing=gradient_checkpointing, seed=seed, shuffle=shuffle, accumulate=accumulate, best_by=best_by,
-        eval_prompts=None if eval_prompts is None else str(eval_prompts), eval_holdout=eval_holdout, eval_steps=eval_steps,
+        eval_prompts=None if eval_prompts is None else str(eval_prompts), eval_holdout=eval_holdout, eval_every=eval_every, eval_steps=eval_steps,
         eval_guidance=eval_guidance, eval_size=eval_size, eval_batch_size=eval_batch_size, eval_clip_model=eval_clip_model,
     )
     try:

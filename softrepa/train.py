@@ -66,6 +66,7 @@ BEST_BY = ("clip", "none")
 # Official trainer: --num_eval 50 validation captions, CLIP ViT-L/14 score.
 DEFAULT_EVAL_HOLDOUT = 50
 DEFAULT_EVAL_CLIP = "openai/clip-vit-large-patch14"
+DEFAULT_EVAL_EVERY = 2_500  # official --num_iter: validation every 2500 iterations
 
 
 def parse_resolution(value: int | str | None) -> int | str:
@@ -115,6 +116,7 @@ class TrainConfig:
     best_by: str = "clip"  # keep best/ tokens by held-out CLIP score at each checkpoint; "none" = off
     eval_prompts: str | None = None  # text file, one prompt per line; default: captions of held-out images
     eval_holdout: int = DEFAULT_EVAL_HOLDOUT  # images held out of training for their captions (when no file)
+    eval_every: int = DEFAULT_EVAL_EVERY  # evaluate (and checkpoint) every N steps and at the end
     eval_steps: int | None = None  # sampling steps (default: the official sampler's 28 sd3, 30 sdxl/sd1.5)
     eval_guidance: float | None = None  # CFG (default: 4 sd3, 7 sdxl/sd1.5)
     eval_size: int | None = None  # sampled image size (default: the model's native size, as the official sampler)
@@ -154,6 +156,8 @@ class TrainConfig:
                 raise ConfigError(f"eval-holdout must be >= 1, got {self.eval_holdout}", "--eval-holdout", "or pass --eval-prompts FILE, or --best-by none")
             if self.eval_prompts is not None and not Path(self.eval_prompts).is_file():
                 raise ConfigError(f"eval prompts file {self.eval_prompts} does not exist", "--eval-prompts", "one prompt per line")
+            if self.eval_every < 1:
+                raise ConfigError(f"eval-every must be >= 1, got {self.eval_every}", "--eval-every")
             if self.eval_steps is not None and self.eval_steps < 1:
                 raise ConfigError(f"eval-steps must be >= 1, got {self.eval_steps}", "--eval-steps")
             if self.eval_batch_size < 1:
@@ -530,7 +534,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = N
     contrastive, denoise, accuracy, lr, t -- ``batch_id`` and ``t`` are lists
     when a step trains several rows; one line per held-out evaluation:
     eval_step, clip, best), ``checkpoints/step-*/`` every
-    ``checkpoint_every`` steps and at the end, ``tokens/`` (final
+    ``checkpoint_every`` steps, at each evaluation and at the end, ``tokens/`` (final
     :func:`~softrepa.tokens.save_tokens` + ``trained_images.json``),
     ``best/`` (the tokens with the best held-out CLIP score, unless
     ``best_by="none"``) and ``train_curves.png`` (when matplotlib is
@@ -744,9 +748,10 @@ def _train(cfg: TrainConfig, group: Any, on_step: Callable[[dict[str, Any]], Non
                 on_step(rec)
             window = accs[-50:]
             progress.update(task, completed=step, stats=f"loss {last_loss:.4f}  acc {sum(window) / len(window):.2f}")
-            if step % cfg.checkpoint_every == 0 or step == total:
+            evaluate = evaluator is not None and (step % cfg.eval_every == 0 or step == total)
+            if step % cfg.checkpoint_every == 0 or step == total or evaluate:
                 record = trained.record() if group.main else None
-                if evaluator is not None:
+                if evaluate:
                     clip = evaluator()
                     is_best = best_clip is None or clip > best_clip
                     if is_best:

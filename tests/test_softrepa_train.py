@@ -253,7 +253,7 @@ def test_defaults_are_the_official_trainers(monkeypatch, tmp_path):
     from softrepa.cli import app
 
     cfg = TrainConfig("sd3", ".", "m", "o")
-    assert (cfg.resolution, cfg.model_resolution, cfg.shuffle, cfg.best_by, cfg.eval_holdout) == (512, 512, True, "clip", 50)
+    assert (cfg.resolution, cfg.model_resolution, cfg.shuffle, cfg.best_by, cfg.eval_holdout, cfg.eval_every) == (512, 512, True, "clip", 50, 2500)
     seen = []
 
     def fake_train(c):  # record the config the CLI built, validate it, stop before any model loads
@@ -327,7 +327,7 @@ def test_best_checkpoint_trained_images_and_curves(tmp_path):
             seen_png["steps"] = read_curves(tmp_path / "r" / "train_log.jsonl").step
 
     cfg = TrainConfig(preset="sd1.5", batches=str(tmp_path / "b"), model=str(tiny_pipelines()["sd1.5"]), out=str(tmp_path / "r"),
-                      steps=4, checkpoint_every=2, lr=0.05, progress=False, resolution="native", eval_holdout=2, eval_steps=2,
+                      steps=4, checkpoint_every=4, eval_every=2, lr=0.05, progress=False, resolution="native", eval_holdout=2, eval_steps=2,
                       eval_clip_model=str(clip), eval_batch_size=1)
     res = train(cfg, on_step=on_step)
     out = tmp_path / "r"
