@@ -654,7 +654,10 @@ def _train(cfg: TrainConfig, group: Any, on_step: Callable[[dict[str, Any]], Non
         nonlocal curves_note
         from softrepa.curves import write_curves
 
-        curves_note = write_curves(log_path, curves_png)[1]
+        try:
+            curves_note = write_curves(log_path, curves_png)[1]
+        except Exception as e:  # noqa: BLE001 - a picture must never stop a long training run
+            curves_note = f"could not draw the curves: {type(e).__name__}: {e}"
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

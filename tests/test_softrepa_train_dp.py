@@ -2,7 +2,7 @@
 
 Done-when (multi-process training): 2 processes x 1 row per step follow the
 trajectory of 1 process x 2 rows per step (``--accumulate 2``) -- same rows,
-same timesteps, losses and tokens equal within float32 tolerance (rtol 1e-5,
+same timesteps, losses, held-out CLIP scores and tokens equal within float32 tolerance (rtol 1e-5,
 atol 1e-6: the two runs differ only in where the forward passes ran and in
 gloo's summation) -- and a 2-process run killed after a step and resumed
 from its last checkpoint continues that same trajectory. Both 2-process
@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from softrepa.metrics import write_tiny_metric_models
 from softrepa.tokens import load_tokens
 from softrepa.train import TrainConfig, load_checkpoint, train
 from tests.softrepa_fixtures import PROMPTS, tiny_pipelines, write_batch_shards, write_pngs
@@ -44,17 +45,20 @@ def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed beside this python")
 def test_two_torchrun_processes_match_one_process_with_two_rows_per_step_and_resume(tmp_path):
     pngs = [str(p) for p in write_pngs(tmp_path / "img", 8)]
-    write_batch_shards(tmp_path / "b", "sd1.5", pngs, PROMPTS, n_rows=4, n_images=2, n_prompts=4, bad_uri_rows=(2,))
+    write_batch_shards(tmp_path / "b", "sd1.5", pngs, PROMPTS, n_rows=4, n_images=2, n_prompts=4, bad_uri_rows=(1,))
     model = str(tiny_pipelines()["sd1.5"])
+    clip = str(write_tiny_metric_models(tmp_path / "metrics")["clip"])
     # scale 1000 / temperature 1: the tiny UNet's error differences are ~1e-3, so at the paper's 4 / 0.07
     # the contrastive logits underflow and only the denoising term would carry a gradient
     common = dict(preset="sd1.5", batches=str(tmp_path / "b"), model=model, lr=0.05, checkpoint_every=2, resolution="native",
-                  best_by="none", progress=False, scale=1000.0, temperature=1.0)
+                  progress=False, scale=1000.0, temperature=1.0, eval_holdout=2, eval_every=2, eval_steps=2, eval_batch_size=1,
+                  eval_clip_model=clip)
     torch.set_num_threads(1)
     ref = train(TrainConfig(out=str(tmp_path / "ref"), steps=4, accumulate=2, **common))
 
     args = ["--preset", "sd1.5", "--batches", str(tmp_path / "b"), "--model", model, "--lr", "0.05", "--checkpoint-every", "2",
-            "--resolution", "native", "--best-by", "none", "--scale", "1000", "--temperature", "1", "--out", str(tmp_path / "dp")]
+            "--resolution", "native", "--scale", "1000", "--temperature", "1", "--eval-holdout", "2", "--eval-every", "2",
+            "--eval-steps", "2", "--eval-batch-size", "1", "--eval-clip-model", clip, "--out", str(tmp_path / "dp")]
     out = _torchrun(args, tmp_path)
     assert out.stdout.count("trained 3 steps") == 1 and out.stdout.count("trained 4 steps") == 1  # only the first process reports
     dp = tmp_path / "dp"
@@ -73,5 +77,12 @@ def test_two_torchrun_processes_match_one_process_with_two_rows_per_step_and_res
     torch.testing.assert_close(tb.t_embedding.weight, ta.t_embedding.weight, rtol=1e-5, atol=1e-6)
     assert not torch.equal(ta.tokens, load_tokens(dp / "checkpoints" / "step-0000002").tokens)  # it did move after the resume
     assert json.loads((dp / "tokens" / "trained_images.json").read_text()) == json.loads((ref.tokens_dir / "trained_images.json").read_text())
+    # held-out CLIP: each process samples its share of the prompts; the reduced mean is the 1-process one,
+    # and the resumed run restored the best score so far (same "best" flags)
+    ea = [json.loads(line) for line in ref.log_path.read_text().splitlines() if "eval_step" in line]
+    eb = [json.loads(line) for line in (dp / "train_log.jsonl").read_text().splitlines() if "eval_step" in line]
+    assert [(e["eval_step"], e["best"]) for e in eb] == [(e["eval_step"], e["best"]) for e in ea] and len(ea) == 2
+    assert [e["clip"] for e in eb] == pytest.approx([e["clip"] for e in ea], rel=1e-5)
+    torch.testing.assert_close(load_tokens(dp / "best").tokens, load_tokens(ref.tokens_dir.parent / "best").tokens, rtol=1e-5, atol=1e-6)
     skipped = [json.loads(line) for line in (dp / "train_log.jsonl").read_text().splitlines() if "skipped" in line]
-    assert skipped and all(s["skipped"] == "b002" for s in skipped)  # one writer: each skip logged once per visit
+    assert skipped and all(s["skipped"] == "b001" for s in skipped)  # one writer: each skip logged once per visit
