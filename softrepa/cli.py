@@ -66,14 +66,28 @@ def train_cmd(
     temperature: Annotated[float, typer.Option("--temperature", help="Temperature in scale * exp(-E / temperature).", rich_help_panel="Loss")] = 0.07,
     min_t: Annotated[int, typer.Option("--min-t", help="Smallest training timestep (0..999).", rich_help_panel="Loss")] = 0,
     max_t: Annotated[int, typer.Option("--max-t", help="Timesteps are drawn from [min-t, max-t).", rich_help_panel="Loss")] = 1000,
-    resolution: Annotated[Optional[int], typer.Option("--resolution", help="Training image size (shortest side resized, center crop). Default: the model's native size (1024 sd3/sdxl, 512 sd1.5); the official training script uses 512 for all three.", rich_help_panel="Run")] = None,
+    resolution: Annotated[str, typer.Option("--resolution", help="Training image size in pixels (shortest side resized, center crop), as the official training script (512 for all three backbones); 'native' = the model's own size (1024 sd3/sdxl, 512 sd1.5).", rich_help_panel="Run")] = "512",
     precision: Annotated[str, typer.Option("--precision", help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16, fp16.", rich_help_panel="Run")] = "auto",
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.", rich_help_panel="Run")] = "auto",
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute the frozen denoiser's blocks during backward: much less activation memory (SD3 at 1024 px with a 4 x 4 grid), slower steps.", rich_help_panel="Run")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of token init, timesteps, noise and VAE samples.", rich_help_panel="Run")] = 0,
+    shuffle: Annotated[bool, typer.Option("--shuffle/--no-shuffle", help="Visit the batch rows in a new seeded order every pass (as the official trainer reshuffles every epoch); --no-shuffle keeps shard order.", rich_help_panel="Run")] = True,
+    accumulate: Annotated[int, typer.Option("--accumulate", help="Batch rows per process per optimizer step (gradients averaged). Under torchrun/accelerate launch a step trains processes x N rows.", rich_help_panel="Run")] = 1,
+    best_by: Annotated[str, typer.Option("--best-by", help="clip: every --eval-every steps sample the held-out prompts with the tokens, CLIP-score them and keep the best tokens in OUT/best (as the official trainer); none: off.", rich_help_panel="Best checkpoint")] = "clip",
+    eval_prompts: Annotated[Optional[Path], typer.Option("--eval-prompts", help="Held-out prompts, one per line. Default: the captions of --eval-holdout images taken out of training.", rich_help_panel="Best checkpoint")] = None,
+    eval_holdout: Annotated[int, typer.Option("--eval-holdout", help="Images held out of training whose captions are the evaluation prompts (official: 50 prompts).", rich_help_panel="Best checkpoint")] = 50,
+    eval_every: Annotated[int, typer.Option("--eval-every", help="Evaluate (and checkpoint) every N steps and at the end (official: every 2500 iterations).", rich_help_panel="Best checkpoint")] = 2500,
+    eval_steps: Annotated[Optional[int], typer.Option("--eval-steps", help="Sampling steps per evaluation image (default: the official sampler's 28 sd3, 30 sdxl/sd1.5).", rich_help_panel="Best checkpoint")] = None,
+    eval_guidance: Annotated[Optional[float], typer.Option("--eval-guidance", help="Guidance scale of the evaluation samples (default: 4 sd3, 7 sdxl/sd1.5).", rich_help_panel="Best checkpoint")] = None,
+    eval_size: Annotated[Optional[int], typer.Option("--eval-size", help="Evaluation image size (default: the model's native size, as the official sampler).", rich_help_panel="Best checkpoint")] = None,
+    eval_batch_size: Annotated[int, typer.Option("--eval-batch-size", help="Prompts sampled together.", rich_help_panel="Best checkpoint")] = 4,
+    eval_clip_model: Annotated[str, typer.Option("--eval-clip-model", help="CLIP that scores the evaluation samples (hub id or folder).", rich_help_panel="Best checkpoint")] = "openai/clip-vit-large-patch14",
 ) -> None:
-    """Train soft tokens on contrastive batch shards with the frozen diffusion model; write OUT/tokens."""
+    """Train soft tokens on contrastive batch shards with the frozen diffusion model; write OUT/tokens.
+
+    Data parallel: torchrun --nproc-per-node N -m softrepa.cli train ... (or accelerate launch -m softrepa.cli train ...)."""
     from rich.console import Console
+    from rich.markup import escape
 
     from softrepa.train import ConfigError, TrainConfig, train
 
@@ -82,12 +96,16 @@ def train_cmd(
         resume=resume, lr=lr, weight_decay=weight_decay, restart_every=restart_every, min_lr=min_lr, n_tokens=n_tokens,
         n_layers=n_layers, apply=_split_apply(apply), t_dependent=t_dependent, denoise_weight=denoise_weight, scale=scale,
         temperature=temperature, min_t=min_t, max_t=max_t, resolution=resolution, precision=precision, device=device,
-        gradient_checkpointing=gradient_checkpointing, seed=seed,
+        gradient_checkpointing=gradient_checkpointing, seed=seed, shuffle=shuffle, accumulate=accumulate, best_by=best_by,
+        eval_prompts=None if eval_prompts is None else str(eval_prompts), eval_holdout=eval_holdout, eval_every=eval_every, eval_steps=eval_steps,
+        eval_guidance=eval_guidance, eval_size=eval_size, eval_batch_size=eval_batch_size, eval_clip_model=eval_clip_model,
     )
     try:
         result = train(cfg)
     except ConfigError as exc:
         raise fail(str(exc))
+    if not result.main:  # data parallel: the first process reports
+        return
     console = Console()
     console.print(
         f"[bold]trained[/] {result.steps} steps in {result.seconds:.1f}s: final loss {result.final_loss:.4f}, "
@@ -95,6 +113,12 @@ def train_cmd(
     if result.skipped:
         console.print(f"skipped batch rows by reason: {result.skipped}", highlight=False, markup=False)
     console.print(f"tokens: {result.tokens_dir}\nlog: {result.log_path}", highlight=False, markup=False)
+    if result.best_dir is not None:
+        console.print(f"best held-out CLIP {result.best_clip:.4f} at step {result.best_step}: {result.best_dir}", highlight=False, markup=False)
+    if result.curves is not None:
+        console.print(f"curves: {result.curves}", highlight=False, markup=False)
+    elif result.curves_note:
+        console.print(f"[yellow]note:[/] no training curves: {escape(result.curves_note)}", highlight=False)
 
 
 # ------------------------------------------------------------ import-tokens (issue 6)

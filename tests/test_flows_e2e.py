@@ -137,7 +137,7 @@ def test_serve_schedule_trigger_and_event_driven_training(server, tmp_path, tiny
             "engine": {"device": "cpu", "batch_size": "2"},
             "caption_options": {"workers": 0, "max_new_tokens": 8}, "rewrite_options": {"max_new_tokens": 8, "max_attempts": 1},
             "preset": "sd3",
-            "train_options": {"model": str(sd3), "steps": 2, "device": "cpu", "checkpoint_every": 1},
+            "train_options": {"model": str(sd3), "steps": 2, "device": "cpu", "checkpoint_every": 1, "resolution": "native", "best_by": "none"},
             "eval_options": {"steps": 4, "size": 32, "n_max": 3, "tgt_cfgs": [5.0], "device": "cpu",
                              "metrics": {"metrics": ["clip", "lpips"], "clip_model": str(metric_models["clip"]), "lpips_model": str(metric_models["lpips"]), "device": "cpu", "batch_size": 2}},
         }

@@ -109,7 +109,8 @@ def _log_steps(path: Path) -> list[dict]:
 
 def test_resume_continues_the_same_trajectory(shards):
     root, model = shards["root"], str(tiny_pipelines()["sd1.5"])
-    common = dict(preset="sd1.5", batches=str(shards["sd1.5"]), model=model, checkpoint_every=2, lr=0.05, progress=False)
+    common = dict(preset="sd1.5", batches=str(shards["sd1.5"]), model=model, checkpoint_every=2, lr=0.05, progress=False,
+                  resolution="native", best_by="none")
     full = train(TrainConfig(out=str(root / "full"), steps=5, **common))
     train(TrainConfig(out=str(root / "part"), steps=3, **common))  # checkpoints at 2 and 3
     # as if killed after step 3's log line but before its checkpoint
@@ -135,7 +136,7 @@ def test_softrepa_train_cli_three_steps_writes_tokens(shards):
 
     out = shards["root"] / "run"
     args = ["train", "--preset", "sd3", "--batches", str(shards["sd3"]), "--model", str(tiny_pipelines()["sd3"]),
-            "--out", str(out), "--steps", "3", "--checkpoint-every", "2"]
+            "--out", str(out), "--steps", "3", "--checkpoint-every", "2", "--resolution", "native", "--best-by", "none"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     tokens = load_tokens(out / "tokens")
@@ -241,3 +242,158 @@ def test_a_folder_with_several_batch_runs_needs_batch_run(tmp_path):
     assert [r["batch_id"] for r in rows] == ["sd3-s1-bbbb-0", "sd3-s1-bbbb-1", "sd3-s1-bbbb-2"]
     with pytest.raises(ConfigError):
         read_batch_rows(tmp_path, "nope")
+
+
+# ---------------------------------------------------------------- paper defaults, reshuffle, best-by-CLIP, trained images, curves
+
+
+def test_defaults_are_the_official_trainers(monkeypatch, tmp_path):
+    """512 px for every backbone, reshuffled passes, best-by-CLIP on 50 held-out captions (official train.py)."""
+    from typer.testing import CliRunner
+
+    import softrepa.train as tr
+    from softrepa.cli import app
+
+    cfg = TrainConfig("sd3", ".", "m", "o")
+    assert (cfg.resolution, cfg.model_resolution, cfg.shuffle, cfg.best_by, cfg.eval_holdout, cfg.eval_every) == (512, 512, True, "clip", 50, 2500)
+    seen = []
+
+    def fake_train(c):  # record the config the CLI built, validate it, stop before any model loads
+        seen.append(c)
+        c.validate()
+        raise tr.ConfigError("stopped by the test", "--x")
+
+    monkeypatch.setattr(tr, "train", fake_train)
+    base = ["train", "--batches", str(tmp_path), "--model", "m", "--out", str(tmp_path / "o")]
+    for preset in ("sd3", "sdxl", "sd1.5"):
+        assert CliRunner().invoke(app, base + ["--preset", preset]).exit_code == 2
+    assert [c.model_resolution for c in seen] == [512, 512, 512]
+    assert all(c.shuffle and c.best_by == "clip" and c.eval_holdout == 50 and c.accumulate == 1 for c in seen)
+    CliRunner().invoke(app, base + ["--preset", "sd3", "--resolution", "native", "--no-shuffle", "--best-by", "none"])
+    assert (seen[-1].model_resolution, seen[-1].shuffle, seen[-1].best_by) == (None, False, "none")
+    res = CliRunner().invoke(app, base + ["--preset", "sd3", "--resolution", "huge"])
+    assert res.exit_code == 2 and "--resolution" in res.output
+    # the native size is the model's own: 32 px for the tiny pipelines, 512 when asked (the default)
+    parts = load_parts(str(tiny_pipelines()["sd1.5"]), "sd1.5", resolution=TrainConfig("sd1.5", ".", "m", "o").model_resolution)
+    assert parts.resolution == 512
+
+
+def test_batch_order_is_a_new_seeded_permutation_every_pass():
+    from softrepa.train import RowStream, batch_order
+
+    first, second = batch_order(20, 0, 0), batch_order(20, 0, 1)
+    assert sorted(first) == sorted(second) == list(range(20))
+    assert first != second  # reshuffled between passes
+    assert batch_order(20, 0, 1) == second  # deterministic by (seed, pass)
+    assert batch_order(20, 1, 0) != first  # another seed, another order
+    assert batch_order(20, 0, 3, shuffle=False) == list(range(20))
+    stream = RowStream(20, 0, True)
+    assert [stream[i] for i in range(40)] == first + second
+    # a fresh stream positioned mid-pass (a resume) continues the same permutation
+    assert [RowStream(20, 0, True)[i] for i in range(27, 33)] == (first + second)[27:33]
+
+
+def test_training_visits_every_row_once_per_pass_in_a_new_order(tmp_path):
+    from softrepa.train import batch_order
+
+    pngs = [str(p) for p in write_pngs(tmp_path / "img", 8)]
+    write_batch_shards(tmp_path / "b", "sd1.5", pngs, PROMPTS, n_rows=4, n_images=2, n_prompts=4)
+    kw = dict(preset="sd1.5", batches=str(tmp_path / "b"), model=str(tiny_pipelines()["sd1.5"]), steps=8, checkpoint_every=8,
+              progress=False, resolution="native", best_by="none", seed=3)
+    got = [r["batch_id"] for r in _log_steps(train(TrainConfig(out=str(tmp_path / "r"), **kw)).log_path)]
+    want = [f"b{i:03d}" for i in batch_order(4, 3, 0) + batch_order(4, 3, 1)]
+    assert got == want and got[:4] != got[4:] and sorted(got[:4]) == sorted(got[4:])
+    plain = train(TrainConfig(out=str(tmp_path / "p"), **{**kw, "shuffle": False, "steps": 4}))
+    assert [r["batch_id"] for r in _log_steps(plain.log_path)] == ["b000", "b001", "b002", "b003"]
+
+
+def test_best_checkpoint_trained_images_and_curves(tmp_path):
+    """Held-out captions are sampled and CLIP-scored at each checkpoint; best/ holds the best tokens;
+    every token folder records the images it was trained on; the curves PNG follows the log."""
+    import hashlib
+
+    from PIL import Image
+
+    from softrepa.curves import read_curves
+    from softrepa.metrics import write_tiny_metric_models
+
+    pngs = [str(p) for p in write_pngs(tmp_path / "img", 6)]
+    write_batch_shards(tmp_path / "b", "sd1.5", pngs, PROMPTS[:6], n_rows=6, n_images=2, n_prompts=4)
+    clip = write_tiny_metric_models(tmp_path / "metrics")["clip"]
+    seen_png: dict[str, object] = {}
+
+    def on_step(rec):
+        if rec["step"] == 3:  # after the checkpoint at step 2
+            png = tmp_path / "r" / "curves.png"
+            seen_png["bytes"], seen_png["size"] = png.read_bytes(), Image.open(png).size
+            seen_png["steps"] = read_curves(tmp_path / "r" / "train_log.jsonl").step
+
+    cfg = TrainConfig(preset="sd1.5", batches=str(tmp_path / "b"), model=str(tiny_pipelines()["sd1.5"]), out=str(tmp_path / "r"),
+                      steps=4, checkpoint_every=4, eval_every=2, lr=0.05, progress=False, resolution="native", eval_holdout=2, eval_steps=2,
+                      eval_clip_model=str(clip), eval_batch_size=1)
+    res = train(cfg, on_step=on_step)
+    out = tmp_path / "r"
+    conf = json.loads((out / "train_config.json").read_text())
+    held = conf["heldout"]["image_ids"]
+    assert len(held) == 2 and conf["eval_prompt_count"] == 2 and conf["resolution_used"] == 32
+    # held-out captions are the held-out images' own (prompt k is image k's caption in these shards)
+    assert conf["heldout"]["prompts"] == [PROMPTS[int(i.split("/")[1])] for i in held]
+    evals = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines() if "eval_step" in line]
+    assert [e["eval_step"] for e in evals] == [2, 4] and all(isinstance(e["clip"], float) for e in evals)
+    best = max(evals, key=lambda e: e["clip"])
+    assert evals[0]["best"] and res.best_clip == best["clip"] and res.best_step == best["eval_step"]
+    best_tok = load_tokens(out / "best")
+    assert torch.equal(best_tok.tokens, load_tokens(out / "checkpoints" / f"step-{best['eval_step']:07d}").tokens)
+    assert json.loads((out / "best" / "tokens.json").read_text())["clip"] == best["clip"]
+    # trained images: the rows the steps trained on, minus the held-out images; sha256 of the file bytes
+    from softrepa.train import read_batch_rows
+
+    rows = {r["batch_id"]: r for r in read_batch_rows(tmp_path / "b")}
+    trained_ids = sorted({i for r in _log_steps(res.log_path) for i in rows[r["batch_id"]]["image_ids"]} - set(held))
+    rec = json.loads((out / "tokens" / "trained_images.json").read_text())
+    assert rec["image_ids"] == trained_ids and not set(held) & set(rec["image_ids"])
+    uri = {i: u for r in rows.values() for i, u in zip(r["image_ids"], r["image_uris"])}
+    assert rec["sha256"] == [hashlib.sha256(Path(uri[i]).read_bytes()).hexdigest() for i in trained_ids]
+    assert (out / "best" / "trained_images.json").exists()
+    # curves: written at the checkpoint (2 steps), redrawn at the end (4 steps + the CLIP panel)
+    assert seen_png["steps"] == [1, 2]
+    png = Image.open(res.curves)
+    png.load()
+    assert png.size == seen_png["size"] and res.curves.read_bytes() != seen_png["bytes"]
+    assert read_curves(res.log_path).step == [1, 2, 3, 4] and read_curves(res.log_path).eval_step == [2, 4]
+
+
+def test_best_by_clip_configuration_errors(shards, tmp_path):
+    model = str(tiny_pipelines()["sd1.5"])
+    kw = dict(preset="sd1.5", batches=str(shards["sd1.5"]), model=model, resolution="native", progress=False)
+    with pytest.raises(ConfigError, match="--eval-holdout"):  # 50 of a handful of images
+        train(TrainConfig(out=str(tmp_path / "a"), **kw))
+    with pytest.raises(ConfigError, match="--eval-prompts"):
+        train(TrainConfig(out=str(tmp_path / "b"), eval_prompts=str(tmp_path / "none.txt"), **kw))
+    (tmp_path / "p.txt").write_text("a red cat\n\n a tall tree \n")
+    with pytest.raises(ConfigError, match="--eval-clip-model"):
+        train(TrainConfig(out=str(tmp_path / "c"), eval_prompts=str(tmp_path / "p.txt"), eval_clip_model=str(tmp_path / "noclip"), **kw))
+    with pytest.raises(ConfigError, match="--best-by"):
+        train(TrainConfig(out=str(tmp_path / "d"), best_by="lpips", **kw))
+    from softrepa.heldout import read_prompt_file
+
+    assert read_prompt_file(tmp_path / "p.txt") == ["a red cat", "a tall tree"]
+
+
+def test_curves_png_reflects_the_log_and_skips_without_matplotlib(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from softrepa.curves import write_curves
+
+    log = tmp_path / "train_log.jsonl"
+    recs = [{"step": i, "batch_id": "b", "loss": 1.0 / i, "accuracy": 0.5, "lr": 1e-3, "t": 3} for i in range(1, 121)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"skipped": "b", "reason": "x"}\n{"step": 121, "lo')
+    curves, note = write_curves(log, tmp_path / "a.png")
+    assert note is None and curves.step == list(range(1, 121))  # the cut last line is ignored
+    three = Image.open(tmp_path / "a.png").size
+    log.write_text(log.read_text().rsplit("\n", 1)[0] + '\n{"eval_step": 60, "clip": 0.2, "best": true}\n')
+    curves, note = write_curves(log, tmp_path / "b.png")
+    assert curves.eval_step == [60] and Image.open(tmp_path / "b.png").size[1] > three[1]  # a fourth panel
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
+    curves, note = write_curves(log, tmp_path / "c.png")
+    assert "pip install matplotlib" in note and not (tmp_path / "c.png").exists()
