@@ -43,7 +43,8 @@ demo: install
 	# tiny random Llama output never passes the checker: --include-failed only so the demo exports something
 	$(DP) export softrepa $(DEMO)/exports/softrepa --run $(DEMO) --include-failed
 	$(DP) export piebench $(DEMO)/exports/piebench --run $(DEMO) --include-failed
-	$(OFFLINE) $(SR) train --preset sd3 --batches $(DEMO)/batches --model $(DEMO)/models/sd3 --out $(DEMO)/train-sd3 --steps 3 --checkpoint-every 2
+	$(OFFLINE) $(SR) train --preset sd3 --batches $(DEMO)/batches --model $(DEMO)/models/sd3 --out $(DEMO)/train-sd3 --steps 3 --checkpoint-every 2 \
+	  --resolution native --best-by none  # tiny SD3 is 32 px; 14 images are too few to hold 50 out for the CLIP pick
 	$(SR) import-tokens $(DEMO)/models/official-tokens/sd3 $(DEMO)/tokens-official-sd3 --backbone sd3
 	$(OFFLINE) $(SR) evaluate-edit --pairs $(SAMPLES)/prompts_editing.json --model $(DEMO)/models/sd3 --tokens $(DEMO)/train-sd3/tokens \
 	  --out $(DEMO)/eval-edit --steps 6 --n-max 4 --tgt-cfg 9,13 --size 32 --device cpu --tiny-metrics
