@@ -92,6 +92,39 @@ def rule_rows(edits_dir: Path | str) -> list[dict[str, Any]]:
     return rows
 
 
+def judge_agreement_rows(judge_dir: Path | str) -> list[dict[str, Any]]:
+    """Checker x judge as table rows: one row per checker verdict, judge good/bad counts and the share good."""
+    from dataprep.judge import agreement
+
+    a = agreement(judge_dir)
+    if a is None:
+        return []
+    rows = []
+    for checker in ("passed", "failed"):
+        good, bad = a["table"][checker]["good"], a["table"][checker]["bad"]
+        if good + bad:
+            rows.append({"checker": checker, "judge_good": good, "judge_bad": bad, "share_good": round(good / (good + bad), 4)})
+    rows.append({"checker": "agreement", "judge_good": a["table"]["passed"]["good"], "judge_bad": a["table"]["failed"]["bad"], "share_good": None if a["agreement"] is None else round(a["agreement"], 4)})
+    return rows
+
+
+def dedup_rows(dedup_dir: Path | str) -> list[dict[str, Any]]:
+    """The last dedup run's counts as (metric, value) rows."""
+    from dataprep.store import read_manifest
+
+    m = read_manifest(dedup_dir)
+    if m is None:
+        return []
+    return [{"metric": k, "value": v} for k, v in m.get("counts", {}).items()] + [{"metric": f"image error: {k}", "value": v} for k, v in m.get("failures", {}).items()]
+
+
+def publish_quality(dataset: str, run_dir: Path | str) -> None:
+    """Judge agreement and dedup counts of a run, when those stages ran."""
+    run = Path(run_dir)
+    publish_table(f"{dataset}-judge-agreement", judge_agreement_rows(run / "judge"), "rule checker x LLM judge: judge verdicts per checker verdict, and the share where they agree")
+    publish_table(f"{dataset}-dedup-counts", dedup_rows(run / "dedup"), "duplicate clusters: exact/near images, near-duplicate captions, what --dedup keep-one removes")
+
+
 def links_markdown(title: str, folders: dict[str, Path | str], extra: Iterable[str] = ()) -> str:
     """Markdown with file:// links to output folders and their shard counts."""
     lines = [f"## {title}", ""]
