@@ -359,3 +359,15 @@ def test_cli_bad_configuration_exits_2_before_any_model(tmp_path):
     write_run(tmp_path)
     r = CliRunner().invoke(app, ["judge", "--out", str(tmp_path), "--model", "x", "--max-attempts", "0"])
     assert r.exit_code == 2 and "--max-attempts" in r.output
+
+
+def test_tiny_llama_through_the_transformers_engine_retries_then_records_errors(tmp_path, tiny_models):
+    """The real model path: chat template with the retry's assistant turn, no schema support, error rows."""
+    write_run(tmp_path)
+    items_, _ = inputs_from_edits(tmp_path / "edits")
+    cfg = EngineConfig(model=str(tiny_models / "llama"), device="cpu", batch_size="4")
+    s = run_judge(items_[:2], tmp_path, cfg, JudgeOptions(max_attempts=2, max_new_tokens=16), progress=False)
+    # a random model never writes a judgement: each pair was asked twice, then kept as an error row
+    assert s.done == 0 and dict(s.failed) == {"unparsable_judgement": 2}
+    rows = read_table(tmp_path / "judge", JUDGE_SCHEMA).to_pylist()
+    assert [r["attempts"] for r in rows] == [2, 2] and all(r["engine"] == "transformers" and r["verdict"] is None for r in rows)
