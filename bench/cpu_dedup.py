@@ -3,10 +3,10 @@
     python bench/cpu_dedup.py                                   # 100k captions, 10k images
     python bench/cpu_dedup.py --captions 20000 --images 2000 --workers 2
 
-Captions: synthetic LLaVA-length texts (~300 characters), one in 20 a
-near-copy of another (a word changed). Images: small generated pictures
-(64x64 PNG by default), one in 10 a resized, JPEG-recompressed or shifted copy
-of another. Each phase runs in a fresh child process so its figures are its
+Captions: synthetic LLaVA-length texts (~70 words), one in 20 a near-copy
+of another (one word changed). Images: small generated pictures (64x64 PNG
+by default), one in 10 a resized, JPEG-recompressed or 1-px-shifted copy of
+another. Each phase runs in a fresh child process so its figures are its
 own: rows/s, clusters found, and the peak RSS of the process (VmHWM) next to
 its RSS before the phase, so ``added_mib`` is what the phase holds. Images
 are hashed by ``--workers`` processes whose own RSS is reported apart
@@ -39,7 +39,9 @@ def caption(i: int) -> str:
     return (
         f"The image features a {COLOURS[i % 10]} {OBJECTS[(i // 10) % 15]} number {i} near the {PLACES[(i // 150) % 10]},"
         f" photographed at {i % 24} o'clock from {i % 7 + 2} metres away. The background shows item {i * 7 % 1000}"
-        f" beside a {OBJECTS[(i // 3) % 15]}, and the light is soft and even."
+        f" beside a {OBJECTS[(i // 3) % 15]} and a {COLOURS[(i // 7) % 10]} {OBJECTS[(i // 70) % 15]} with tag {i * 13 % 997},"
+        f" while a {OBJECTS[(i // 5) % 15]} rests on the left next to marker {i * 31 % 1009}. The light is soft and even,"
+        f" the colours are muted, and the scene, catalogued as entry {i * 17 % 9973}, looks calm and natural overall."
     )
 
 
@@ -98,7 +100,7 @@ def write_images(folder: Path, n: int, side: int) -> list[str]:
                 img, fmt = src, "JPEG"
             else:
                 a = np.asarray(src)
-                img, fmt = Image.fromarray(np.pad(a, ((1, 0), (2, 0), (0, 0)), mode="edge")[:side, :side]), "PNG"
+                img, fmt = Image.fromarray(np.pad(a, ((0, 0), (1, 0), (0, 0)), mode="edge")[:side, :side]), "PNG"  # 1 px of 64
         else:
             img = Image.fromarray(rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)).resize((side, side), Image.Resampling.BICUBIC)
             fmt = "PNG"

@@ -27,6 +27,10 @@ Rules every batch obeys (tests check each):
 - no prompt text twice in a batch; no negative equals any caption text of an
   image in the batch (for COCO: captions of the same image are never its
   negatives); failed or error edits are never used;
+- no two images of one duplicate group (``dataprep dedup`` records, see
+  :mod:`dataprep.clusters`) meet in a batch, as batch images or as owners of
+  negatives; ``--dedup keep-one`` keeps one image per group instead, and
+  ``--require-judge`` keeps only judged-good edits (:mod:`dataprep.judge`);
 - the same index, options and seed give the same rows, so the shards are
   byte-identical (names derive from a hash of the config and the inputs).
 
