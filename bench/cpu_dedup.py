@@ -9,8 +9,9 @@ by default), one in 10 a resized, JPEG-recompressed or 1-px-shifted copy of
 another. Each phase runs in a fresh child process so its figures are its
 own: rows/s, clusters found, and the peak RSS of the process (VmHWM) next to
 its RSS before the phase, so ``added_mib`` is what the phase holds. Images
-are hashed by ``--workers`` processes whose own RSS is reported apart
-(``worker_peak_rss_mib``: each holds one chunk of images). Prints one JSON
+and captions are hashed by ``--workers`` processes whose own peak RSS is
+reported apart (``worker_peak_rss_mib``, the largest worker: each holds one
+chunk of images or texts). Prints one JSON
 line per phase. Never part of CI.
 """
 
@@ -52,7 +53,7 @@ def rss_mib(field: str = "VmRSS") -> float:
     return float("nan")
 
 
-def captions_child(n: int) -> dict:
+def captions_child(n: int, workers: int) -> dict:
     from dataprep.dedup import DedupOptions, caption_clusters, caption_signatures, lsh_params
 
     texts = [caption(i) for i in range(n)]
@@ -60,7 +61,7 @@ def captions_child(n: int) -> dict:
         if i + 1 < n:
             texts[i + 1] = texts[i].replace("soft", "gentle")
     ids = [f"synth/{i:07d}" for i in range(n)]
-    opts = DedupOptions()
+    opts = DedupOptions(workers=workers)
     before = rss_mib()
     t0 = time.perf_counter()
     sigs = caption_signatures(texts, opts)
@@ -71,6 +72,7 @@ def captions_child(n: int) -> dict:
     return {
         "phase": "captions",
         "rows": n,
+        "workers": workers,
         "rows_per_s": round(n / (t2 - t0), 1),
         "minhash_rows_per_s": round(n / (t1 - t0), 1),
         "lsh_seconds": round(t2 - t1, 2),
@@ -81,6 +83,7 @@ def captions_child(n: int) -> dict:
         "rss_before_mib": round(before, 1),
         "peak_rss_mib": round(rss_mib("VmHWM"), 1),
         "added_mib": round(rss_mib("VmHWM") - before, 1),
+        "worker_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
     }
 
 
@@ -155,7 +158,7 @@ def main() -> None:
     ap.add_argument("--child", choices=["captions", "images"])
     a = ap.parse_args()
     if a.child == "captions":
-        print(json.dumps(captions_child(a.captions)))
+        print(json.dumps(captions_child(a.captions, a.workers)))
         return
     if a.child == "images":
         print(json.dumps(images_child(a.images, a.side, a.workers)))

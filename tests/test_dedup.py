@@ -9,7 +9,6 @@ import datetime as dt
 import hashlib
 import io
 import json
-import random
 import shutil
 from pathlib import Path
 
