@@ -173,6 +173,34 @@ def test_caption_minhash_clusters_near_copies_only():
     assert got == [["a", "b", "c"], ["e", "f"]]
 
 
+def test_captions_sharing_boilerplate_keep_their_near_copies():
+    """LLaVA captions share whole clauses; a one-word copy (Jaccard ~0.91) must still be found.
+
+    datasketch's default 1:1 band choice (b=8, r=16 at 0.85) found fewer than
+    half of these pairs.
+    """
+    rng = np.random.default_rng(1)
+    words = "dog cat boat house tree car bird lamp chair horse bicycle mountain river bridge tower".split()
+
+    def text(i: int) -> str:
+        a, b, c = (words[k] for k in rng.integers(0, len(words), 3))
+        return (
+            f"The image features a {a} number {i} near a {b}, photographed from {i % 7 + 2} metres away. The background shows"
+            f" item {i * 7 % 1000} beside a {c} with tag {i * 13 % 997}. The light is soft and even, the colours are muted,"
+            f" and the scene, catalogued as entry {i * 17 % 9973}, looks calm and natural overall. A {b} rests on the left"
+            f" next to marker {i * 31 % 1009}, and a {a} stands in the far corner behind a low wall."
+        )
+
+    texts = [text(i) for i in range(400)]
+    for i in range(0, 400, 10):
+        texts[i + 1] = texts[i].replace("soft", "gentle")
+    opts = DedupOptions(workers=0)
+    sigs = caption_signatures(texts, opts)
+    bands, rows = lsh_params(opts.caption_threshold, opts.num_perm)
+    got = sorted(tuple(c.members) for c in caption_clusters([f"{i:03d}" for i in range(400)], sigs, opts.caption_threshold, bands, rows))
+    assert got == [(i, i + 1) for i in range(0, 400, 10)]
+
+
 # ------------------------------------------------------------ the stage
 
 
