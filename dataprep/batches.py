@@ -712,5 +712,6 @@ def build_coco_batches(coco_captions: Path | str, coco_images: Path | str, out_d
     if edits_dir is not None:
         attach_edits(index, edits_dir)
     inputs = {"coco_captions": str(coco_captions), "coco_images": str(coco_images), "edits": None if edits_dir is None else str(edits_dir)}
-    index = apply_quality(index, opts, inputs, judge_dir if judge_dir is not None or edits_dir is None else Path(edits_dir).parent / "judge", dedup_dir)
+    # `dataprep dedup RUN --coco-captions ...` writes RUN/dedup: beside OUT/batches
+    index = apply_quality(index, opts, inputs, judge_dir if judge_dir is not None or edits_dir is None else Path(edits_dir).parent / "judge", dedup_dir if dedup_dir is not None else Path(out_dir).parent / "dedup")
     return write_batches(index, out_dir, opts, progress, inputs)

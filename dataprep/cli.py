@@ -345,7 +345,7 @@ def batches_cmd(
     require_judge: Annotated[bool, typer.Option("--require-judge", help="Use only edits the judge graded good as hard negatives (run `dataprep judge` first).", rich_help_panel="Quality")] = False,
     judge: Annotated[Optional[Path], typer.Option("--judge", help="Judge store for --require-judge (default: judge/ beside --edits).", rich_help_panel="Quality")] = None,
     dedup: Annotated[str, typer.Option("--dedup", help="Duplicate clusters of `dataprep dedup`: separate (never two members of a cluster in one batch; default, when records exist), keep-one (one image per cluster), off.", rich_help_panel="Quality")] = "separate",
-    dedup_dir: Annotated[Optional[Path], typer.Option("--dedup-dir", help="Dedup records (default: dedup/ beside --captions).", rich_help_panel="Quality")] = None,
+    dedup_dir: Annotated[Optional[Path], typer.Option("--dedup-dir", help="Dedup records (default: dedup/ beside --captions; with --coco-captions, beside --out).", rich_help_panel="Quality")] = None,
 ) -> None:
     """Build contrastive image x prompt batches (positives, hard negatives from passing edits, negatives) as Parquet shards."""
     from rich.console import Console
@@ -509,6 +509,8 @@ def judge_cmd(
 def dedup_cmd(
     run_dir: Annotated[Path, typer.Argument(help="Run directory: reads RUN/captions (images and captions), writes RUN/dedup/.")],
     captions: Annotated[Optional[Path], typer.Option("--captions", help="Caption store (default: RUN/captions).")] = None,
+    coco_captions: Annotated[Optional[Path], typer.Option("--coco-captions", help="COCO captions_train2017.json instead of a caption store (every caption of an image is an item).")] = None,
+    coco_images: Annotated[Optional[Path], typer.Option("--coco-images", help="COCO image folder (train2017/) for --coco-captions.")] = None,
     images: Annotated[bool, typer.Option("--images/--no-images", help="Cluster exact (sha256) and near-duplicate (perceptual hash) images.")] = True,
     caption_texts: Annotated[bool, typer.Option("--texts/--no-texts", help="Cluster near-duplicate caption texts (MinHash LSH).")] = True,
     image_distance: Annotated[int, typer.Option("--image-distance", help="Max Hamming distance (bits of a 64-bit phash) for two images to count as one.")] = 8,
@@ -527,7 +529,7 @@ def dedup_cmd(
     try:
         bar, update = _progress("dedup")
         with bar:
-            s = run_dedup(run_dir, opts, captions_dir=captions, progress=lambda what, done, total: update(done, total))
+            s = run_dedup(run_dir, opts, captions_dir=captions, coco_captions=coco_captions, coco_images=coco_images, progress=lambda what, done, total: update(done, total))
     except ConfigError as exc:
         raise fail(str(exc))
     t = Table(title=f"dedup: {s.run_id}", header_style="bold")

@@ -433,9 +433,15 @@ def caption_clusters(ids: list[str], sigs: np.ndarray, threshold: float, bands: 
     return [Cluster(CAPTION, g, min(g, key=lambda i: ids[i])) for g in uf.components()]
 
 
-def cluster_rows(c: Cluster, ids: list[str], run_id: str, *, hashes: np.ndarray | None = None, shas: list[str | None] | None = None, sigs: np.ndarray | None = None) -> list[dict[str, Any]]:
-    """DEDUP_SCHEMA rows of one cluster; distance and method relative to its representative."""
+def cluster_rows(c: Cluster, ids: list[str], run_id: str, *, hashes: np.ndarray | None = None, shas: list[str | None] | None = None, sigs: np.ndarray | None = None, names: list[str] | None = None) -> list[dict[str, Any]]:
+    """DEDUP_SCHEMA rows of one cluster; distance and method relative to its representative.
+
+    ``ids`` are the item ids (the image each item belongs to); ``names`` (default
+    ``ids``) name the representative in the cluster id: ``image_id#k`` for the
+    k-th of several captions of one image (COCO), so two caption clusters never share an id.
+    """
     rep = c.representative
+    names = names or ids
     now = utcnow()
     rows = []
     for m in c.members:
@@ -446,7 +452,7 @@ def cluster_rows(c: Cluster, ids: list[str], run_id: str, *, hashes: np.ndarray 
         else:
             method = MINHASH
             distance = 0.0 if m == rep else float(1.0 - (sigs[m] == sigs[rep]).mean())
-        rows.append({"kind": c.kind, "item_id": ids[m], "cluster_id": f"{c.kind}:{ids[rep]}", "representative": m == rep, "method": method, "distance": distance, "run_id": run_id, "created_at": now, "error": None})
+        rows.append({"kind": c.kind, "item_id": ids[m], "cluster_id": f"{c.kind}:{names[rep]}", "representative": m == rep, "method": method, "distance": distance, "run_id": run_id, "created_at": now, "error": None})
     return rows
 
 
@@ -484,25 +490,49 @@ class DedupSummary:
         }
 
 
-def run_dedup(run_dir: Path | str, opts: DedupOptions = DedupOptions(), *, captions_dir: Path | str | None = None, out_dir: Path | str | None = None, progress: Callable[[str, int, int], None] | None = None) -> DedupSummary:
-    """Cluster the images and captions of ``RUN/captions`` into ``RUN/dedup``.
+def run_dedup(
+    run_dir: Path | str,
+    opts: DedupOptions = DedupOptions(),
+    *,
+    captions_dir: Path | str | None = None,
+    coco_captions: Path | str | None = None,
+    coco_images: Path | str | None = None,
+    out_dir: Path | str | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> DedupSummary:
+    """Cluster the images and captions of ``RUN/captions`` (or a COCO captions file) into ``RUN/dedup``.
 
-    Items are the images with a usable caption (the newest good caption per
-    image, as the batch builder uses). ``progress(what, done, total)`` is
+    Items are the images with a usable caption and their captions, exactly
+    the index the batch builder uses (the newest good caption per image; for
+    COCO every caption of an image). ``progress(what, done, total)`` is
     called as images and captions are hashed.
     """
-    from dataprep.batches import load_caption_index
+    from dataprep.batches import load_caption_index, load_coco_index
 
     opts.validate()
     require_libraries(opts)
     t0, started = time.perf_counter(), utcnow().isoformat()
     run = Path(run_dir)
-    captions_dir = Path(captions_dir) if captions_dir is not None else run / "captions"
-    if not shard_paths(captions_dir):
-        raise ConfigError(f"no caption shards in {captions_dir}", "RUN", "pass the --out folder of a `dataprep caption` run (or --captions DIR)")
+    if coco_captions is not None:
+        if coco_images is None:
+            raise ConfigError("--coco-captions needs the image folder", "--coco-images", "pass the train2017/ folder")
+        index = load_coco_index(coco_captions, coco_images)
+        source = {"coco_captions": str(coco_captions), "coco_images": str(coco_images)}
+    else:
+        captions_dir = Path(captions_dir) if captions_dir is not None else run / "captions"
+        if not shard_paths(captions_dir):
+            raise ConfigError(f"no caption shards in {captions_dir}", "RUN", "pass the --out folder of a `dataprep caption` run (or --captions DIR, or --coco-captions FILE)")
+        index = load_caption_index(captions_dir)
+        source = {"captions": str(captions_dir)}
     out = Path(out_dir) if out_dir is not None else run / "dedup"
-    index = load_caption_index(captions_dir)
     ids = list(index.image_ids)
+    # one entry per caption: the image it belongs to, and a name unique per caption
+    cap_ids: list[str] = []
+    cap_names: list[str] = []
+    for i, image_id in enumerate(ids):
+        n = index.starts[i + 1] - index.starts[i]
+        cap_ids += [image_id] * n
+        cap_names += [image_id] if n == 1 else [f"{image_id}#{k}" for k in range(n)]
     run_id = new_run_id()
     summary = DedupSummary(out_dir=out, run_id=run_id)
     old = shard_paths(out)
@@ -535,12 +565,12 @@ def run_dedup(run_dir: Path | str, opts: DedupOptions = DedupOptions(), *, capti
                     writer.add(r)
             del hashes, shas, pixels, errors
         if opts.captions:
-            sigs = caption_signatures(index.texts, opts, progress=tick("captions", len(ids)))
-            summary.captions = len(ids)
+            sigs = caption_signatures(index.texts, opts, progress=tick("captions", len(cap_ids)))
+            summary.captions = len(cap_ids)
             bands, rows_per_band = lsh_params(opts.caption_threshold, opts.num_perm)
             summary.lsh = (bands, rows_per_band)
-            for c in caption_clusters(ids, sigs, opts.caption_threshold, bands, rows_per_band):
-                rows = cluster_rows(c, ids, run_id, sigs=sigs)
+            for c in caption_clusters(cap_names, sigs, opts.caption_threshold, bands, rows_per_band):
+                rows = cluster_rows(c, cap_ids, run_id, sigs=sigs, names=cap_names)
                 summary.caption_clusters += 1
                 summary.captions_in_clusters += len(rows)
                 for r in rows:
@@ -552,6 +582,6 @@ def run_dedup(run_dir: Path | str, opts: DedupOptions = DedupOptions(), *, capti
         if p not in summary.shards:
             p.unlink()
     summary.seconds = time.perf_counter() - t0
-    config = {"options": asdict(opts), "captions": str(captions_dir), "lsh_bands_rows": list(summary.lsh) if summary.lsh else None}
+    config = {"options": asdict(opts), **source, "lsh_bands_rows": list(summary.lsh) if summary.lsh else None}
     Manifest(stage="dedup", config=config, run_id=run_id, counts=summary.counts(), failures=dict(summary.image_errors), started_at=started, finished_at=utcnow().isoformat()).write(out)
     return summary

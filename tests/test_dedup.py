@@ -341,3 +341,36 @@ def test_cli_dedup_then_batches_and_stats(tmp_path):
     assert r.exit_code == 0 and "image clusters / images in them" in r.output and "2 / 10" in r.output
     r = CliRunner().invoke(app, ["dedup", str(run), "--image-distance", "99"])
     assert r.exit_code == 2 and "--image-distance" in r.output
+
+
+def test_coco_captions_are_items_of_their_image_and_batches_keep_the_groups_apart(tmp_path):
+    """COCO: five captions an image; a caption repeated across two images links them."""
+    from dataprep.batches import build_coco_batches
+
+    images_dir = tmp_path / "train2017"
+    images_dir.mkdir()
+    images, annotations = [], []
+    for i in range(16):
+        name = f"{i:012d}.jpg"
+        picture(100 + i, 96).save(images_dir / name, quality=90)
+        images.append({"id": i, "file_name": name})
+        for k in range(5):
+            annotations.append({"id": 10 * i + k, "image_id": i, "caption": f"Caption {k} of picture {i}: a {['dog', 'cat', 'cow', 'owl', 'fox'][k]} beside object {i * 5 + k}."})
+    # images 3 and 9 share (up to case) one caption: COCO is full of such pairs
+    annotations.append({"id": 999, "image_id": 3, "caption": "A man riding a wave on top of a surfboard."})
+    annotations.append({"id": 998, "image_id": 9, "caption": "a man riding a wave on top of a surfboard"})
+    coco = tmp_path / "captions_train2017.json"
+    coco.write_text(json.dumps({"images": images, "annotations": annotations}))
+    run = tmp_path / "run"
+    s = run_dedup(run, DedupOptions(workers=0), coco_captions=coco, coco_images=images_dir)
+    assert s.captions == 16 * 5 + 2 and (s.caption_clusters, s.captions_in_clusters) == (1, 2)
+    rows = [r for r in read_table(run / "dedup", DEDUP_SCHEMA).to_pylist() if r["kind"] == "caption"]
+    assert {r["item_id"] for r in rows} == {"coco/000000000003", "coco/000000000009"}
+    assert {r["cluster_id"] for r in rows} == {"caption:coco/000000000003#5"}  # the 6th caption of image 3
+    b = build_coco_batches(coco, images_dir, run / "batches", BatchOptions(preset="sd1.5", epochs=5, drop_last=False))
+    assert b.batches > 0
+    for path in (run / "batches").glob("part-*.parquet"):
+        for row in pq.read_table(path).to_pylist():
+            assert not {"coco/000000000003", "coco/000000000009"} <= set(row["image_ids"]) | set(row["prompt_image_ids"])
+    cfg = json.loads(next((run / "batches").glob("_run-*.json")).read_text())
+    assert cfg["inputs"]["dedup"] == str(run / "dedup")
