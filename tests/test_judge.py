@@ -371,3 +371,16 @@ def test_tiny_llama_through_the_transformers_engine_retries_then_records_errors(
     assert s.done == 0 and dict(s.failed) == {"unparsable_judgement": 2}
     rows = read_table(tmp_path / "judge", JUDGE_SCHEMA).to_pylist()
     assert [r["attempts"] for r in rows] == [2, 2] and all(r["engine"] == "transformers" and r["verdict"] is None for r in rows)
+
+
+def test_flow_task_grades_the_run_through_the_server(tmp_path, judge_server):
+    """flows.tasks.judge_task (called as a plain function): inputs, engine cache, stage."""
+    from flows.tasks import judge_task, release_engines
+
+    write_run(tmp_path)
+    cfg = EngineConfig(engine="openai", model="judge-model", base_url=f"http://127.0.0.1:{judge_server.server_address[1]}")
+    try:
+        s = judge_task.fn(tmp_path, cfg, JudgeOptions(all_edits=True))
+    finally:
+        release_engines()
+    assert s.done == 5 and s.extra["agrees with the checker"] == "3 of 5 (60.0%)"
