@@ -79,6 +79,7 @@ def captions_child(n: int, workers: int) -> dict:
         "bands_rows": [bands, rows],
         "clusters": len(found),
         "planted_pairs": len(range(0, n - 1, 20)),
+        "planted_found": sum(any(m == i + 1 for m in c.members) and i in c.members for c in found for i in c.members if i % 20 == 0),
         "signature_mib": round(sigs.nbytes / 2**20, 1),
         "rss_before_mib": round(before, 1),
         "peak_rss_mib": round(rss_mib("VmHWM"), 1),
@@ -104,8 +105,15 @@ def write_images(folder: Path, n: int, side: int) -> list[str]:
             else:
                 a = np.asarray(src)
                 img, fmt = Image.fromarray(np.pad(a, ((0, 0), (1, 0), (0, 0)), mode="edge")[:side, :side]), "PNG"  # 1 px of 64
-        else:
-            img = Image.fromarray(rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)).resize((side, side), Image.Resampling.BICUBIC)
+        else:  # a smooth random field with a few shapes: structure at several scales, like a photo
+            from PIL import ImageDraw
+
+            img = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((side, side), Image.Resampling.BICUBIC)
+            draw = ImageDraw.Draw(img)
+            for _ in range(3):
+                x, y = (int(v) for v in rng.integers(0, side * 3 // 4, 2))
+                w, h = (int(v) for v in rng.integers(side // 8, side // 3, 2))
+                draw.ellipse([x, y, x + w, y + h], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
             fmt = "PNG"
         p = folder / f"{i:06d}.{'jpg' if fmt == 'JPEG' else 'png'}"
         buf = io.BytesIO()
@@ -130,6 +138,11 @@ def images_child(n: int, side: int, workers: int) -> dict:
         t1 = time.perf_counter()
         found = image_clusters(ids, hashes, shas, pixels, errors, opts.image_distance)
         t2 = time.perf_counter()
+    cluster_of = {m: k for k, c in enumerate(found) for m in c.members}
+    planted = {(i - 1, i) for i in range(9, n, 10)}
+    recalled = sum(cluster_of.get(a, -1) == cluster_of.get(b, -2) for a, b in planted)
+    # pictures merged that are not copies of each other (chance phash neighbours)
+    spurious = sum(len(c.members) - 1 for c in found) - recalled
     return {
         "phase": "images",
         "rows": n,
@@ -139,7 +152,9 @@ def images_child(n: int, side: int, workers: int) -> dict:
         "hash_rows_per_s": round(n / (t1 - t0), 1),
         "cluster_seconds": round(t2 - t1, 3),
         "clusters": len(found),
-        "planted_copies": n // 10,
+        "planted_copies": len(planted),
+        "planted_found": recalled,
+        "spurious_merges": spurious,
         "errors": sum(e is not None for e in errors),
         "generate_seconds": round(gen_s, 1),
         "rss_before_mib": round(before, 1),
