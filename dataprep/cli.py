@@ -517,7 +517,7 @@ def dedup_cmd(
     caption_threshold: Annotated[float, typer.Option("--caption-threshold", help="Min estimated Jaccard similarity (word shingles) for two captions to count as one.")] = 0.85,
     num_perm: Annotated[int, typer.Option("--num-perm", help="MinHash permutations per caption (memory: 4 bytes each).")] = 128,
     shingle: Annotated[int, typer.Option("--shingle", help="Words per shingle.")] = 3,
-    workers: Annotated[int, typer.Option("--workers", help="Image hashing processes (0 = in this process).")] = 2,
+    workers: Annotated[int, typer.Option("--workers", help="Hashing processes for images and caption signatures (0 = in this process).")] = 2,
 ) -> None:
     """Find duplicate images and near-duplicate captions; record clusters that `batches` keeps apart (or thins with --dedup keep-one)."""
     from rich.console import Console

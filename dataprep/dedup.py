@@ -63,7 +63,7 @@ class DedupOptions:
     caption_threshold: float = 0.85
     num_perm: int = 128  # MinHash permutations per caption
     shingle: int = 3  # words per shingle
-    workers: int = 2  # image hashing processes (0: in this process)
+    workers: int = 2  # hashing processes for images and caption signatures (0: in this process)
     max_pixels: int = 64_000_000  # larger images are error rows (decompression-bomb guard)
     seed: int = 1  # MinHash permutation seed (datasketch's default)
     rows_per_shard: int = 65536

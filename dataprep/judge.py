@@ -301,6 +301,7 @@ def run_judge(
     )
     engine, summary = run.engine, run.summary
     table: Counter = Counter()  # (checker passed, verdict) of this run's judgements
+    retried = [0]  # judgements that needed more than one answer (how well the model keeps the format)
 
     def finish() -> None:
         good = sum(v for (_, verdict), v in table.items() if verdict == GOOD)
@@ -311,7 +312,9 @@ def run_judge(
             agree = table[(True, GOOD)] + table[(False, BAD)]
             summary.extra["judged good"] = f"{good} of {n} ({good / n:.1%})"
             summary.extra["agrees with the checker"] = f"{agree} of {n} ({agree / n:.1%})"
+            summary.extra["parsed only after a retry"] = retried[0]
         run.manifest_counts.update({f"checker_{'pass' if p else 'fail'}.judge_{v}": k for (p, v), k in table.items()})
+        run.manifest_counts["parsed_after_retry"] = retried[0]
 
     run.on_finish = finish
     pending: list[tuple[JudgeInput, str]] = []
@@ -337,6 +340,7 @@ def run_judge(
                 summary.done += 1
                 summary.truncated += o.result.finish_reason == "length"
                 table[(item.edit_passed, o.judgement.verdict)] += 1
+                retried[0] += o.attempts > 1
         run.advance(len(pending))
         pending.clear()
 

@@ -223,7 +223,7 @@ def test_stage_writes_rows_with_provenance_and_resumes_by_key(tmp_path):
     eng = ScriptedJudge({k: list(v) for k, v in SCRIPT.items()})
     s = run_judge(items_, tmp_path, EngineConfig(model="scripted-judge"), engine=eng, progress=False, left_out=left)
     assert (s.done, s.n_failed, s.skipped) == (4, 0, 0)
-    assert s.extra["judged good"] == "2 of 4 (50.0%)"
+    assert s.extra["judged good"] == "2 of 4 (50.0%)" and s.extra["parsed only after a retry"] == 1
     rows = {r["image_id"]: r for r in read_table(tmp_path / "judge", JUDGE_SCHEMA).to_pylist()}
     r1 = rows["img/1"]
     assert (r1["verdict"], r1["rule7_ok"], r1["attempts"], r1["edit_key"], r1["edit_passed"]) == ("bad", False, 2, "e1", True)
