@@ -12,7 +12,8 @@ positive look like a negative. This stage finds them and records clusters:
   all-pairs comparison is made;
 - **captions, near**: MinHash signatures (``datasketch``) of word shingles,
   banded LSH for candidates (``datasketch``'s band/row choice for the
-  threshold), each candidate pair verified by its estimated Jaccard.
+  threshold, weighted towards recall), each candidate pair verified by its
+  estimated Jaccard. For COCO every caption is an item of its image.
 
 Clusters are the connected components of the verified pairs. The
 representative of an image cluster is its largest image (most pixels, then
@@ -24,7 +25,8 @@ answer depends on the whole set, not on one row).
 Memory is bounded by the number of items, never by pixels: images stream
 through worker processes (at most ``workers * 4`` chunks in flight) and leave
 a 64-bit hash and a size each; a caption leaves a ``num_perm`` x 4-byte
-signature. ``bench/cpu_dedup.py`` prints the figures.
+signature (also computed in the workers). A phash sees a 32x32 thumbnail: a
+shift beyond 1-2 % of the side, a crop or a mirror image is a new picture to it. ``bench/cpu_dedup.py`` prints the figures.
 """
 
 from __future__ import annotations
@@ -56,7 +58,10 @@ class DedupOptions:
 
     images: bool = True
     captions: bool = True
-    image_distance: int = 8  # phash Hamming bits (of 64) that still count as the same picture: a 2-3 px shift of a 160 px picture moves 4-8 bits, distinct pictures differ by 18+
+    # phash Hamming bits (of 64) that still count as the same picture: resizing and
+    # JPEG at quality 40 move 0-2 bits, a 2 px shift of a 160 px picture 2-8, and
+    # generated distinct pictures differ by 18 or more
+    image_distance: int = 8
     # estimated Jaccard of word 3-grams: one changed word in a 75-word LLaVA caption
     # leaves ~0.92; two captions that share boilerplate but differ in object and
     # background fall to ~0.6 (and stay apart: they are each other's good negatives)

@@ -93,7 +93,12 @@ def rule_rows(edits_dir: Path | str) -> list[dict[str, Any]]:
 
 
 def judge_agreement_rows(judge_dir: Path | str) -> list[dict[str, Any]]:
-    """Checker x judge as table rows: one row per checker verdict, judge good/bad counts and the share good."""
+    """Checker x judge as table rows.
+
+    One row per checker verdict (judge good / bad counts, ``share`` judged
+    good), then ``agreement``: checker-passed judged good, checker-failed
+    judged bad, and their ``share`` of every judged pair.
+    """
     from dataprep.judge import agreement
 
     a = agreement(judge_dir)
@@ -103,8 +108,8 @@ def judge_agreement_rows(judge_dir: Path | str) -> list[dict[str, Any]]:
     for checker in ("passed", "failed"):
         good, bad = a["table"][checker]["good"], a["table"][checker]["bad"]
         if good + bad:
-            rows.append({"checker": checker, "judge_good": good, "judge_bad": bad, "share_good": round(good / (good + bad), 4)})
-    rows.append({"checker": "agreement", "judge_good": a["table"]["passed"]["good"], "judge_bad": a["table"]["failed"]["bad"], "share_good": None if a["agreement"] is None else round(a["agreement"], 4)})
+            rows.append({"checker": checker, "judge_good": good, "judge_bad": bad, "share": round(good / (good + bad), 4)})
+    rows.append({"checker": "agreement", "judge_good": a["table"]["passed"]["good"], "judge_bad": a["table"]["failed"]["bad"], "share": None if a["agreement"] is None else round(a["agreement"], 4)})
     return rows
 
 

@@ -313,8 +313,8 @@ def test_quality_artifact_rows(tmp_path):
         for i, (passed, verdict) in enumerate([(True, "good"), (True, "good"), (True, "bad"), (False, "bad")]):
             w.add(dict(image_id=f"img/{i}", source=f"s{i}", target=f"t{i}", edit_passed=passed, verdict=verdict, key=f"j{i}"))
     rows = {r["checker"]: r for r in judge_agreement_rows(tmp_path / "judge")}
-    assert (rows["passed"]["judge_good"], rows["passed"]["judge_bad"], rows["passed"]["share_good"]) == (2, 1, pytest.approx(2 / 3, abs=1e-4))
-    assert rows["agreement"]["share_good"] == 0.75
+    assert (rows["passed"]["judge_good"], rows["passed"]["judge_bad"], rows["passed"]["share"]) == (2, 1, pytest.approx(2 / 3, abs=1e-4))
+    assert rows["agreement"]["share"] == 0.75
     _quality_run(tmp_path)
     run_dedup(tmp_path, DedupOptions(workers=0))
     counts = {r["metric"]: r["value"] for r in dedup_rows(tmp_path / "dedup")}
