@@ -27,6 +27,10 @@ Rules every batch obeys (tests check each):
 - no prompt text twice in a batch; no negative equals any caption text of an
   image in the batch (for COCO: captions of the same image are never its
   negatives); failed or error edits are never used;
+- no two images of one duplicate group (``dataprep dedup`` records, see
+  :mod:`dataprep.clusters`) meet in a batch, as batch images or as owners of
+  negatives; ``--dedup keep-one`` keeps one image per group instead, and
+  ``--require-judge`` keeps only judged-good edits (:mod:`dataprep.judge`);
 - the same index, options and seed give the same rows, so the shards are
   byte-identical (names derive from a hash of the config and the inputs).
 
@@ -53,6 +57,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from dataprep import clusters
 from dataprep.engines import ConfigError
 from dataprep.store import BATCHES_SCHEMA, CAPTIONS_SCHEMA, EDITS_SCHEMA, Manifest, check_shards, run_record_path, shard_paths, utcnow, write_run_record, write_table_atomic
 
@@ -83,6 +88,8 @@ class BatchOptions:
     seed: int = 0
     rows_per_shard: int = 1024
     drop_image_flags: tuple[str, ...] = ()  # leave out images whose caption row has one of these image_flags
+    require_judge: bool = False  # hard negatives only from edits the judge graded good (OUT/judge)
+    dedup: str = "separate"  # dedup clusters (OUT/dedup): separate | keep-one | off
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -132,6 +139,8 @@ class BatchOptions:
             from dataprep.imagecheck import parse_flags
 
             parse_flags(",".join(self.drop_image_flags))
+        if self.dedup not in clusters.DEDUP_MODES:
+            raise ConfigError(f"unknown --dedup mode {self.dedup!r}", "--dedup", f"use one of {', '.join(clusters.DEDUP_MODES)}")
         return self
 
 
@@ -156,6 +165,8 @@ class CaptionIndex:
     texts: list[str]
     edits: list[str | None]
     skipped: Counter = field(default_factory=Counter)
+    # per image: its duplicate group (dataprep.clusters), -1 for none; None: no dedup records
+    groups: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -174,6 +185,8 @@ class CaptionIndex:
             parts = [image_id, self.image_uris[i] or "", str(self.starts[i + 1] - self.starts[i])]
             for k in range(self.starts[i], self.starts[i + 1]):
                 parts += [self.texts[k], "\x00" if self.edits[k] is None else self.edits[k]]
+            if self.groups is not None:
+                parts.append(f"group={self.groups[i]}")
             h.update(sep.join(p.encode("utf-8", "surrogatepass") for p in parts) + end)
         return h.hexdigest()
 
@@ -378,10 +391,13 @@ class BuildCounts:
 
 def run_id_for(opts: BatchOptions, fingerprint: str) -> str:
     """Deterministic run id: preset + hash of options and the index fingerprint."""
-    options = asdict(opts)
-    if not options["drop_image_flags"]:
-        del options["drop_image_flags"]  # runs without the filter keep the ids they always had
-    payload = json.dumps([options, fingerprint], sort_keys=True)
+    d = asdict(opts)
+    # fields added after the first release count only when set, so a run built
+    # without them keeps its id (and its shards stay "up to date" for the flows)
+    for name, default in (("drop_image_flags", ()), ("require_judge", False), ("dedup", "separate")):
+        if d[name] == default or (name == "drop_image_flags" and not d[name]):
+            del d[name]
+    payload = json.dumps([d, fingerprint], sort_keys=True)
     return f"{opts.label}-s{opts.seed}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
 
 
@@ -422,14 +438,18 @@ def iter_batches(index: CaptionIndex, opts: BatchOptions, run_id: str = "run", c
             members: list[int] = []
             pos_texts: set[str] = set()
             all_caps: set[str] = set()
+            groups_in: set[int] = set()  # duplicate groups already in the batch (dataprep.clusters)
 
             def fits(j: int) -> bool:
+                if clusters.clash(index.groups, j, groups_in):
+                    return False
                 return norm_text(positive(j)) not in all_caps and not any(norm_text(c) in pos_texts for c in index.captions(j))
 
             def take(j: int) -> None:
                 members.append(j)
                 pos_texts.add(norm_text(positive(j)))
                 all_caps.update(norm_text(c) for c in index.captions(j))
+                clusters.mark(index.groups, j, groups_in)
 
             for _ in range(len(pending)):
                 j = pending.popleft()
@@ -498,12 +518,15 @@ def _fill(index: CaptionIndex, members: list[int], positive_at: Callable[[int], 
     # then a full scan from a random start so a crowded index still fills
     need = n_prompt - len(prompts)
     inside = set(members)
+    groups_in: set[int] = set()  # a negative's image must not duplicate any image of the batch, nor another negative's
+    for i in members:
+        clusters.mark(index.groups, i, groups_in)
     N = len(index)
     tries, max_tries = 0, 32 * need
     while need and tries < max_tries and N > len(inside):
         tries += 1
         j = rng.randrange(N)
-        if j in inside:
+        if j in inside or clusters.clash(index.groups, j, groups_in):
             continue
         caps = index.captions(j)
         text = caps[rng.randrange(len(caps))] if len(caps) > 1 else caps[0]
@@ -513,12 +536,13 @@ def _fill(index: CaptionIndex, members: list[int], positive_at: Callable[[int], 
         kinds.append(NEGATIVE)
         owners.append(index.image_ids[j])
         used.add(norm_text(text))
+        clusters.mark(index.groups, j, groups_in)
         need -= 1
     if need:
         start = rng.randrange(N) if N else 0
         for step in range(N):
             j = (start + step) % N
-            if j in inside:
+            if j in inside or clusters.clash(index.groups, j, groups_in):
                 continue
             for text in index.captions(j):
                 if norm_text(text) not in used:
@@ -526,6 +550,7 @@ def _fill(index: CaptionIndex, members: list[int], positive_at: Callable[[int], 
                     kinds.append(NEGATIVE)
                     owners.append(index.image_ids[j])
                     used.add(norm_text(text))
+                    clusters.mark(index.groups, j, groups_in)
                     need -= 1
                     break
             if not need:
@@ -700,17 +725,41 @@ def _counts(s: BatchSummary) -> dict[str, int]:
     }
 
 
-def build_batches(captions_dir: Path | str, out_dir: Path | str, opts: BatchOptions, edits_dir: Path | str | None = None, progress: Callable[[int, int], None] | None = None) -> BatchSummary:
-    """Caption store (+ optional edit store) -> batch shards in ``out_dir``."""
+def build_batches(captions_dir: Path | str, out_dir: Path | str, opts: BatchOptions, edits_dir: Path | str | None = None, progress: Callable[[int, int], None] | None = None, *, judge_dir: Path | str | None = None, dedup_dir: Path | str | None = None) -> BatchSummary:
+    """Caption store (+ optional edit store) -> batch shards in ``out_dir``.
+
+    The judge and dedup stores default to ``judge/`` beside the edit store and
+    ``dedup/`` beside the caption store (see :func:`apply_quality`).
+    """
     opts.validate()
     index = load_caption_index(captions_dir, opts.drop_image_flags)
     if edits_dir is not None:
         attach_edits(index, edits_dir)
     inputs = {"captions": str(captions_dir), "edits": None if edits_dir is None else str(edits_dir)}
+    index = apply_quality(index, opts, inputs, judge_dir if judge_dir is not None or edits_dir is None else Path(edits_dir).parent / "judge", dedup_dir if dedup_dir is not None else Path(captions_dir).parent / "dedup")
     return write_batches(index, out_dir, opts, progress, inputs)
 
 
-def build_coco_batches(coco_captions: Path | str, coco_images: Path | str, out_dir: Path | str, opts: BatchOptions, edits_dir: Path | str | None = None, progress: Callable[[int, int], None] | None = None) -> BatchSummary:
+def apply_quality(index: CaptionIndex, opts: BatchOptions, inputs: dict[str, Any], judge_dir: Path | str | None, dedup_dir: Path | str | None) -> CaptionIndex:
+    """The judge filter (``require_judge``) and the dedup rule (``dedup``) on ``index``.
+
+    Records which stores were used in ``inputs`` (the run's config).
+    """
+    from dataprep.judge import require_judged
+
+    if opts.require_judge:
+        if judge_dir is None:
+            raise ConfigError("--require-judge needs edits to filter", "--edits", "pass --edits OUT/edits (and run `dataprep judge --out OUT`)")
+        index = require_judged(index, judge_dir)
+        inputs["judge"] = str(judge_dir)
+    if opts.dedup != "off" and dedup_dir is not None:
+        index = clusters.attach_groups(index, dedup_dir, opts.dedup)
+        if clusters.check_records(dedup_dir, opts.dedup):
+            inputs["dedup"] = str(dedup_dir)
+    return index
+
+
+def build_coco_batches(coco_captions: Path | str, coco_images: Path | str, out_dir: Path | str, opts: BatchOptions, edits_dir: Path | str | None = None, progress: Callable[[int, int], None] | None = None, *, judge_dir: Path | str | None = None, dedup_dir: Path | str | None = None) -> BatchSummary:
     """COCO captions json + image folder (+ optional edit store) -> batch shards."""
     opts.validate()
     if opts.drop_image_flags:
@@ -719,4 +768,6 @@ def build_coco_batches(coco_captions: Path | str, coco_images: Path | str, out_d
     if edits_dir is not None:
         attach_edits(index, edits_dir)
     inputs = {"coco_captions": str(coco_captions), "coco_images": str(coco_images), "edits": None if edits_dir is None else str(edits_dir)}
+    # `dataprep dedup RUN --coco-captions ...` writes RUN/dedup: beside OUT/batches
+    index = apply_quality(index, opts, inputs, judge_dir if judge_dir is not None or edits_dir is None else Path(edits_dir).parent / "judge", dedup_dir if dedup_dir is not None else Path(out_dir).parent / "dedup")
     return write_batches(index, out_dir, opts, progress, inputs)

@@ -371,18 +371,21 @@ def batches_cmd(
     seed: Annotated[int, typer.Option("--seed", help="Shuffle and negative-sampling seed; same inputs + seed give byte-identical shards.", rich_help_panel="Run")] = 0,
     rows_per_shard: Annotated[int, typer.Option("--rows-per-shard", help="Batches per Parquet shard (memory holds at most this many beyond the caption index).", rich_help_panel="Run")] = 1024,
     drop_image_flags: Annotated[Optional[str], typer.Option("--drop-image-flags", help="Leave out images whose caption row has any of these image checks, comma-separated: small,blank,aspect (see `dataprep caption ... --min-side/--blank-std/--max-aspect`).", rich_help_panel="Input")] = None,
+    require_judge: Annotated[bool, typer.Option("--require-judge", help="Use only edits the judge graded good as hard negatives (run `dataprep judge` first).", rich_help_panel="Quality")] = False,
+    judge: Annotated[Optional[Path], typer.Option("--judge", help="Judge store for --require-judge (default: judge/ beside --edits).", rich_help_panel="Quality")] = None,
+    dedup: Annotated[str, typer.Option("--dedup", help="Duplicate clusters of `dataprep dedup`: separate (never two members of a cluster in one batch; default, when records exist), keep-one (one image per cluster), off.", rich_help_panel="Quality")] = "separate",
+    dedup_dir: Annotated[Optional[Path], typer.Option("--dedup-dir", help="Dedup records (default: dedup/ beside --captions; with --coco-captions, beside --out).", rich_help_panel="Quality")] = None,
 ) -> None:
     """Build contrastive image x prompt batches (positives, hard negatives from passing edits, negatives) as Parquet shards."""
     from rich.console import Console
     from rich.table import Table
 
     from dataprep.batches import BatchOptions, build_batches, build_coco_batches
-
     from dataprep.imagecheck import parse_flags
 
     console = Console()
     try:
-        opts = BatchOptions(preset=preset, images=images, prompts=prompts, hard_negatives=hard_negatives, epochs=epochs, drop_last=drop_last, seed=seed, rows_per_shard=rows_per_shard, drop_image_flags=tuple(sorted(parse_flags(drop_image_flags))))
+        opts = BatchOptions(preset=preset, images=images, prompts=prompts, hard_negatives=hard_negatives, epochs=epochs, drop_last=drop_last, seed=seed, rows_per_shard=rows_per_shard, drop_image_flags=tuple(sorted(parse_flags(drop_image_flags))), require_judge=require_judge, dedup=dedup)
         opts.validate()
         if (captions is None) == (coco_captions is None):
             raise ConfigError("pass exactly one caption source", "--captions / --coco-captions", "give --captions OUT/captions, or --coco-captions FILE with --coco-images DIR")
@@ -391,9 +394,9 @@ def batches_cmd(
         bar, update = _progress("batches")
         with bar:
             if captions is not None:
-                s = build_batches(captions, out, opts, edits_dir=edits, progress=update)
+                s = build_batches(captions, out, opts, edits_dir=edits, progress=update, judge_dir=judge, dedup_dir=dedup_dir)
             else:
-                s = build_coco_batches(coco_captions, coco_images, out, opts, edits_dir=edits, progress=update)
+                s = build_coco_batches(coco_captions, coco_images, out, opts, edits_dir=edits, progress=update, judge_dir=judge, dedup_dir=dedup_dir)
     except ConfigError as exc:
         raise fail(str(exc))
     t = Table(title=f"batches: {s.run_id}", header_style="bold")
@@ -532,6 +535,91 @@ def report_cmd(
         raise fail(str(exc))
     errs = f", {s.thumb_errors} without thumbnail" if s.thumb_errors else ""
     Console().print(f"report: {s.cards} images in {s.chunks} data chunks, {s.thumbs} thumbnails{errs}\n  open {s.index.resolve().as_uri()}", highlight=False, soft_wrap=True)
+
+
+# ------------------------------------------------------------ judge, dedup
+
+
+@app.command("judge")
+@with_flags(engine_kw=ENGINE_FLAGS)
+def judge_cmd(
+    out: Annotated[Path, typer.Option("--out", help="Run directory: reads OUT/edits, writes OUT/judge/ (Parquet shards + manifest).")] = Path("runs/div2k"),
+    edits: Annotated[Optional[Path], typer.Option("--edits", help="Edit store to grade (default: OUT/edits).", rich_help_panel="Input")] = None,
+    all_edits: Annotated[bool, typer.Option("--all", help="Also grade pairs the rule checker failed (stats then shows the full checker x judge table).", rich_help_panel="Input")] = False,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Grade at most N pairs.", rich_help_panel="Input")] = None,
+    prompt_file: Annotated[str, typer.Option("--prompt-file", help="Judge instruction (system message); a bare name means the shipped prompts/ file.", rich_help_panel="Judge")] = "judge.txt",
+    guided: Annotated[bool, typer.Option("--guided/--no-guided", help="Constrain decoding to the JSON schema where the engine can (vllm structured outputs, OpenAI response_format); turn off for a server that rejects response_format. Answers are always parsed and retried.", rich_help_panel="Judge")] = True,
+    max_attempts: Annotated[int, typer.Option("--max-attempts", help="Answers per pair until one parses; then an error row (retried by the next run).", rich_help_panel="Judge")] = 3,
+    retry_temperature: Annotated[float, typer.Option("--retry-temperature", help="Sampling temperature of retries (attempt k uses seed --seed + k - 1).", rich_help_panel="Sampling")] = 0.7,
+    model: Annotated[str, typer.Option("--model", help="Instruction model: hub id or local directory (a larger judge than the rewriter grades better).", rich_help_panel="Engine")] = "meta-llama/Llama-3.1-8B-Instruct",
+    revision: RevisionOpt = None,
+    temperature: Annotated[float, typer.Option("--temperature", help="Attempt 1: 0 = greedy (default).", rich_help_panel="Sampling")] = 0.0,
+    max_new_tokens: MaxNewOpt = 384,
+    seed: SeedOpt = 0,
+    force: ForceOpt = False,
+    strict: StrictOpt = False,
+    rows_per_shard: ShardOpt = 256,
+    engine_kw: dict = None,
+) -> None:
+    """Grade passing edit pairs on rules 1, 2 and 7 of prompts/edit.txt with an instruction model (JSON verdicts with reasons)."""
+    from rich.console import Console
+
+    from dataprep.judge import JudgeOptions, inputs_from_edits, run_judge
+    from dataprep.stage import print_summary
+
+    opts = JudgeOptions(prompt_file=prompt_file, all_edits=all_edits, guided=guided, max_attempts=max_attempts, temperature=temperature, retry_temperature=retry_temperature, max_new_tokens=max_new_tokens, seed=seed, force=force, rows_per_shard=rows_per_shard)
+    cfg = engine_config(model=model, revision=revision, **engine_kw)
+    try:
+        if limit is not None and limit < 1:
+            raise ConfigError(f"--limit {limit} is less than 1", "--limit", "use a positive number, or leave it out")
+        opts.validate()
+        cfg.validate()
+        items, left = inputs_from_edits(edits if edits is not None else out / "edits", all_edits)
+        summary = run_judge(items[:limit] if limit else items, out, cfg, opts, left_out=left)
+    except ConfigError as exc:
+        raise fail(str(exc))
+    print_summary(summary, Console())
+    if strict and summary.n_failed:
+        raise typer.Exit(1)
+
+
+@app.command("dedup")
+def dedup_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory: reads RUN/captions (images and captions), writes RUN/dedup/.")],
+    captions: Annotated[Optional[Path], typer.Option("--captions", help="Caption store (default: RUN/captions).")] = None,
+    coco_captions: Annotated[Optional[Path], typer.Option("--coco-captions", help="COCO captions_train2017.json instead of a caption store (every caption of an image is an item).")] = None,
+    coco_images: Annotated[Optional[Path], typer.Option("--coco-images", help="COCO image folder (train2017/) for --coco-captions.")] = None,
+    images: Annotated[bool, typer.Option("--images/--no-images", help="Cluster exact (sha256) and near-duplicate (perceptual hash) images.")] = True,
+    caption_texts: Annotated[bool, typer.Option("--texts/--no-texts", help="Cluster near-duplicate caption texts (MinHash LSH).")] = True,
+    image_distance: Annotated[int, typer.Option("--image-distance", help="Max Hamming distance (bits of a 64-bit phash) for two images to count as one.")] = 8,
+    caption_threshold: Annotated[float, typer.Option("--caption-threshold", help="Min estimated Jaccard similarity (word shingles) for two captions to count as one.")] = 0.85,
+    num_perm: Annotated[int, typer.Option("--num-perm", help="MinHash permutations per caption (memory: 4 bytes each).")] = 128,
+    shingle: Annotated[int, typer.Option("--shingle", help="Words per shingle.")] = 3,
+    workers: Annotated[int, typer.Option("--workers", help="Hashing processes for images and caption signatures (0 = in this process).")] = 2,
+) -> None:
+    """Find duplicate images and near-duplicate captions; record clusters that `batches` keeps apart (or thins with --dedup keep-one)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from dataprep.dedup import DedupOptions, run_dedup
+
+    opts = DedupOptions(images=images, captions=caption_texts, image_distance=image_distance, caption_threshold=caption_threshold, num_perm=num_perm, shingle=shingle, workers=workers)
+    try:
+        bar, update = _progress("dedup")
+        with bar:
+            s = run_dedup(run_dir, opts, captions_dir=captions, coco_captions=coco_captions, coco_images=coco_images, progress=lambda what, done, total: update(done, total))
+    except ConfigError as exc:
+        raise fail(str(exc))
+    t = Table(title=f"dedup: {s.run_id}", header_style="bold")
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    for k, v in s.counts().items():
+        t.add_row(k.replace("_", " "), str(v))
+    for reason, k in s.image_errors.items():
+        t.add_row(f"  image error: {reason}", str(k))
+    t.add_row("wall time", f"{s.seconds:.2f} s")
+    t.add_row("records", str(s.out_dir))
+    Console().print(t)
 
 
 # ------------------------------------------------------------ pipeline (issue 4)

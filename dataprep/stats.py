@@ -113,12 +113,27 @@ def _exports(run: Path) -> list[dict[str, Any]]:
     return [dict(e, exists=Path(e.get("path", "")).exists()) for e in entries]
 
 
+def _judge(run: Path) -> dict[str, Any] | None:
+    """Checker x judge agreement (dataprep.judge.agreement), or None without a judge store."""
+    from dataprep.judge import agreement
+
+    return agreement(run / "judge")
+
+
+def _dedup(run: Path) -> dict[str, Any] | None:
+    """The last dedup run's counts (its manifest), or None."""
+    from dataprep.store import read_manifest
+
+    m = read_manifest(run / "dedup")
+    return None if m is None else {"run_id": m.get("run_id"), "counts": m.get("counts", {}), "failures": m.get("failures", {})}
+
+
 def collect(run_dir: Path | str) -> dict[str, Any]:
     """Counts per stage of ``run_dir``; a stage that is absent maps to None."""
     run = Path(run_dir)
     from dataprep.report.views import find_views
 
-    return {"run": str(run), "images": _images(run), "captions": _captions(run), "edits": _edits(run), "diversity": _diversity(run), "batches": _batches(run), "exports": _exports(run), "views": find_views(run)}
+    return {"run": str(run), "images": _images(run), "captions": _captions(run), "edits": _edits(run), "diversity": _diversity(run), "batches": _batches(run), "exports": _exports(run), "judge": _judge(run), "dedup": _dedup(run), "views": find_views(run)}
 
 
 def _diversity(run: Path) -> dict[str, Any] | None:
@@ -169,6 +184,17 @@ def render(stats: dict[str, Any]) -> Any:
         section("batches", [("batches / shards", f"{b['rows']} / {b['shards']}"), ("presets", _fmt(b["presets"])), ("epochs", b["epochs"]), ("prompts by kind", _fmt(b["prompts"])), *[(f"run {k}", f"{v['preset']}, seed {v['seed']}, {v['epochs']} epochs, {v['batches']} batches") for k, v in b["runs"].items()]])
     else:
         section("batches", [("", "none")])
+    if stats.get("judge"):
+        section("judge", judge_rows(stats["judge"]))
+    if stats.get("dedup"):
+        c = stats["dedup"]["counts"]
+        section("dedup", [
+            ("image clusters / images in them", f"{c.get('image_clusters', 0)} / {c.get('images_in_clusters', 0)} (exact copies {c.get('exact_image_duplicates', 0)})"),
+            ("caption clusters / captions in them", f"{c.get('caption_clusters', 0)} / {c.get('captions_in_clusters', 0)}"),
+            ("removed by --dedup keep-one", f"{c.get('images_removed_by_keep_one', 0)} images, {c.get('captions_removed_by_keep_one', 0)} captions"),
+            ("images hashed / errors", f"{c.get('images', 0)} / {c.get('image_errors', 0)}"),
+            ("failures by reason", _fmt(stats["dedup"]["failures"])),
+        ])
     if stats["exports"]:
         section("exports", [(e["kind"], f"{e['pairs']} pairs -> {e['path']}{'' if e['exists'] else ' (missing)'}") for e in stats["exports"]])
     else:
@@ -177,3 +203,16 @@ def render(stats: dict[str, Any]) -> Any:
     if views:  # written by dataprep report, softrepa evaluate-edit (grids), softrepa train (curves)
         section("to look at", views)
     return table
+
+
+def judge_rows(j: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The judge section: verdicts among checker-passed pairs, the 2x2 table when failing pairs were graded too."""
+    t = j["table"]
+    rows: list[tuple[str, Any]] = [("pairs judged / error rows", f"{j['judged']} / {j['errors']}")]
+    rows.append(("checker passed: judge good / bad", f"{t['passed']['good']} / {t['passed']['bad']}"))
+    if j["graded_failing"]:
+        rows.append(("checker failed: judge good / bad", f"{t['failed']['good']} / {t['failed']['bad']}"))
+    if j["agreement"] is not None:
+        rows.append(("checker and judge agree", f"{100 * j['agreement']:.1f}%"))
+    rows += [(f"judge: {r} not ok", n) for r, n in j["rule_failures"].items() if n]
+    return rows

@@ -115,11 +115,54 @@ BATCHES_SCHEMA = pa.schema(
     ]
 )
 
+# An instruction model's grading of one edit pair on rules 1, 2 and 7 of
+# prompts/edit.txt (dataprep.judge). ``edit_key`` is the graded edit row's key,
+# ``edit_passed`` the rule checker's verdict on it, so checker/judge agreement
+# is read from this table alone.
+JUDGE_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string()),
+        pa.field("edit_key", pa.string()),
+        pa.field("edit_passed", pa.bool_()),
+        pa.field("source", pa.string()),
+        pa.field("target", pa.string()),
+        pa.field("verdict", pa.string()),  # good | bad; null on an error row
+        pa.field("rule1_ok", pa.bool_()),
+        pa.field("rule1_reason", pa.string()),
+        pa.field("rule2_ok", pa.bool_()),
+        pa.field("rule2_reason", pa.string()),
+        pa.field("rule7_ok", pa.bool_()),
+        pa.field("rule7_reason", pa.string()),
+        pa.field("raw_output", pa.string()),
+        pa.field("attempts", pa.int32()),
+        *PROVENANCE_FIELDS,
+    ]
+)
+
+# Duplicate clusters (dataprep.dedup): one row per member of a cluster of two
+# or more, plus error rows for items that could not be hashed. Singletons are
+# not written, so the table stays small at COCO scale.
+DEDUP_SCHEMA = pa.schema(
+    [
+        pa.field("kind", pa.string(), nullable=False),  # image | caption
+        pa.field("item_id", pa.string(), nullable=False),  # the image_id the image or caption belongs to
+        pa.field("cluster_id", pa.string()),  # "<kind>:<representative's item_id>"
+        pa.field("representative", pa.bool_()),
+        pa.field("method", pa.string()),  # sha256 | phash | minhash
+        pa.field("distance", pa.float64()),  # to the representative: phash Hamming bits, or 1 - estimated Jaccard
+        pa.field("run_id", pa.string()),
+        pa.field("created_at", pa.timestamp("us", tz="UTC")),
+        pa.field("error", pa.string()),
+    ]
+)
+
 SCHEMAS: dict[str, pa.Schema] = {
     "images": IMAGES_SCHEMA,
     "captions": CAPTIONS_SCHEMA,
     "edits": EDITS_SCHEMA,
     "batches": BATCHES_SCHEMA,
+    "judge": JUDGE_SCHEMA,
+    "dedup": DEDUP_SCHEMA,
 }
 
 

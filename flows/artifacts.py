@@ -100,20 +100,43 @@ def diversity_rows(edits_dir: Path | str) -> list[dict[str, Any]]:
     return diversity.table_rows(summary) if summary["replacements"] else []
 
 
-def stage_folder_rows(folder: Path | str) -> list[dict[str, Any]]:
-    """Counts of a quality stage folder read generically (RUN/judge, RUN/dedup):
-    rows, errors, the true share of each boolean column, the value counts of
-    each short string column. [] when the folder has no shards."""
-    from dataprep.hfcard import stage_rows
+def judge_agreement_rows(judge_dir: Path | str) -> list[dict[str, Any]]:
+    """Checker x judge as table rows.
 
-    s = stage_rows(folder)
-    if s is None:
+    One row per checker verdict (judge good / bad counts, ``share`` judged
+    good), then ``agreement``: checker-passed judged good, checker-failed
+    judged bad, and their ``share`` of every judged pair.
+    """
+    from dataprep.judge import agreement
+
+    a = agreement(judge_dir)
+    if a is None:
         return []
-    rows: list[dict[str, Any]] = [{"what": "rows", "value": s["rows"]}, {"what": "error rows", "value": s["errors"]}]
-    rows += [{"what": f"{name} true", "value": "-" if share is None else f"{share:.1%}"} for name, share in s["true_share"].items()]
-    rows += [{"what": f"{name} = {value}", "value": n} for name, counts in s["values"].items() for value, n in counts.items()]
-    rows += [{"what": f"distinct {name}", "value": n} for name, n in s.get("distinct", {}).items()]
+    rows = []
+    for checker in ("passed", "failed"):
+        good, bad = a["table"][checker]["good"], a["table"][checker]["bad"]
+        if good + bad:
+            rows.append({"checker": checker, "judge_good": good, "judge_bad": bad, "share": round(good / (good + bad), 4)})
+    rows.append({"checker": "agreement", "judge_good": a["table"]["passed"]["good"], "judge_bad": a["table"]["failed"]["bad"], "share": None if a["agreement"] is None else round(a["agreement"], 4)})
     return rows
+
+
+def dedup_rows(dedup_dir: Path | str) -> list[dict[str, Any]]:
+    """The last dedup run's counts as (metric, value) rows."""
+    from dataprep.store import read_manifest
+
+    m = read_manifest(dedup_dir)
+    if m is None:
+        return []
+    return [{"metric": k, "value": v} for k, v in m.get("counts", {}).items()] + [{"metric": f"image error: {k}", "value": v} for k, v in m.get("failures", {}).items()]
+
+
+def publish_quality(dataset: str, run_dir: Path | str) -> None:
+    """Replacement diversity of RUN/edits, judge agreement and dedup counts when those stages ran."""
+    run = Path(run_dir)
+    publish_table(f"{dataset}-rewrite-diversity", diversity_rows(run / "edits"), "replacements (source -> target concept): top pairs, top target share, entropy")
+    publish_table(f"{dataset}-judge-agreement", judge_agreement_rows(run / "judge"), "rule checker x LLM judge: judge verdicts per checker verdict, and the share where they agree")
+    publish_table(f"{dataset}-dedup-counts", dedup_rows(run / "dedup"), "duplicate clusters: exact/near images, near-duplicate captions, what --dedup keep-one removes")
 
 
 def links_markdown(title: str, folders: dict[str, Path | str], extra: Iterable[str] = ()) -> str:
@@ -165,14 +188,6 @@ def publish_rules(dataset: str, edits_dir: Path | str) -> None:
     rows = rule_rows(edits_dir)
     if rows:
         create_table_artifact(rows, key=artifact_key(dataset, "rewrite", "rules"), description="single-concept checker: pass rate overall and per rule")
-
-
-def publish_quality(dataset: str, run_dir: Path | str) -> None:
-    """Diversity table of RUN/edits, and the judge / dedup counts when those stage folders exist."""
-    run = Path(run_dir)
-    publish_table(f"{dataset}-rewrite-diversity", diversity_rows(run / "edits"), "replacements (source -> target concept): top pairs, top target share, entropy")
-    for stage, what in (("judge", "judge verdicts (agreement with the checker)"), ("dedup", "duplicate clusters")):
-        publish_table(f"{dataset}-{stage}-counts", stage_folder_rows(run / stage), f"{stage}: {what}")
 
 
 def publish_table(key: str, rows: list[dict[str, Any]], description: str) -> None:

@@ -33,6 +33,7 @@ from dataprep.stage import StageSummary
 from dataprep.store import shard_paths
 from flows import artifacts
 from flows.tasks import build_batches_task, caption_shard, chunks, evaluate_task, gpu_slot, release_engines, rewrite_shard, train_task, uses_local_gpu
+from flows.tasks import dedup_task, judge_task
 
 SHARDS_EVENT = "softrepa.shards.written"
 TOKENS_EVENT = "softrepa.tokens.written"
@@ -181,6 +182,7 @@ def batches(
         run_id, shards = existing
         get_run_logger().info("batches up to date (run %s, %d shards); no hand-off", run_id, len(shards))
         artifacts.publish_table(f"{dataset}-batches-{preset}-counts", [{"metric": "up to date: run", "value": run_id}, {"metric": "shards", "value": len(shards)}, {"metric": "new shards", "value": 0}], f"batches ({preset}): nothing new")
+        artifacts.publish_quality(dataset, run)
         return {"summary": None, "shards": shards, "new_shards": [], "event": None}
     before = {p.name for p in shard_paths(folder)}
     summary = build_batches_task(run / "captions", folder, opts, edits)
@@ -188,6 +190,7 @@ def batches(
     rows = [{"metric": k, "value": v} for k, v in (("batches", summary.batches), ("positives", summary.positives), ("hard negatives", summary.hard_negatives), ("negatives", summary.negatives), ("images", summary.images), ("dropped images (drop_last)", summary.dropped_images), ("unfillable batches", summary.unfillable_batches), ("edits available", summary.edits_available), ("edits unused", summary.edits_unused), ("shards written", len(summary.shards)), ("new shards", len(new)), ("seconds", round(summary.seconds, 2)))]
     rows += [{"metric": f"skipped: {k}", "value": v} for k, v in summary.skipped.items()]
     artifacts.publish_table(f"{dataset}-batches-{preset}-counts", rows, f"batches ({preset}): grid contents and shards")
+    artifacts.publish_quality(dataset, run)
     artifacts.publish_markdown(f"{dataset}-batches-{preset}-shards", artifacts.links_markdown(f"batches ({preset})", {"batches": folder}))
     event = None
     if new:
@@ -210,11 +213,13 @@ def finished_batches(captions: Path, edits: Path | None, folder: Path, opts: Any
     """
     import json
 
-    from dataprep.batches import attach_edits, load_caption_index, run_id_for
+    from dataprep.batches import apply_quality, attach_edits, load_caption_index, run_id_for
 
     index = load_caption_index(captions)
     if edits is not None:
         attach_edits(index, edits)
+    # the judge filter and the dedup rule change the index, hence the run id
+    index = apply_quality(index, opts, {}, None if edits is None else Path(edits).parent / "judge", Path(captions).parent / "dedup")
     run_id = run_id_for(opts, index.fingerprint())
     record = folder / f"_run-{run_id}.json"
     if not record.exists():
@@ -359,3 +364,39 @@ def report(out: str = DEFAULT_OUT, dataset: str = "div2k", report_options: dict[
     artifacts.publish_table(f"{dataset}-report", [{"metric": "images", "value": result.cards}, {"metric": "thumbnails", "value": result.thumbs}, {"metric": "without thumbnail", "value": result.thumb_errors}], "the run's HTML report")
     artifacts.publish_views(f"{dataset}-views", out, {"report": result.index})
     return str(result.index)
+
+
+@flow(name="judge", log_prints=True)
+def judge(out: str = DEFAULT_OUT, dataset: str = "div2k", model: str = REWRITE_MODEL, engine: dict[str, Any] | None = None, judge_options: dict[str, Any] | None = None) -> StageSummary:
+    """Grade ``out/edits`` with an instruction model into ``out/judge``; publishes the checker x judge table.
+
+    Run it before ``batches`` with ``batch_options={"require_judge": true}`` to keep only judged-good edits.
+    """
+    from dataprep.judge import JudgeOptions
+
+    cfg = build(EngineConfig, engine, "engine", model=model)
+    opts = build(JudgeOptions, judge_options, "judge_options")
+    cfg.validate()
+    opts.validate()
+    run = Path(out).resolve()
+    with gpu_slot(uses_local_gpu(cfg)):
+        try:
+            summary = judge_task(run, cfg, opts)
+        finally:
+            release_engines()
+    artifacts.publish_counts(dataset, summary)
+    artifacts.publish_quality(dataset, run)
+    return summary
+
+
+@flow(name="dedup", log_prints=True)
+def dedup(out: str = DEFAULT_OUT, dataset: str = "div2k", dedup_options: dict[str, Any] | None = None) -> Any:
+    """Duplicate clusters of ``out/captions`` into ``out/dedup``; ``batches`` then keeps cluster members apart."""
+    from dataprep.dedup import DedupOptions
+
+    opts = build(DedupOptions, dedup_options, "dedup_options")
+    opts.validate()
+    run = Path(out).resolve()
+    summary = dedup_task(run, opts)
+    artifacts.publish_quality(dataset, run)
+    return summary

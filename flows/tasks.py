@@ -206,3 +206,20 @@ def evaluate_task(cfg: Any) -> Any:
     from softrepa.evaluate import evaluate_edit
 
     return evaluate_edit(cfg)
+
+
+@task(name="judge-edits", **_retry)
+def judge_task(out: Path, engine_cfg: EngineConfig, opts: Any) -> Any:
+    """Grade the run's edit pairs into ``out/judge`` (see dataprep.judge.run_judge); resumable by key."""
+    from dataprep.judge import inputs_from_edits, run_judge
+
+    items, left = inputs_from_edits(Path(out) / "edits", opts.all_edits)
+    return run_judge(items, out, engine_cfg, opts, engine=engine_for(engine_cfg), progress=False, left_out=left)
+
+
+@task(name="dedup")
+def dedup_task(out: Path, opts: Any) -> Any:
+    """Duplicate clusters of the run's images and captions into ``out/dedup`` (see dataprep.dedup.run_dedup)."""
+    from dataprep.dedup import run_dedup
+
+    return run_dedup(out, opts)

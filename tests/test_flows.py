@@ -284,3 +284,66 @@ def test_caption_flow_rejects_bad_config_before_work(harness, tmp_path):
 
     with pytest.raises(ConfigError, match="--data"):
         caption(data=str(tmp_path / "nope"), out=str(tmp_path / "run"), model="x")
+
+
+# ------------------------------------------------------------ judge agreement and dedup counts
+
+
+def _quality_run(run: Path) -> None:
+    """A run dir with captions of 8 generated pictures (two near-copies), no edits."""
+    import datetime as dt
+
+    import numpy as np
+    from PIL import Image
+
+    from dataprep.store import ShardWriter
+
+    run.mkdir(parents=True, exist_ok=True)
+    with ShardWriter(run / "captions", CAPTIONS_SCHEMA, "r1") as w:
+        for i in range(8):
+            base = i if i < 6 else i - 6  # images 6 and 7 are resized copies of 0 and 1
+            pixels = np.random.default_rng(base).integers(0, 256, (5, 5, 3), dtype=np.uint8)
+            img = Image.fromarray(pixels).resize((96 - 16 * (i >= 6),) * 2, Image.Resampling.BICUBIC)
+            img.save(run / f"{i}.png")
+            w.add(dict(image_id=f"img/{i}", image_uri=str(run / f"{i}.png"), caption=f"Caption number {i} of a picture.", key=f"c{i}", created_at=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)))
+
+
+def test_quality_artifact_rows(tmp_path):
+    pytest.importorskip("imagehash")
+    from dataprep.dedup import DedupOptions, run_dedup
+    from dataprep.store import JUDGE_SCHEMA, ShardWriter
+    from flows.artifacts import dedup_rows, judge_agreement_rows
+
+    assert judge_agreement_rows(tmp_path / "judge") == [] and dedup_rows(tmp_path / "dedup") == []
+    with ShardWriter(tmp_path / "judge", JUDGE_SCHEMA, "r1") as w:
+        for i, (passed, verdict) in enumerate([(True, "good"), (True, "good"), (True, "bad"), (False, "bad")]):
+            w.add(dict(image_id=f"img/{i}", source=f"s{i}", target=f"t{i}", edit_passed=passed, verdict=verdict, key=f"j{i}"))
+    rows = {r["checker"]: r for r in judge_agreement_rows(tmp_path / "judge")}
+    assert (rows["passed"]["judge_good"], rows["passed"]["judge_bad"], rows["passed"]["share"]) == (2, 1, pytest.approx(2 / 3, abs=1e-4))
+    assert rows["agreement"]["share"] == 0.75
+    _quality_run(tmp_path)
+    run_dedup(tmp_path, DedupOptions(workers=0))
+    counts = {r["metric"]: r["value"] for r in dedup_rows(tmp_path / "dedup")}
+    assert counts["image_clusters"] == 2 and counts["images_in_clusters"] == 4
+
+
+def test_dedup_flow_then_batches_flow_publish_quality_artifacts(harness, tmp_path):
+    pytest.importorskip("imagehash")
+    import pyarrow.parquet as pq
+    from prefect.client.orchestration import get_client
+
+    from flows.flows import batches, dedup
+
+    run = tmp_path / "run"
+    _quality_run(run)
+    summary = dedup(out=str(run), dataset="qa", dedup_options={"workers": 0})
+    assert summary.image_clusters == 2
+    out = batches(out=str(run), dataset="qa", preset="sdxl", batch_options={"prompts": 4}, use_edits=False)
+    # the two copies of a picture never meet in a batch
+    for path in out["shards"]:
+        for row in pq.read_table(path).to_pylist():
+            owners = set(row["image_ids"]) | set(row["prompt_image_ids"])
+            assert not ({"img/0", "img/6"} <= owners or {"img/1", "img/7"} <= owners)
+    with get_client(sync_client=True) as client:
+        keys = {a.key for a in client.read_artifacts() if a.key}
+    assert "qa-dedup-counts" in keys

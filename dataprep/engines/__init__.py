@@ -75,6 +75,10 @@ class ChatRequest:
     image: "Image | None" = None
     sampling: Sampling = field(default_factory=Sampling)
     request_id: str = ""
+    # A JSON schema the answer must follow. Engines that can constrain decoding
+    # (vllm structured outputs, OpenAI ``response_format``) do; the others
+    # ignore it and the caller parses and retries.
+    json_schema: dict[str, Any] | None = None
 
 
 @dataclass

@@ -91,6 +91,10 @@ def build_payload(req: ChatRequest, model: str) -> dict[str, Any]:
     }
     if s.seed is not None:
         body["seed"] = s.seed
+    if req.json_schema is not None:
+        # OpenAI structured outputs; vllm serve and SGLang take the same field
+        name = str(req.json_schema.get("title") or "answer")
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": name, "schema": req.json_schema, "strict": True}}
     return body
 
 

@@ -79,6 +79,24 @@ def sampling_kwargs(s: Sampling, extra: dict[str, Any] | None = None) -> dict[st
     return kw
 
 
+def guided_json_kwargs(schema: dict[str, Any] | None) -> dict[str, Any]:
+    """``SamplingParams`` kwargs that constrain the output to the JSON ``schema``.
+
+    vLLM renamed its guided decoding: ``structured_outputs=StructuredOutputsParams(json=...)``
+    in current releases, ``guided_decoding=GuidedDecodingParams(json=...)`` before
+    (docs.vllm.ai, features/structured_outputs). Empty for no schema.
+    """
+    if schema is None:
+        return {}
+    try:
+        from vllm.sampling_params import StructuredOutputsParams
+    except ImportError:
+        from vllm.sampling_params import GuidedDecodingParams
+
+        return {"guided_decoding": GuidedDecodingParams(json=schema)}
+    return {"structured_outputs": StructuredOutputsParams(json=schema)}
+
+
 def to_result(output: Any) -> ChatResult:
     """A ``vllm.RequestOutput`` (duck-typed) -> ChatResult with finish reason and token counts."""
     if not getattr(output, "outputs", None):
@@ -188,7 +206,7 @@ class VLLMEngine:
         for i, r in enumerate(requests):
             try:
                 items.append(vllm_input(render_prompt(self._template, r, self.is_vision, self._drop_bos), r.image))
-                params.append(SamplingParams(**sampling_kwargs(r.sampling, self.sampling_extra)))
+                params.append(SamplingParams(**sampling_kwargs(r.sampling, self.sampling_extra), **guided_json_kwargs(r.json_schema)))
                 where.append(i)
             except Exception as exc:  # one request's template or sampling error fails that row only
                 results[i] = ChatResult.failed(f"template_error: {exc}")

@@ -1,0 +1,437 @@
+"""The judge stage: an instruction model grades edit pairs under ``OUT/judge``.
+
+The rule checker (:mod:`dataprep.rules`) sees string properties. Three rules
+of ``prompts/edit.txt`` need judgement it cannot give: rule 1 (one meaningful
+concept), rule 2 ("significantly different but contextually appropriate") and
+rule 7 (one feature at a time, also inside a replaced phrase). An LLM grades
+each passing pair (``--all``: every checked pair) with ``prompts/judge.txt`` and
+answers one JSON object::
+
+    {"rule1": {"ok": bool, "reason": str}, "rule2": {...}, "rule7": {...}, "verdict": "good" | "bad"}
+
+Decoding is constrained to that schema where the engine can (vLLM structured
+outputs, OpenAI ``response_format``); every answer is parsed and validated
+anyway, and one that does not parse is asked again (attempt k > 1 samples at
+``retry_temperature`` with seed ``seed + k - 1`` and tells the model what was
+wrong). An answer still unusable after ``max_attempts`` is an error row, which
+the next run retries. Rows follow ``JUDGE_SCHEMA``; keys, shards, manifest,
+resume and compaction work as in the other model stages.
+
+:func:`judged_good` and :func:`agreement` read the store for ``batches
+--require-judge`` and ``stats``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow.parquet as pq
+
+from dataprep.engines import ChatRequest, ChatResult, ConfigError, Engine, EngineConfig, Sampling
+from dataprep.promptfile import load_prompt
+from dataprep.stage import StageRun, StageSummary, model_identity, provenance
+from dataprep.store import EDITS_SCHEMA, JUDGE_SCHEMA, content_key, done_keys, iter_rows, sha256_text, shard_paths
+
+DEFAULT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+STAGE = "judge"
+RULES = ("rule1", "rule2", "rule7")  # the numbers of prompts/edit.txt the judge grades
+GOOD, BAD = "good", "bad"
+
+# The answer's JSON schema, sent to engines that constrain decoding.
+JUDGEMENT_SCHEMA: dict[str, Any] = {
+    "title": "judgement",
+    "type": "object",
+    "properties": {
+        **{
+            r: {
+                "type": "object",
+                "properties": {"ok": {"type": "boolean"}, "reason": {"type": "string"}},
+                "required": ["ok", "reason"],
+                "additionalProperties": False,
+            }
+            for r in RULES
+        },
+        "verdict": {"type": "string", "enum": [GOOD, BAD]},
+    },
+    "required": [*RULES, "verdict"],
+    "additionalProperties": False,
+}
+
+
+# ------------------------------------------------------------ parsing (pure)
+
+
+class JudgementError(ValueError):
+    """An answer that is not a usable judgement; the message says why (sent back on retry)."""
+
+
+@dataclass(frozen=True)
+class Judgement:
+    ok: dict[str, bool]
+    reasons: dict[str, str]
+    verdict: str  # good | bad
+
+
+_FENCE = re.compile(r"^```[a-zA-Z]*\s*|\s*```$")
+
+
+def parse_judgement(text: str) -> Judgement:
+    """The judgement in a model answer; raises JudgementError naming the problem.
+
+    Accepts the object alone, in a Markdown code fence, or after a short
+    preamble (the first ``{`` starts it; text after the object is ignored).
+    Each rule needs a boolean ``ok`` and a string ``reason``; ``verdict``
+    must be good or bad and agree with the rules (good exactly when every
+    rule is ok): a contradictory answer is not trusted either way.
+    """
+    s = _FENCE.sub("", (text or "").strip())
+    start = s.find("{")
+    if start < 0:
+        raise JudgementError("no JSON object in the answer")
+    try:
+        obj, _ = json.JSONDecoder().raw_decode(s[start:])
+    except json.JSONDecodeError as exc:
+        raise JudgementError(f"invalid JSON ({exc.msg} at character {exc.pos})") from None
+    if not isinstance(obj, dict):
+        raise JudgementError("the answer is not a JSON object")
+    ok: dict[str, bool] = {}
+    reasons: dict[str, str] = {}
+    for r in RULES:
+        part = obj.get(r)
+        if not isinstance(part, dict):
+            raise JudgementError(f'"{r}" is missing or not an object')
+        if not isinstance(part.get("ok"), bool):
+            raise JudgementError(f'"{r}.ok" is missing or not true/false')
+        reason = part.get("reason")
+        if not isinstance(reason, str):
+            raise JudgementError(f'"{r}.reason" is missing or not a string')
+        ok[r], reasons[r] = part["ok"], reason.strip()
+    verdict = obj.get("verdict")
+    verdict = verdict.strip().lower() if isinstance(verdict, str) else verdict
+    if verdict not in (GOOD, BAD):
+        raise JudgementError('"verdict" must be "good" or "bad"')
+    if (verdict == GOOD) != all(ok.values()):
+        failed = [r for r in RULES if not ok[r]]
+        raise JudgementError(f'"verdict" is {verdict!r} but the failed rules are {failed or "none"}: good means every rule is ok')
+    return Judgement(ok, reasons, verdict)
+
+
+# ------------------------------------------------------------ options
+
+
+@dataclass(frozen=True)
+class JudgeInput:
+    """One edit pair to grade; ``edit_passed`` is the rule checker's verdict on it."""
+
+    image_id: str | None
+    edit_key: str | None
+    edit_passed: bool
+    source: str
+    target: str
+
+
+@dataclass
+class JudgeOptions:
+    """What to grade and how. CLI flags map one-to-one to these fields."""
+
+    prompt_file: str = "judge.txt"
+    all_edits: bool = False  # also grade pairs the checker failed (the 2x2 agreement table)
+    guided: bool = True  # constrain decoding to the schema where the engine can
+    max_attempts: int = 3
+    temperature: float = 0.0  # attempt 1; 0 = greedy
+    retry_temperature: float = 0.7
+    max_new_tokens: int = 384  # three one-sentence reasons fit in ~150 tokens
+    seed: int = 0
+    force: bool = False
+    rows_per_shard: int = 256
+
+    def validate(self) -> "JudgeOptions":
+        if self.max_attempts < 1:
+            raise ConfigError(f"--max-attempts {self.max_attempts} is less than 1", "--max-attempts", "use 1 or more; default 3")
+        if self.temperature < 0:
+            raise ConfigError("--temperature must be >= 0", "--temperature", "0 for greedy")
+        if self.max_attempts > 1 and self.retry_temperature <= 0:
+            raise ConfigError("--retry-temperature must be > 0: a greedy retry repeats the unusable answer", "--retry-temperature", "e.g. 0.7 (the default), or --max-attempts 1")
+        if self.max_new_tokens < 16:
+            raise ConfigError(f"--max-new-tokens {self.max_new_tokens} cannot hold a judgement", "--max-new-tokens", "e.g. 384")
+        if self.rows_per_shard < 1:
+            raise ConfigError(f"--rows-per-shard {self.rows_per_shard} is less than 1", "--rows-per-shard", "e.g. 256")
+        return self
+
+    def attempt_sampling(self, attempt: int) -> Sampling:
+        if attempt == 1:
+            return Sampling(temperature=self.temperature, max_new_tokens=self.max_new_tokens, seed=self.seed)
+        return Sampling(temperature=self.retry_temperature, max_new_tokens=self.max_new_tokens, seed=self.seed + attempt - 1)
+
+    def policy(self) -> dict[str, Any]:
+        """What decides the answers, for the content key (``max_attempts`` left out, as in rewrite)."""
+        return {"first": self.attempt_sampling(1).to_dict(), "retry_temperature": self.retry_temperature, "guided": self.guided}
+
+
+def user_message(item: JudgeInput) -> str:
+    return f"Original: {item.source}\nModified: {item.target}"
+
+
+def messages(prompt_text: str, item: JudgeInput, previous: str | None = None, problem: str | None = None) -> list[dict[str, str]]:
+    """System = the judge prompt, user = the pair; a retry adds the unusable answer and what was wrong with it."""
+    out = [{"role": "system", "content": prompt_text}, {"role": "user", "content": user_message(item)}]
+    if problem is not None:
+        out += [
+            {"role": "assistant", "content": previous or ""},
+            {"role": "user", "content": f"That answer cannot be used: {problem}. Answer again with exactly one JSON object in the form given."},
+        ]
+    return out
+
+
+# ------------------------------------------------------------ retry policy (pure but for the engine)
+
+
+@dataclass
+class JudgeOutcome:
+    judgement: Judgement | None
+    raw_output: str | None
+    attempts: int
+    sampling: Sampling
+    result: ChatResult
+    error: str | None = None
+
+
+def judge_with_retries(engine: Engine, prompt_text: str, items: list[JudgeInput], opts: JudgeOptions) -> list[JudgeOutcome]:
+    """Grade ``items`` (one batch); one outcome each, same order.
+
+    Each round sends one ``engine.generate`` call with the items still
+    without a usable answer. An engine error ends an item's attempts (error
+    set; the next run retries it); an unparsable answer is asked again until
+    ``max_attempts``, then kept as ``unparsable_judgement`` error.
+    """
+    n = len(items)
+    schema = JUDGEMENT_SCHEMA if opts.guided else None
+    attempt = [1] * n
+    last: list[tuple[str | None, str | None]] = [(None, None)] * n  # (previous answer, problem)
+    outcomes: list[JudgeOutcome | None] = [None] * n
+    todo = list(range(n))
+    while todo:
+        reqs = [
+            ChatRequest(messages=messages(prompt_text, items[i], *last[i]), sampling=opts.attempt_sampling(attempt[i]), request_id=f"{items[i].edit_key}#{attempt[i]}", json_schema=schema)
+            for i in todo
+        ]
+        results = engine.generate(reqs)
+        still = []
+        for i, req, res in zip(todo, reqs, results):
+            if res.error is not None:
+                outcomes[i] = JudgeOutcome(None, res.text or None, attempt[i], req.sampling, res, error=res.error)
+                continue
+            try:
+                outcomes[i] = JudgeOutcome(parse_judgement(res.text), res.text, attempt[i], req.sampling, res)
+            except JudgementError as exc:
+                outcomes[i] = JudgeOutcome(None, res.text, attempt[i], req.sampling, res, error=f"unparsable_judgement: {exc}")
+                if attempt[i] < opts.max_attempts:
+                    attempt[i] += 1
+                    last[i] = (res.text, str(exc))
+                    still.append(i)
+        todo = still
+    missing = ChatResult.failed("internal: the engine returned no result for this request")
+    return [o if o is not None else JudgeOutcome(None, None, 0, opts.attempt_sampling(1), missing, error=missing.error) for o in outcomes]
+
+
+# ------------------------------------------------------------ inputs
+
+
+def inputs_from_edits(folder: Path | str, all_edits: bool = False) -> tuple[list[JudgeInput], Counter]:
+    """Checked edit rows of ``OUT/edits`` to grade, and what was left out by reason.
+
+    Error rows and rows without a target are never graded; checker-failed
+    rows only with ``all_edits``.
+    """
+    folder = Path(folder)
+    if not shard_paths(folder):
+        raise ConfigError(f"no edit shards in {folder}", "--edits", "run `dataprep rewrite --out RUN` first")
+    items: list[JudgeInput] = []
+    left: Counter = Counter()
+    for r in iter_rows(folder, EDITS_SCHEMA, columns=["image_id", "key", "source", "target", "passed", "error"]):
+        if r["error"] is not None:
+            left["edit_error_rows"] += 1
+        elif not (r["target"] or "").strip() or not (r["source"] or "").strip():
+            left["edit_empty_rows"] += 1
+        elif not r["passed"] and not all_edits:
+            left["edit_failed_rows (grade them with --all)"] += 1
+        else:
+            items.append(JudgeInput(r["image_id"], r["key"], bool(r["passed"]), r["source"], r["target"].strip()))
+    return items, left
+
+
+def judge_key(item: JudgeInput, model: str, revision: str | None, prompt_sha256: str, opts: JudgeOptions) -> str:
+    # the pair's texts and image decide the answer; the edit row's key does not
+    input_sha = sha256_text(json.dumps([item.image_id, item.source, item.target]))
+    return content_key(STAGE, input_sha, model, revision, prompt_sha256, opts.policy(), opts.seed)
+
+
+# ------------------------------------------------------------ the stage
+
+
+def run_judge(
+    items: Iterable[JudgeInput],
+    out: Path | str,
+    engine_cfg: EngineConfig,
+    opts: JudgeOptions = JudgeOptions(),
+    *,
+    engine: Engine | None = None,
+    progress: bool = True,
+    left_out: Counter | None = None,
+) -> StageSummary:
+    """Grade every pair of ``items`` into ``out/judge``; returns the summary.
+
+    Options, prompt and model are checked (and the model loaded) before any
+    row is written. Pass ``engine`` to reuse a loaded model.
+    """
+    opts.validate()
+    prompt = load_prompt(opts.prompt_file, flag="--prompt-file")
+    if not engine_cfg.model:
+        engine_cfg.model = DEFAULT_MODEL
+    items = list(items)
+    folder = Path(out) / "judge"
+    run = StageRun(
+        STAGE, folder, JUDGE_SCHEMA, engine_cfg, engine, progress=progress, rows_per_shard=opts.rows_per_shard,
+        config={"options": asdict(opts), "prompt_id": prompt.prompt_id, "prompt_sha256": prompt.sha256},
+    )
+    engine, summary = run.engine, run.summary
+    table: Counter = Counter()  # (checker passed, verdict) of this run's judgements
+    retried = [0]  # judgements that needed more than one answer (how well the model keeps the format)
+
+    def finish() -> None:
+        good = sum(v for (_, verdict), v in table.items() if verdict == GOOD)
+        n = sum(table.values())
+        for reason, k in (left_out or {}).items():
+            summary.extra[f"not graded: {reason}"] = k
+        if n:
+            agree = table[(True, GOOD)] + table[(False, BAD)]
+            summary.extra["judged good"] = f"{good} of {n} ({good / n:.1%})"
+            summary.extra["agrees with the checker"] = f"{agree} of {n} ({agree / n:.1%})"
+            summary.extra["parsed only after a retry"] = retried[0]
+        run.manifest_counts.update({f"checker_{'pass' if p else 'fail'}.judge_{v}": k for (p, v), k in table.items()})
+        run.manifest_counts["parsed_after_retry"] = retried[0]
+
+    run.on_finish = finish
+    pending: list[tuple[JudgeInput, str]] = []
+
+    def row(item: JudgeInput, key: str, o: JudgeOutcome) -> dict[str, Any]:
+        j = o.judgement
+        cols: dict[str, Any] = {"image_id": item.image_id, "edit_key": item.edit_key, "edit_passed": item.edit_passed, "source": item.source, "target": item.target}
+        cols["verdict"] = j.verdict if j else None
+        for r in RULES:
+            cols[f"{r}_ok"] = j.ok[r] if j else None
+            cols[f"{r}_reason"] = j.reasons[r] if j else None
+        cols.update(raw_output=o.raw_output, attempts=o.attempts)
+        return cols | provenance(key=key, engine=engine, prompt_id=prompt.prompt_id, prompt_sha256=prompt.sha256, sampling=o.sampling, run_id=run.run_id, result=o.result, error=o.error)
+
+    def flush() -> None:
+        if not pending:
+            return
+        for (item, key), o in zip(pending, judge_with_retries(engine, prompt.text, [it for it, _ in pending], opts)):
+            run.writer.add(row(item, key, o))
+            if o.error:
+                summary.fail(o.error)
+            else:
+                summary.done += 1
+                summary.truncated += o.result.finish_reason == "length"
+                table[(item.edit_passed, o.judgement.verdict)] += 1
+                retried[0] += o.attempts > 1
+        run.advance(len(pending))
+        pending.clear()
+
+    with run.open(total=len(items)):
+        done = set() if opts.force else done_keys(folder)
+        model = model_identity(engine, engine_cfg)
+        for item in items:
+            key = judge_key(item, model, engine.revision, prompt.sha256, opts)
+            if key in done:
+                summary.skipped += 1
+                run.advance()
+                continue
+            done.add(key)  # the same pair twice in the input is graded once
+            pending.append((item, key))
+            if len(pending) >= run.batch_size:
+                flush()
+        flush()
+    return summary
+
+
+# ------------------------------------------------------------ reading the store
+
+
+def latest_judgements(judge_dir: Path | str) -> dict[tuple[str | None, str, str], dict[str, Any]]:
+    """Newest good judgement per pair ``(image_id, source, target)``.
+
+    Several judge models (other keys) may have graded one pair: the newest
+    ``created_at`` wins, so the latest judge speaks for the pair.
+    """
+    best: dict[tuple[str | None, str, str], dict[str, Any]] = {}
+    cols = ["image_id", "source", "target", "edit_passed", "verdict", *[f"{r}_ok" for r in RULES], "created_at", "error"]
+    for path in shard_paths(judge_dir):
+        t = pq.read_table(path, columns=cols).to_pylist()
+        for r in t:
+            if r["error"] is not None or r["verdict"] is None:
+                continue
+            k = (r["image_id"], r["source"].strip(), r["target"].strip())
+            r["_t"] = r["created_at"].timestamp() if r["created_at"] is not None else float("-inf")
+            cur = best.get(k)
+            if cur is None or r["_t"] >= cur["_t"]:
+                best[k] = r
+    return best
+
+
+def judged_good(judge_dir: Path | str) -> set[tuple[str | None, str, str]]:
+    """Pairs ``(image_id, source, target)`` (ends stripped) whose newest judgement is good."""
+    return {k for k, r in latest_judgements(judge_dir).items() if r["verdict"] == GOOD}
+
+
+def agreement(judge_dir: Path | str) -> dict[str, Any] | None:
+    """Checker x judge over the newest judgement per pair, or None without a judge store.
+
+    ``table[checker][judge]`` with checker ``passed``/``failed`` and judge
+    ``good``/``bad``; ``agreement`` is the share on the diagonal (None when
+    nothing was graded); ``rule_failures`` counts judgements per failed rule.
+    """
+    if not shard_paths(judge_dir):
+        return None
+    latest = latest_judgements(judge_dir)
+    errors = sum(1 for p in shard_paths(judge_dir) for e in pq.read_table(p, columns=["error"]).column("error").to_pylist() if e is not None)
+    table = {"passed": {GOOD: 0, BAD: 0}, "failed": {GOOD: 0, BAD: 0}}
+    rules: Counter = Counter()
+    for r in latest.values():
+        table["passed" if r["edit_passed"] else "failed"][r["verdict"]] += 1
+        rules.update(x for x in RULES if r[f"{x}_ok"] is False)
+    n = len(latest)
+    agree = table["passed"][GOOD] + table["failed"][BAD]
+    return {
+        "judged": n,
+        "errors": errors,
+        "table": table,
+        "graded_failing": sum(table["failed"].values()) > 0,
+        "agreement": agree / n if n else None,
+        "rule_failures": {r: rules[r] for r in RULES},
+    }
+
+
+def require_judged(index: Any, judge_dir: Path | str) -> Any:
+    """Keep only judged-good edits on a batch index (``batches --require-judge``).
+
+    ``index`` is a :class:`dataprep.batches.CaptionIndex` with edits attached;
+    an edit whose newest judgement is not good (bad, unparsable or never
+    graded) is removed and counted in ``index.skipped``.
+    """
+    if not shard_paths(judge_dir):
+        raise ConfigError(f"no judge shards in {judge_dir}", "--require-judge", "run `dataprep judge --out RUN` first, or pass --judge DIR")
+    good = judged_good(judge_dir)
+    for i, image_id in enumerate(index.image_ids):
+        for k in range(index.starts[i], index.starts[i + 1]):
+            edit = index.edits[k]
+            if edit is not None and (image_id, index.texts[k].strip(), edit.strip()) not in good:
+                index.edits[k] = None
+                index.skipped["edit_not_judged_good"] += 1
+    return index
