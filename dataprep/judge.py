@@ -377,7 +377,7 @@ def latest_judgements(judge_dir: Path | str) -> dict[tuple[str | None, str, str]
         for r in t:
             if r["error"] is not None or r["verdict"] is None:
                 continue
-            k = (r["image_id"], r["source"].strip(), r["target"].strip())
+            k = (r["image_id"], (r["source"] or "").strip(), (r["target"] or "").strip())
             r["_t"] = r["created_at"].timestamp() if r["created_at"] is not None else float("-inf")
             cur = best.get(k)
             if cur is None or r["_t"] >= cur["_t"]:

@@ -314,8 +314,8 @@ def test_run_ids_stay_the_same_without_dedup_records_and_change_with_them(tmp_pa
     clustered_run(tmp_path)
     shutil.move(tmp_path / "dedup", tmp_path / "dedup-later")
     a = build_batches(tmp_path / "captions", tmp_path / "b", BatchOptions(preset="sd3"))
-    # the id a build had before the judge/dedup options existed: options without them
-    old_fields = {k: v for k, v in dataclasses.asdict(BatchOptions(preset="sd3")).items() if k not in ("require_judge", "dedup")}
+    # the id a build had before the judge, dedup and image-flag options existed: options without them
+    old_fields = {k: v for k, v in dataclasses.asdict(BatchOptions(preset="sd3")).items() if k not in ("require_judge", "dedup", "drop_image_flags")}
     payload = json.dumps([old_fields, load_caption_index(tmp_path / "captions").fingerprint()], sort_keys=True)
     assert a.run_id == f"sd3-s0-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
     shutil.move(tmp_path / "dedup-later", tmp_path / "dedup")

@@ -15,17 +15,17 @@ from tests.test_export import run  # noqa: F401  (the run-dir fixture)
 
 
 def add_judge(root):
-    """A judge stage folder as the judge stage writes it: rows linked to edits by edit_key."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    """A judge stage folder as `dataprep judge` writes it (JUDGE_SCHEMA): rows linked to edits by edit_key."""
+    from dataprep.store import JUDGE_SCHEMA, ShardWriter
 
-    (root / "judge").mkdir()
     rows = [
-        {"key": "j0", "edit_key": "k0", "image_id": "div2k/0001", "judge_passed": True, "verdict": "good", "reason": "one concept", "error": None},
-        {"key": "j1", "edit_key": "k1", "image_id": "other/0001", "judge_passed": False, "verdict": "bad", "reason": "unrealistic", "error": None},
-        {"key": "j2", "edit_key": "k2", "image_id": "div2k/0003", "judge_passed": None, "verdict": None, "reason": None, "error": "parse_error: no JSON"},
+        {"key": "j0", "source": "source j0", "target": "target j0", "edit_key": "k0", "image_id": "div2k/0001", "edit_passed": True, "verdict": "good", "rule1_ok": True, "rule1_reason": "one concept", "error": None},
+        {"key": "j1", "source": "source j1", "target": "target j1", "edit_key": "k1", "image_id": "other/0001", "edit_passed": True, "verdict": "bad", "rule1_ok": False, "rule1_reason": "unrealistic", "error": None},
+        {"key": "j2", "source": "source j2", "target": "target j2", "edit_key": "k2", "image_id": "div2k/0003", "edit_passed": True, "verdict": None, "error": "parse_error: no JSON"},
     ]
-    pq.write_table(pa.Table.from_pylist(rows), root / "judge" / "part-r1-00000.parquet")
+    with ShardWriter(root / "judge", JUDGE_SCHEMA, run_id="r1") as w:
+        for r in rows:
+            w.add(r)
 
 
 def front_matter(text: str) -> dict:
@@ -49,7 +49,7 @@ def test_export_keeps_provenance_and_writes_the_card(run, tmp_path):  # noqa: F8
         assert col in ds.column_names, col
     row = ds.filter(lambda r: r["image_id"] == "div2k/0001")[0]
     assert row["key"] == "k0" and row["run_id"] is None and row["created_at"].startswith("2026-01-01T01:00")
-    assert json.loads(row["judge"])["verdict"] == "good" and json.loads(row["judge"])["judge_passed"] is True
+    assert json.loads(row["judge"])["verdict"] == "good" and json.loads(row["judge"])["rule1_ok"] is True
     assert ds.filter(lambda r: r["image_id"] == "div2k/0003")[0]["judge"] is None  # the judge row is an error row
     card = (tmp_path / "hf" / "README.md").read_text()
     meta = front_matter(card)
@@ -60,7 +60,7 @@ def test_export_keeps_provenance_and_writes_the_card(run, tmp_path):  # noqa: F8
     assert '| edits | meta-llama/Llama-3.1-8B-Instruct | abc123 | vllm | bfloat16 | edit.txt | `ffffffffffffffff` | `{"max_attempts": 3, "temperature": 0.0}` |' in card
     assert "| captions | (no manifest) |" in card
     assert "| multiple_concepts | 2 |" in card  # two failed rows in the fixture
-    assert "`judge_passed` true: 50.0%" in card and "`verdict`: good 1, bad 1" in card
+    assert "`rule1_ok` true: 50.0%" in card and "`verdict`: good 1, bad 1" in card
     assert "pair dog -> fox" in card
     assert datasets.load_from_disk(str(tmp_path / "hf")).num_rows == 5  # the card does not disturb load_from_disk
 
