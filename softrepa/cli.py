@@ -100,18 +100,50 @@ def import_tokens_cmd(
     src_dir: Annotated[Path, typer.Argument(help="Folder with the official dc_tokens.pth (and dc_t_tokens.pth), e.g. shared/reference/softrepa/tokens/sd3.")],
     out_dir: Annotated[Path, typer.Argument(help="Where to write tokens.safetensors + tokens.json.")],
     backbone: Annotated[str, typer.Option("--backbone", help="sd3, sdxl or sd1.5: which model the tokens were trained for.")],
+    model: Annotated[Optional[str], typer.Option("--model", help="sd3 only: the SD3 pipeline (hub id or folder) whose context_embedder projects 4096-wide tokens (the current official trainer's layout) to the text width; exact, as the projection is linear.")] = None,
 ) -> None:
     """Convert official SoftREPA .pth token files (safe loading only: weights_only + an allow-list) to our format."""
-    from softrepa.token_files import import_official
+    from softrepa.token_files import NeedsContextEmbedder, import_official, load_context_embedder
 
     try:
-        module = import_official(src_dir, out_dir, backbone)
+        embedder = None
+        if model is not None:
+            if backbone != "sd3":
+                raise fail("--model is only needed for sd3 tokens (their context_embedder); drop it for " + backbone)
+            try:
+                embedder = load_context_embedder(model)
+            except (OSError, ValueError) as exc:
+                raise fail(f"cannot load the SD3 transformer of {model}: {exc} (flag --model; fix: pass an SD3 pipeline folder or hub id)")
+        module = import_official(src_dir, out_dir, backbone, embedder)
+    except NeedsContextEmbedder as exc:
+        raise fail(f"{exc} (flag --model)")
     except (FileNotFoundError, ValueError) as exc:
         raise fail(str(exc))
     c = module.config
     t_shape = None if module.t_embedding is None else list(module.t_embedding.weight.shape)
     typer.echo(f"imported {backbone}: tokens {list(module.tokens.shape)}, t_embedding {t_shape}, "
                f"apply {list(c.apply) or '-'} -> {out_dir}")
+
+
+@app.command("export-tokens")
+def export_tokens_cmd(
+    tokens_dir: Annotated[Path, typer.Argument(help="Our token folder (tokens.json + tokens.safetensors), e.g. RUN/tokens.")],
+    out_dir: Annotated[Path, typer.Argument(help="Where to write dc_tokens.pth (and dc_t_tokens.pth).")],
+    format: Annotated[str, typer.Option("--format", help="official: the SoftREPA release's torch files (nn.Parameter dc_tokens, nn.Embedding dc_t_tokens), loadable by its sample.py / edit_sd3.py --load_dir.")] = "official",
+) -> None:
+    """Write soft tokens in the official SoftREPA file format (export then import is bit-identical)."""
+    from softrepa.token_files import export_official, load_tokens
+
+    if format != "official":
+        raise fail(f"unknown format {format!r} (flag --format; fix: use --format official)", code=2)
+    try:
+        module = load_tokens(tokens_dir)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        raise fail(f"{exc} (argument TOKENS_DIR; fix: pass a folder written by softrepa train or import-tokens)", code=2)
+    written = export_official(module, out_dir)
+    c = module.config
+    flags = f"--n_dc_tokens {c.n_tokens}" + (f" --n_dc_layers {c.n_layers}" if c.backbone == "sd3" else "") + (" --use_dc_t" if c.t_dependent else "")
+    typer.echo(f"exported {c.backbone}: " + ", ".join(f"{p.name}" for p in written) + f" -> {out_dir}\nofficial flags: {flags}")
 
 
 # ------------------------------------------------------------ sample (issue 6)
