@@ -195,15 +195,17 @@ def evaluate_edit_cmd(
     model: Annotated[str, typer.Option("--model", help="SD3 diffusers pipeline: hub id or local folder.")] = "stabilityai/stable-diffusion-3-medium-diffusers",
     tokens: Annotated[Optional[Path], typer.Option("--tokens", help="Soft tokens folder (softrepa train output, or the official tokens/sd3 with dc_tokens.pth); adds the method flowedit+tokens.")] = None,
     methods: Annotated[Optional[str], typer.Option("--methods", help="Comma list of flowedit, flowedit+tokens. Default: flowedit, plus flowedit+tokens with --tokens.", rich_help_panel="FlowEdit")] = None,
-    tgt_cfg: Annotated[Optional[str], typer.Option("--tgt-cfg", help="Target guidance scales, comma list (e.g. 9,11,13); applies to every method. Default per method as in the paper: 13.5 (flowedit), 9,11,13 (flowedit+tokens).", rich_help_panel="FlowEdit")] = None,
+    tgt_cfg: Annotated[Optional[str], typer.Option("--tgt-cfg", help="Target guidance scales, comma list (e.g. 9,11,13); applies to every method. Default: the --rows table's, per method.", rich_help_panel="FlowEdit")] = None,
+    rows: Annotated[str, typer.Option("--rows", help="Which paper table's rows to run: table5 (DIV2K: FlowEdit NMAX 33 at CFG 13.5/16.5/19.5, with tokens NMAX 30 at 9/11/13) or table6 (Cat2Dog: tokens also at 7).", rich_help_panel="FlowEdit")] = "table5",
     n_max: Annotated[Optional[int], typer.Option("--n-max", help="Edit over the last N of --steps steps; applies to every method. Default per method: 33 (flowedit), 30 (flowedit+tokens).", rich_help_panel="FlowEdit")] = None,
     steps: Annotated[int, typer.Option("--steps", help="Sampling steps of the flow-matching schedule.", rich_help_panel="FlowEdit")] = 50,
     n_min: Annotated[int, typer.Option("--n-min", help="Finish the last N steps with plain sampling of the target (paper: 0).", rich_help_panel="FlowEdit")] = 0,
     src_cfg: Annotated[float, typer.Option("--src-cfg", help="Source guidance scale.", rich_help_panel="FlowEdit")] = 3.5,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the per-step FlowEdit noise (same seed -> same edits).", rich_help_panel="FlowEdit")] = 0,
     size: Annotated[int, typer.Option("--size", help="Edit at SIZE x SIZE pixels (the official script uses 1024); 0 keeps each source's size.", rich_help_panel="FlowEdit")] = 1024,
-    cfg_rule: Annotated[str, typer.Option("--cfg-rule", help="standard: u + w(c - u) for both branches (FlowEdit); softrepa-official: target branch c + w(c - u) as in the SoftREPA script (effective scale w + 1).", rich_help_panel="FlowEdit")] = "standard",
+    cfg_rule: Annotated[str, typer.Option("--guidance-rule", "--cfg-rule", help="Target-branch guidance. official: c + w(c - u), the SoftREPA editing script the paper's numbers come from (effective scale w + 1); flowedit: u + w(c - u), FlowEdit's own code. The source branch is u + w(c - u) either way.", rich_help_panel="FlowEdit")] = "official",
     limit: Annotated[Optional[int], typer.Option("--limit", help="Edit only the first N pairs.", rich_help_panel="Run")] = None,
+    passed_only: Annotated[bool, typer.Option("--passed-only", help="Edit only pairs that passed the rule checker. Default: every pair with a target, as the paper; the verdict is the column 'passed' of scores.parquet.", rich_help_panel="Run")] = False,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps (editing and metrics).", rich_help_panel="Run")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.", rich_help_panel="Run")] = "auto",
     revision: Annotated[Optional[str], typer.Option("--revision", help="Revision of --model on the hub.", rich_help_panel="Run")] = None,
@@ -211,7 +213,7 @@ def evaluate_edit_cmd(
     clip_model: Annotated[str, typer.Option("--clip-model", help="CLIP for the CLIP score (hub id or folder).", rich_help_panel="Metrics")] = "openai/clip-vit-large-patch14",
     pickscore_model: Annotated[str, typer.Option("--pickscore-model", help="PickScore CLIP (hub id or folder).", rich_help_panel="Metrics")] = "yuvalkirstain/PickScore_v1",
     pickscore_processor: Annotated[Optional[str], typer.Option("--pickscore-processor", help="Processor for --pickscore-model; default the LAION ViT-H/14 one PickScore was trained with; 'model' = the model's own.", rich_help_panel="Metrics")] = None,
-    lpips_model: Annotated[str, typer.Option("--lpips-model", help="alex, vgg or squeeze (the lpips package; paper-comparable), or a transformers vision backbone id/folder (uncalibrated LPIPS form).", rich_help_panel="Metrics")] = "alex",
+    lpips_model: Annotated[str, typer.Option("--lpips-model", help="vgg (default, as SoftREPA eval.py), alex or squeeze (the lpips package; paper-comparable), or a transformers vision backbone id/folder (uncalibrated LPIPS form).", rich_help_panel="Metrics")] = "vgg",
     metric_batch_size: Annotated[int, typer.Option("--metric-batch-size", help="Images per metric forward pass.", rich_help_panel="Metrics")] = 8,
     tiny_metrics: Annotated[bool, typer.Option("--tiny-metrics", help="Offline demo: write tiny random CLIP and LPIPS networks under OUT/tiny-metrics and use them for clip, pickscore and lpips (scores are meaningless).", rich_help_panel="Metrics")] = False,
 ) -> None:
@@ -243,7 +245,8 @@ def evaluate_edit_cmd(
             pairs=str(pairs), model=model, out=str(out), tokens=str(tokens) if tokens else None,
             methods=tuple(m.strip() for m in methods.split(",") if m.strip()) if methods else None,
             tgt_cfgs=_eval_float_list(tgt_cfg, "--tgt-cfg"), n_max=n_max, steps=steps, n_min=n_min, src_cfg=src_cfg, seed=seed, size=size,
-            cfg_rule=cfg_rule, limit=limit, device=device, dtype=dtype, revision=revision, metrics=mcfg,
+            cfg_rule=cfg_rule, limit=limit, device=device, dtype=dtype, revision=revision, metrics=mcfg, rows=rows,
+            passed_only=passed_only,
         )
         res = evaluate_edit(cfg)
     except ConfigError as exc:
@@ -252,6 +255,8 @@ def evaluate_edit_cmd(
     typer.echo(res.markdown)
     console.print(f"pairs {res.n_pairs}; edited {res.n_edited}, reused {res.n_reused}, failed {res.n_failed} (pair x setting)", highlight=False)
     console.print(f"scores: {res.scores_path}\nsummary: {res.summary_md} and {res.summary_csv}", highlight=False)
+    if res.leakage is not None and res.leakage.overlap:
+        console.print(f"[bold yellow]warning, leakage:[/] {res.leakage.message()}", highlight=False)
 
 
 def main() -> None:
