@@ -259,6 +259,50 @@ def evaluate_edit_cmd(
         console.print(f"[bold yellow]warning, leakage:[/] {res.leakage.message()}", highlight=False)
 
 
+@app.command("recipe")
+def recipe_cmd(
+    coco_captions: Annotated[Path, typer.Option("--coco-captions", help="COCO annotations/captions_train2017.json (the official trainer's data).")],
+    coco_images: Annotated[Path, typer.Option("--coco-images", help="COCO train2017/ image folder.")],
+    pairs: Annotated[Path, typer.Option("--pairs", help="DIV2K caption/target pairs: a dataprep run directory (RUN/edits) or a prompts_editing.json.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: batches/, train/, eval/, paper_table.md.")] = Path("runs/paper"),
+    model: Annotated[str, typer.Option("--model", help="SD3 diffusers pipeline (hub id or folder).")] = "stabilityai/stable-diffusion-3-medium-diffusers",
+    hard_negatives: Annotated[Optional[Path], typer.Option("--hard-negatives", help="An edits store (RUN/edits) whose single-concept edits join the batches as hard negatives (optional; the official recipe has none).")] = None,
+    rows: Annotated[str, typer.Option("--rows", help="table5 (DIV2K) or table6 (Cat2Dog rows).")] = "table5",
+    train_steps: Annotated[Optional[int], typer.Option("--train-steps", help="Training steps (default: the trainer's Table 3 value).")] = None,
+    options: Annotated[Optional[Path], typer.Option("--options", help='JSON file {"batch_options": {...}, "train_options": {...}, "eval_options": {...}} with BatchOptions / TrainConfig / EvalConfig fields (eval_options.metrics: MetricConfig fields).')] = None,
+) -> None:
+    """The paper's recipe in one command: COCO batches -> train SD3 tokens -> FlowEdit on DIV2K pairs, Table 5 with the paper's numbers beside ours."""
+    import json
+
+    from dataprep.engines import ConfigError
+
+    extra: dict = {}
+    if options is not None:
+        try:
+            extra = json.loads(options.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise fail(f"cannot read {options}: {exc} (flag --options; fix: pass a JSON object)")
+        unknown = sorted(set(extra) - {"batch_options", "train_options", "eval_options"})
+        if unknown:
+            raise fail(f"unknown keys {unknown} in {options} (flag --options; fix: use batch_options, train_options, eval_options)")
+    from flows.recipe import RecipeConfig, run_recipe
+
+    train_options = dict(extra.get("train_options", {}))
+    if train_steps is not None:
+        train_options["steps"] = train_steps
+    cfg = RecipeConfig(str(coco_captions), str(coco_images), str(pairs), str(out), model,
+                       None if hard_negatives is None else str(hard_negatives), rows, dict(extra.get("batch_options", {})),
+                       train_options, dict(extra.get("eval_options", {})))
+    from softrepa.backbone import ConfigError as TrainConfigError  # the trainer's own error type
+
+    try:
+        res = run_recipe(cfg, on_stage=lambda msg: typer.echo(f"== {msg}"))
+    except (ConfigError, TrainConfigError) as exc:
+        raise fail(str(exc))
+    typer.echo(res.markdown)
+    typer.echo(f"tokens: {res.train.tokens_dir}\nscores: {res.evaluation.scores_path}\ntable: {res.table_md}")
+
+
 def main() -> None:
     app()
 
