@@ -68,6 +68,9 @@ class EditConfig:
     uses 1024); 0 keeps its own size, rounded down to what the model accepts.
     """
 
+    # SoftREPA README's edit_sd3.py example (--NFE 50 --n_start 33 --src_cfg_scale 3.5
+    # --tar_cfg_scale 13.5 --img_size 1024) = FlowEdit's SD3_exp.yaml (T_steps 50,
+    # n_max 33, n_min 0, n_avg 1, src 3.5, tar 13.5)
     steps: int = 50
     n_max: int = 33
     n_min: int = 0
@@ -76,7 +79,7 @@ class EditConfig:
     n_avg: int = 1
     seed: int = 0
     size: int = 1024
-    cfg_rule: str = "official"
+    cfg_rule: str = "official"  # sampler.py SD3EulerFE.sample (see CFG_RULES)
 
     def validate(self) -> "EditConfig":
         if self.steps < 1:

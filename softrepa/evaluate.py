@@ -632,8 +632,8 @@ def evaluate_edit(cfg: EvalConfig) -> EvalResult:
     if not pairs:
         notes.append("no pairs to evaluate: the input has no error-free edits with a target (see dataprep check / the edits manifest)")
     checked = [p for p in pairs if p.passed is not None]
+    n_pass = sum(1 for p in checked if p.passed)
     if checked and not cfg.passed_only:
-        n_pass = sum(1 for p in checked if p.passed)
         notes.append(f"{n_pass} of {len(checked)} pairs passed the rule checker; scores.parquet has the verdict "
                      "(column passed) to split the table by it")
     if cfg.metrics.lpips_model not in LPIPS_PACKAGE_NETS and "lpips" in cfg.metrics.metrics:
@@ -641,6 +641,11 @@ def evaluate_edit(cfg: EvalConfig) -> EvalResult:
     if "fid" in cfg.metrics.metrics and len(pairs) < 2048 and fid:
         notes.append(f"FID over {len(pairs)} pairs (< 2048 features): biased upward, compare only runs of the same size")
     md = table_markdown(table, unavailable, notes)
+    if checked and not cfg.passed_only and 0 < n_pass < len(pairs):
+        # the same table over the pairs the checker passed (FID needs the whole set: not split)
+        passed_rows = [r for r in rows if r["passed"]]
+        md += (f"\nOnly the {n_pass} pairs that passed the rule checker (FID not split):\n\n"
+               + table_markdown(summarize(passed_rows, cfg.settings(), {}, cfg.metrics.metrics), {}))
     (out / "summary.md").write_text(md)
     write_csv(table, out / "summary.csv")
 

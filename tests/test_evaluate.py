@@ -90,6 +90,8 @@ def test_run_directory_gives_per_image_scores_and_the_summary_table(tiny, tmp_pa
     # the checker's verdict is a column, so the table can be split by it
     assert {r["image_id"]: r["passed"] for r in scores} == {"div2k/0001": True, "div2k/0002": True, "div2k/0003": False, "div2k/0004": True}
     assert "3 of 4 pairs passed the rule checker" in res.markdown
+    split = res.markdown.split("Only the 3 pairs that passed the rule checker")[1]
+    assert "| FlowEdit | 3 | 5 | 2 (1 failed) |" in split  # 0001, 0002 scored; 0004's image is missing
     only = load_pairs(run, passed_only=True)
     assert sorted(p.image_id for p in only) == ["div2k/0001", "div2k/0002", "div2k/0004"]
 
