@@ -145,6 +145,19 @@ def test_evaluate_warns_with_counts_when_evaluation_images_were_trained_on(tmp_p
     manifest = json.loads(res.manifest_path.read_text())
     assert manifest["counts"]["images_in_training"] == 1
 
+    # the command line says it too (the images are reused: no second edit)
+    from typer.testing import CliRunner
+
+    from softrepa.cli import app
+
+    out = CliRunner().invoke(app, ["evaluate-edit", "--pairs", str(pairs), "--model", str(model), "--out", str(tmp_path / "eval"),
+                                   "--tokens", str(tmp_path / "tokens"), "--methods", "flowedit+tokens", "--tgt-cfg", "4", "--n-max", "1",
+                                   "--steps", "2", "--size", "32", "--device", "cpu", "--metrics", "clip", "--clip-model", str(metric_models["clip"]),
+                                   "--pickscore-processor", "model"])
+    assert out.exit_code == 0, out.output
+    assert "edited 0, reused 2" in out.output
+    assert "warning, leakage:" in " ".join(out.output.split()) and "1 of 2 evaluation images" in " ".join(out.output.split())
+
 
 @pytest.mark.parametrize("bad", ["[1, 2", '{"image_ids": 5}'])
 def test_an_unreadable_training_record_names_tokens(tmp_path, bad):
