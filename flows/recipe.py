@@ -60,6 +60,9 @@ class RecipeConfig:
                                  (self.pairs, "--pairs", "pass a DIV2K run directory (RUN/edits) or a prompts_editing.json")):
             if not Path(value).exists():
                 raise ConfigError(f"{value} does not exist", flag, fix)
+        local = Path(self.model)
+        if (local.exists() or self.model.startswith((".", "/"))) and not (local / "model_index.json").exists():
+            raise ConfigError(f"{self.model} is not a diffusers pipeline folder (no model_index.json)", "--model", "pass an SD3 pipeline folder or hub id")
         if self.hard_negatives is not None and not Path(self.hard_negatives).is_dir():
             raise ConfigError(f"{self.hard_negatives} is not a folder", "--hard-negatives", "pass an edits store (RUN/edits) or omit it")
         return self
@@ -81,12 +84,15 @@ def _build(cls: type, options: dict[str, Any] | None, flag: str, **fixed: Any) -
     unknown = sorted(set(options) - known)
     if unknown:
         raise ConfigError(f"unknown {flag} option(s) {unknown}", flag, f"use fields of {cls.__name__}: {', '.join(sorted(known))}")
+    taken = sorted(set(options) & set(fixed))
+    if taken:
+        raise ConfigError(f"{flag} option(s) {taken} are set by the recipe", flag, "drop them (use the recipe's own flags: --model, --pairs, --out)")
     options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
     return cls(**{**options, **fixed})
 
 
-def recipe_configs(cfg: RecipeConfig) -> tuple[Any, Any, Any]:
-    """(BatchOptions, TrainConfig factory args, EvalConfig factory args), all checked before any work."""
+def recipe_configs(cfg: RecipeConfig) -> tuple[Any, Any, Path]:
+    """(BatchOptions, EvalConfig without tokens yet, OUT), both checked before any work."""
     from dataprep.batches import BatchOptions
     from softrepa.evaluate import EvalConfig
     from softrepa.metrics import MetricConfig
@@ -124,8 +130,8 @@ def run_recipe(cfg: RecipeConfig, on_stage: Callable[[str], None] | None = None)
     train_opts = dict(cfg.train_options)
     train_opts.setdefault("progress", cfg.progress)
     batches_dir = out / "batches"
-    # the batch run id is known only after writing; build the config now (with a
-    # placeholder folder check deferred) so a bad training option fails first
+    # the batch run id is known only after writing; build the config now so an
+    # unknown training option fails before any work (validate() needs the shards)
     probe = _build(TrainConfig, train_opts, "train_options", preset="sd3", batches=str(batches_dir), model=cfg.model, out=str(out / "train"))
 
     say(f"batches: COCO {cfg.coco_captions} -> {batches_dir}")

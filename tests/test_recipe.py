@@ -105,3 +105,12 @@ def test_recipe_bad_option_fails_before_any_work(tmp_path):
                                    "--out", str(tmp_path / "out"), "--options", str(tmp_path / "o.json")])
     assert res.exit_code == 2 and "eval_options" in res.output and "nmax" in res.output
     assert not (tmp_path / "out" / "batches").exists()
+    # a field the recipe sets itself is refused, not silently overridden
+    (tmp_path / "o.json").write_text(json.dumps({"eval_options": {"methods": ["flowedit"]}}))
+    res = CliRunner().invoke(app, ["recipe", "--coco-captions", str(cap), "--coco-images", str(imgs), "--pairs", str(pairs),
+                                   "--out", str(tmp_path / "out"), "--options", str(tmp_path / "o.json")])
+    assert res.exit_code == 2 and "set by the recipe" in res.output
+    res = CliRunner().invoke(app, ["recipe", "--coco-captions", str(cap), "--coco-images", str(imgs), "--pairs", str(pairs),
+                                   "--out", str(tmp_path / "out"), "--model", str(tmp_path)])
+    assert res.exit_code == 2 and "--model" in res.output
+    assert not (tmp_path / "out" / "batches").exists()
