@@ -234,17 +234,20 @@ def pairs_from_run(run_dir: Path, passed_only: bool = False) -> list[Pair]:
 
     folder = run_dir / "edits" if (run_dir / "edits").is_dir() else run_dir
     seen: dict[str, Pair] = {}
-    cols = ["image_id", "image_uri", "source", "target", "passed", "error"]
+    cols = ["key", "image_id", "image_uri", "source", "target", "passed", "error"]
     for row in iter_rows(folder, EDITS_SCHEMA, columns=cols):
-        if row["error"] is not None or not row["target"] or (passed_only and not row["passed"]):
+        if row["error"] is not None or not row["target"]:
             continue
         uri = row["image_uri"] or ""
         path = uri[len("file://"):] if uri.startswith("file://") else uri
         image_id = row["image_id"] or Path(path).stem
         pid = f"{_safe(image_id)}-{_short_hash(image_id, row['source'] or '', row['target'])}"
         passed = None if row["passed"] is None else bool(row["passed"])
-        seen[pid] = Pair(pid, image_id, path, row["source"] or "", row["target"], passed)  # later shards win (newer)
-    return list(seen.values())
+        # one pair per row key, later shards win: a rewrite rerun with more attempts
+        # writes a new row under the same key, and only that newer edit is evaluated
+        seen[row["key"] or pid] = Pair(pid, image_id, path, row["source"] or "", row["target"], passed)
+    out = list(seen.values())
+    return [p for p in out if p.passed] if passed_only else out
 
 
 def load_pairs(pairs: str | Path, limit: int | None = None, passed_only: bool = False) -> list[Pair]:

@@ -167,3 +167,21 @@ def test_an_unreadable_training_record_names_tokens(tmp_path, bad):
     with pytest.raises(ConfigError) as err:
         find_leakage([Pair("p", "a", str(tmp_path / "a.png"), "s", "t")], tmp_path)
     assert err.value.flag == "--tokens"
+
+
+def test_a_rewrite_rerun_replaces_the_older_edit_of_the_same_key(tmp_path):
+    """Now that failing edits are evaluated too, a row rewritten by a rerun (same key, newer
+    shard) must replace the older attempt rather than add a second pair for the image."""
+    from dataprep.store import EDITS_SCHEMA, ShardWriter
+    from softrepa.evaluate import load_pairs
+
+    img = _png(tmp_path / "0001.png", 1)
+    base = dict(image_id="div2k/0001", image_uri=str(img), source="a red house", violations=[], attempts=1)
+    with ShardWriter(tmp_path / "edits", EDITS_SCHEMA, run_id="20260101T000000000000-aaaaaa") as w:
+        w.add({**base, "key": "k1", "target": "a red house and a car", "passed": False})
+        w.add({**base, "image_id": "div2k/0002", "key": "k2", "target": "a blue house", "passed": True})
+    with ShardWriter(tmp_path / "edits", EDITS_SCHEMA, run_id="20260102T000000000000-bbbbbb") as w:
+        w.add({**base, "key": "k1", "target": "a red barn", "passed": True, "attempts": 2})
+    pairs = load_pairs(tmp_path)
+    assert [(p.image_id, p.target, p.passed) for p in pairs] == [("div2k/0001", "a red barn", True), ("div2k/0002", "a blue house", True)]
+    assert len(load_pairs(tmp_path, passed_only=True)) == 2
