@@ -48,7 +48,7 @@ def processor():
     "size, mode, side",
     [
         ((401, 257), "RGB", 30),  # strong downscale (where reducing_gap used to differ)
-        ((1020, 678), "RGB", 336),  # a half-size DIV2K frame at LLaVA-1.5's 336
+        ((2040, 1356), "RGB", 336),  # a DIV2K frame at LLaVA-1.5's 336
         ((257, 401), "L", 30),  # portrait, greyscale
         ((64, 64), "RGBA", 30),  # square, already padded
         ((23, 37), "RGB", 30),  # upscale
@@ -75,12 +75,13 @@ def test_prepared_square_equals_llava_processor_with_do_pad(processor, size, mod
 
 def test_reducing_gap_is_what_made_the_difference():
     """The regression this guards: Pillow's reducing_gap resize differs from a plain one."""
-    img = _image((1020, 678), "RGB", 1)
+    # reducing_gap only acts when shrinking by 2 x gap or more (DIV2K 2040 px -> 336 is 6x)
+    img = _image((1200, 800), "RGB", 1)
     from dataprep.images import pad_to_square
 
     sq = pad_to_square(img)
-    plain = np.asarray(sq.resize((336, 336), Image.Resampling.BICUBIC), dtype=int)
-    gap = np.asarray(sq.resize((336, 336), Image.Resampling.BICUBIC, reducing_gap=3.0), dtype=int)
-    ours = np.asarray(prepare(_png_bytes(img), PrepOptions(mode="pad", size=336)).image, dtype=int)
+    plain = np.asarray(sq.resize((100, 100), Image.Resampling.BICUBIC), dtype=int)
+    gap = np.asarray(sq.resize((100, 100), Image.Resampling.BICUBIC, reducing_gap=3.0), dtype=int)
+    ours = np.asarray(prepare(_png_bytes(img), PrepOptions(mode="pad", size=100)).image, dtype=int)
     assert np.abs(plain - gap).max() > 0
     assert np.array_equal(ours, plain)
