@@ -146,13 +146,21 @@ class _no_pil_bomb_guard:
 
 
 def square(img: Image.Image, opts: PrepOptions) -> Image.Image:
+    """Pad (or crop) to a square, then resize to ``opts.size``.
+
+    With ``mode="pad"`` the result equals, pixel for pixel, what
+    transformers' ``LlavaImageProcessor(do_pad=True)`` feeds its normaliser:
+    the same mean-colour padding and one plain bicubic PIL resize. Pillow's
+    ``reducing_gap`` (a faster two-stage downscale) must stay off: it changes
+    pixels by up to 9/255 against the processor's single resize.
+    """
     img = pad_to_square(img) if opts.mode == "pad" else center_crop_square(img)
     if opts.size is not None and img.size != (opts.size, opts.size):
-        img = img.resize((opts.size, opts.size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+        img = img.resize((opts.size, opts.size), Image.Resampling.BICUBIC)
     elif opts.max_side is not None and img.width > opts.max_side:
         # a 4000x3000 photo padded to 4000x4000 is 48 MB decoded; the openai engine
         # would send it at 1024 anyway, so the batch waiting for the server holds 3 MB
-        img = img.resize((opts.max_side, opts.max_side), Image.Resampling.BICUBIC, reducing_gap=3.0)
+        img = img.resize((opts.max_side, opts.max_side), Image.Resampling.BICUBIC)
     return img
 
 

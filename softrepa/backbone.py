@@ -28,7 +28,11 @@ class ConfigError(ValueError):
         super().__init__(" ".join(parts))
 
 
-
+#: SD3's T5 prompt length, in training and editing alike: the official sampler
+#: (SoftREPA ``sampler.py``, ``StableDiffusion3Base.encode_prompt``) pads and
+#: truncates T5 to 512 tokens after 77 CLIP tokens, and the released tokens were
+#: trained and evaluated with that text stream (diffusers' default is 256).
+T5_MAX_LENGTH = 512
 
 
 @dataclass
@@ -93,10 +97,8 @@ class PromptCache:
     def _encode(self, prompts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         p, dev = self.parts.pipe, self.parts.device
         if self.parts.backbone == "sd3":
-            # T5 length: diffusers' default 256, capped by the tokenizer's own limit
-            t5_len = min(256, int(getattr(p.tokenizer_3, "model_max_length", 256) or 256))
             emb, _, pooled, _ = p.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=dev,
-                                                do_classifier_free_guidance=False, max_sequence_length=t5_len)
+                                                do_classifier_free_guidance=False, max_sequence_length=T5_MAX_LENGTH)
         elif self.parts.backbone == "sdxl":
             emb, _, pooled, _ = p.encode_prompt(prompt=prompts, device=dev, do_classifier_free_guidance=False)
         else:

@@ -129,18 +129,50 @@ def import_tokens_cmd(
     src_dir: Annotated[Path, typer.Argument(help="Folder with the official dc_tokens.pth (and dc_t_tokens.pth), as released with the paper's code (one backbone's folder).")],
     out_dir: Annotated[Path, typer.Argument(help="Where to write tokens.safetensors + tokens.json.")],
     backbone: Annotated[str, typer.Option("--backbone", help="sd3, sdxl or sd1.5: which model the tokens were trained for.")],
+    model: Annotated[Optional[str], typer.Option("--model", help="sd3 only: the SD3 pipeline (hub id or folder) whose context_embedder projects 4096-wide tokens (the current official trainer's layout) to the text width; exact, as the projection is linear.")] = None,
 ) -> None:
     """Convert official SoftREPA .pth token files (safe loading only: weights_only + an allow-list) to our format."""
-    from softrepa.token_files import UnsafeTokenFile, import_official
+    from softrepa.token_files import NeedsContextEmbedder, UnsafeTokenFile, import_official, load_context_embedder
 
     try:
-        module = import_official(src_dir, out_dir, backbone)
+        embedder = None
+        if model is not None:
+            if backbone != "sd3":
+                raise fail("--model is only needed for sd3 tokens (their context_embedder); drop it for " + backbone)
+            try:
+                embedder = load_context_embedder(model)
+            except (OSError, ValueError) as exc:
+                raise fail(f"cannot load the SD3 transformer of {model}: {exc} (flag --model; fix: pass an SD3 pipeline folder or hub id)")
+        module = import_official(src_dir, out_dir, backbone, embedder)
+    except NeedsContextEmbedder as exc:
+        raise fail(f"{exc} (flag --model)")
     except (FileNotFoundError, ValueError, UnsafeTokenFile) as exc:
         raise fail(str(exc))
     c = module.config
     t_shape = None if module.t_embedding is None else list(module.t_embedding.weight.shape)
     typer.echo(f"imported {backbone}: tokens {list(module.tokens.shape)}, t_embedding {t_shape}, "
                f"apply {list(c.apply) or '-'} -> {out_dir}")
+
+
+@app.command("export-tokens")
+def export_tokens_cmd(
+    tokens_dir: Annotated[Path, typer.Argument(help="Our token folder (tokens.json + tokens.safetensors), e.g. RUN/tokens.")],
+    out_dir: Annotated[Path, typer.Argument(help="Where to write dc_tokens.pth (and dc_t_tokens.pth).")],
+    format: Annotated[str, typer.Option("--format", help="official: the SoftREPA release's torch files (nn.Parameter dc_tokens, nn.Embedding dc_t_tokens), loadable by its sample.py / edit_sd3.py --load_dir.")] = "official",
+) -> None:
+    """Write soft tokens in the official SoftREPA file format (export then import is bit-identical)."""
+    from softrepa.token_files import export_official, load_tokens
+
+    if format != "official":
+        raise fail(f"unknown format {format!r} (flag --format; fix: use --format official)", code=2)
+    try:
+        module = load_tokens(tokens_dir)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        raise fail(f"{exc} (argument TOKENS_DIR; fix: pass a folder written by softrepa train or import-tokens)", code=2)
+    written = export_official(module, out_dir)
+    c = module.config
+    flags = f"--n_dc_tokens {c.n_tokens}" + (f" --n_dc_layers {c.n_layers}" if c.backbone == "sd3" else "") + (" --use_dc_t" if c.t_dependent else "")
+    typer.echo(f"exported {c.backbone}: " + ", ".join(f"{p.name}" for p in written) + f" -> {out_dir}\nofficial flags: {flags}")
 
 
 # ------------------------------------------------------------ sample (issue 6)
@@ -192,15 +224,17 @@ def evaluate_edit_cmd(
     model: Annotated[str, typer.Option("--model", help="SD3 diffusers pipeline: hub id or local folder.")] = "stabilityai/stable-diffusion-3-medium-diffusers",
     tokens: Annotated[Optional[Path], typer.Option("--tokens", help="Soft tokens folder (softrepa train output, or the official tokens/sd3 with dc_tokens.pth); adds the method flowedit+tokens.")] = None,
     methods: Annotated[Optional[str], typer.Option("--methods", help="Comma list of flowedit, flowedit+tokens. Default: flowedit, plus flowedit+tokens with --tokens.", rich_help_panel="FlowEdit")] = None,
-    tgt_cfg: Annotated[Optional[str], typer.Option("--tgt-cfg", help="Target guidance scales, comma list (e.g. 9,11,13); applies to every method. Default per method as in the paper: 13.5 (flowedit), 9,11,13 (flowedit+tokens).", rich_help_panel="FlowEdit")] = None,
+    tgt_cfg: Annotated[Optional[str], typer.Option("--tgt-cfg", help="Target guidance scales, comma list (e.g. 9,11,13); applies to every method. Default: the --rows table's, per method.", rich_help_panel="FlowEdit")] = None,
+    rows: Annotated[str, typer.Option("--rows", help="Which paper table's rows to run: table5 (DIV2K: FlowEdit NMAX 33 at CFG 13.5/16.5/19.5, with tokens NMAX 30 at 9/11/13) or table6 (Cat2Dog: tokens also at 7).", rich_help_panel="FlowEdit")] = "table5",
     n_max: Annotated[Optional[int], typer.Option("--n-max", help="Edit over the last N of --steps steps; applies to every method. Default per method: 33 (flowedit), 30 (flowedit+tokens).", rich_help_panel="FlowEdit")] = None,
     steps: Annotated[int, typer.Option("--steps", help="Sampling steps of the flow-matching schedule.", rich_help_panel="FlowEdit")] = 50,
     n_min: Annotated[int, typer.Option("--n-min", help="Finish the last N steps with plain sampling of the target (paper: 0).", rich_help_panel="FlowEdit")] = 0,
     src_cfg: Annotated[float, typer.Option("--src-cfg", help="Source guidance scale.", rich_help_panel="FlowEdit")] = 3.5,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the per-step FlowEdit noise (same seed -> same edits).", rich_help_panel="FlowEdit")] = 0,
     size: Annotated[int, typer.Option("--size", help="Edit at SIZE x SIZE pixels (the official script uses 1024); 0 keeps each source's size.", rich_help_panel="FlowEdit")] = 1024,
-    cfg_rule: Annotated[str, typer.Option("--cfg-rule", help="standard: u + w(c - u) for both branches (FlowEdit); softrepa-official: target branch c + w(c - u) as in the SoftREPA script (effective scale w + 1).", rich_help_panel="FlowEdit")] = "standard",
+    cfg_rule: Annotated[str, typer.Option("--guidance-rule", "--cfg-rule", help="Target-branch guidance. official: c + w(c - u), the SoftREPA editing script the paper's numbers come from (effective scale w + 1); flowedit: u + w(c - u), FlowEdit's own code. The source branch is u + w(c - u) either way.", rich_help_panel="FlowEdit")] = "official",
     limit: Annotated[Optional[int], typer.Option("--limit", help="Edit only the first N pairs.", rich_help_panel="Run")] = None,
+    passed_only: Annotated[bool, typer.Option("--passed-only", help="Edit only pairs that passed the rule checker. Default: every pair with a target, as the paper; the verdict is the column 'passed' of scores.parquet.", rich_help_panel="Run")] = False,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps (editing and metrics).", rich_help_panel="Run")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.", rich_help_panel="Run")] = "auto",
     revision: Annotated[Optional[str], typer.Option("--revision", help="Revision of --model on the hub.", rich_help_panel="Run")] = None,
@@ -208,12 +242,13 @@ def evaluate_edit_cmd(
     clip_model: Annotated[str, typer.Option("--clip-model", help="CLIP for the CLIP score (hub id or folder).", rich_help_panel="Metrics")] = "openai/clip-vit-large-patch14",
     pickscore_model: Annotated[str, typer.Option("--pickscore-model", help="PickScore CLIP (hub id or folder).", rich_help_panel="Metrics")] = "yuvalkirstain/PickScore_v1",
     pickscore_processor: Annotated[Optional[str], typer.Option("--pickscore-processor", help="Processor for --pickscore-model; default the LAION ViT-H/14 one PickScore was trained with; 'model' = the model's own.", rich_help_panel="Metrics")] = None,
-    lpips_model: Annotated[str, typer.Option("--lpips-model", help="alex, vgg or squeeze (the lpips package; paper-comparable), or a transformers vision backbone id/folder (uncalibrated LPIPS form).", rich_help_panel="Metrics")] = "alex",
+    lpips_model: Annotated[str, typer.Option("--lpips-model", help="vgg (default, as SoftREPA eval.py), alex or squeeze (the lpips package; paper-comparable), or a transformers vision backbone id/folder (uncalibrated LPIPS form).", rich_help_panel="Metrics")] = "vgg",
     metric_batch_size: Annotated[int, typer.Option("--metric-batch-size", help="Images per metric forward pass.", rich_help_panel="Metrics")] = 8,
     tiny_metrics: Annotated[bool, typer.Option("--tiny-metrics", help="Offline demo: write tiny random CLIP and LPIPS networks under OUT/tiny-metrics and use them for clip, pickscore and lpips (scores are meaningless).", rich_help_panel="Metrics")] = False,
 ) -> None:
     """Edit caption/target pairs with FlowEdit on SD3 (with and without soft tokens) and score them (paper, Tables 5 and 6)."""
     from rich.console import Console
+    from rich.markup import escape
 
     from dataprep.engines import ConfigError
     from softrepa.evaluate import EvalConfig, evaluate_edit
@@ -240,7 +275,8 @@ def evaluate_edit_cmd(
             pairs=str(pairs), model=model, out=str(out), tokens=str(tokens) if tokens else None,
             methods=tuple(m.strip() for m in methods.split(",") if m.strip()) if methods else None,
             tgt_cfgs=_eval_float_list(tgt_cfg, "--tgt-cfg"), n_max=n_max, steps=steps, n_min=n_min, src_cfg=src_cfg, seed=seed, size=size,
-            cfg_rule=cfg_rule, limit=limit, device=device, dtype=dtype, revision=revision, metrics=mcfg,
+            cfg_rule=cfg_rule, limit=limit, device=device, dtype=dtype, revision=revision, metrics=mcfg, rows=rows,
+            passed_only=passed_only,
         )
         res = evaluate_edit(cfg)
     except ConfigError as exc:
@@ -251,6 +287,52 @@ def evaluate_edit_cmd(
     console.print(f"scores: {res.scores_path}\nsummary: {res.summary_md} and {res.summary_csv}", highlight=False, markup=False)
     if (res.out_dir / "grids" / "index.html").exists():
         console.print(f"grids: {(res.out_dir / 'grids' / 'index.html').resolve().as_uri()} (and a PNG per pair beside it)", highlight=False, markup=False, soft_wrap=True)
+    if res.leakage is not None and res.leakage.overlap:
+        console.print(f"[bold yellow]warning, leakage:[/] {escape(res.leakage.message())}", highlight=False)
+
+
+@app.command("recipe")
+def recipe_cmd(
+    coco_captions: Annotated[Path, typer.Option("--coco-captions", help="COCO annotations/captions_train2017.json (the official trainer's data).")],
+    coco_images: Annotated[Path, typer.Option("--coco-images", help="COCO train2017/ image folder.")],
+    pairs: Annotated[Path, typer.Option("--pairs", help="DIV2K caption/target pairs: a dataprep run directory (RUN/edits) or a prompts_editing.json.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: batches/, train/, eval/, paper_table.md.")] = Path("runs/paper"),
+    model: Annotated[str, typer.Option("--model", help="SD3 diffusers pipeline (hub id or folder).")] = "stabilityai/stable-diffusion-3-medium-diffusers",
+    hard_negatives: Annotated[Optional[Path], typer.Option("--hard-negatives", help="An edits store (RUN/edits) whose single-concept edits join the batches as hard negatives (optional; the official recipe has none).")] = None,
+    rows: Annotated[str, typer.Option("--rows", help="table5 (DIV2K) or table6 (Cat2Dog rows).")] = "table5",
+    train_steps: Annotated[Optional[int], typer.Option("--train-steps", help="Training steps (default: the trainer's Table 3 value).")] = None,
+    options: Annotated[Optional[Path], typer.Option("--options", help='JSON file {"batch_options": {...}, "train_options": {...}, "eval_options": {...}} with BatchOptions / TrainConfig / EvalConfig fields (eval_options.metrics: MetricConfig fields).')] = None,
+) -> None:
+    """The paper's recipe in one command: COCO batches -> train SD3 tokens -> FlowEdit on DIV2K pairs, Table 5 with the paper's numbers beside ours."""
+    import json
+
+    from dataprep.engines import ConfigError
+
+    extra: dict = {}
+    if options is not None:
+        try:
+            extra = json.loads(options.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise fail(f"cannot read {options}: {exc} (flag --options; fix: pass a JSON object)")
+        unknown = sorted(set(extra) - {"batch_options", "train_options", "eval_options"})
+        if unknown:
+            raise fail(f"unknown keys {unknown} in {options} (flag --options; fix: use batch_options, train_options, eval_options)")
+    from flows.recipe import RecipeConfig, run_recipe
+
+    train_options = dict(extra.get("train_options", {}))
+    if train_steps is not None:
+        train_options["steps"] = train_steps
+    cfg = RecipeConfig(str(coco_captions), str(coco_images), str(pairs), str(out), model,
+                       None if hard_negatives is None else str(hard_negatives), rows, dict(extra.get("batch_options", {})),
+                       train_options, dict(extra.get("eval_options", {})))
+    from softrepa.backbone import ConfigError as TrainConfigError  # the trainer's own error type
+
+    try:
+        res = run_recipe(cfg, on_stage=lambda msg: typer.echo(f"== {msg}"))
+    except (ConfigError, TrainConfigError) as exc:
+        raise fail(str(exc))
+    typer.echo(res.markdown)
+    typer.echo(f"tokens: {res.train.tokens_dir}\nscores: {res.evaluation.scores_path}\ntable: {res.table_md}")
 
 
 def main() -> None:

@@ -35,7 +35,16 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
     from PIL.Image import Image
 
-CFG_RULES = ("standard", "softrepa-official")
+#: Target-branch guidance rules. ``official``: ``c + w (c - u)``, the SoftREPA
+#: editing script (``sampler.py``, ``SD3EulerFE.sample``: ``pred_v + tar_cfg_scale
+#: * (pred_v - pred_vn)``), which the official README runs for both its FlowEdit
+#: and its FlowEdit + tokens examples, so the paper's Tables 5/6 were made with
+#: it (effective scale ``w + 1``). ``flowedit``: ``u + w (c - u)``, FlowEdit's own
+#: code (``FlowEdit_utils.py``, ``calc_v_sd3``). The source branch is
+#: ``u + w (c - u)`` in both scripts.
+CFG_RULES = ("official", "flowedit")
+#: earlier names of the same rules, still accepted
+CFG_RULE_ALIASES = {"softrepa-official": "official", "standard": "flowedit"}
 
 #: ``velocity(z_src, z_tgt, sigma) -> (v_src, v_tgt)``, both guided, shaped like
 #: the latents. ``z_src`` is None in the plain-sampling phase; then only the
@@ -50,15 +59,18 @@ class EditConfig:
     With soft tokens the paper uses ``n_max=30`` and ``tgt_cfg`` 9-13
     (Tables 5 and 6); vanilla uses ``n_max=33`` and ``tgt_cfg=13.5``.
 
-    ``cfg_rule``: ``standard`` guides both branches as
-    ``u + w (c - u)`` (FlowEdit's rule). ``softrepa-official`` reproduces the
-    SoftREPA public script, whose *target* branch computes ``c + w (c - u)``,
-    i.e. an effective scale of ``w + 1``; use it only to match that script's
-    numbers.
+    ``cfg_rule`` (flag ``--guidance-rule``): how the *target* branch is
+    guided. ``official`` (default) is the SoftREPA editing script's
+    ``c + w (c - u)``, an effective scale of ``w + 1``: the paper's numbers
+    were made with it. ``flowedit`` is FlowEdit's ``u + w (c - u)``. The source
+    branch always uses ``u + w (c - u)`` (both scripts). See :data:`CFG_RULES`.
     ``size``: the source is resized to ``size x size`` (the official script
     uses 1024); 0 keeps its own size, rounded down to what the model accepts.
     """
 
+    # SoftREPA README's edit_sd3.py example (--NFE 50 --n_start 33 --src_cfg_scale 3.5
+    # --tar_cfg_scale 13.5 --img_size 1024) = FlowEdit's SD3_exp.yaml (T_steps 50,
+    # n_max 33, n_min 0, n_avg 1, src 3.5, tar 13.5)
     steps: int = 50
     n_max: int = 33
     n_min: int = 0
@@ -67,7 +79,7 @@ class EditConfig:
     n_avg: int = 1
     seed: int = 0
     size: int = 1024
-    cfg_rule: str = "standard"
+    cfg_rule: str = "official"  # sampler.py SD3EulerFE.sample (see CFG_RULES)
 
     def validate(self) -> "EditConfig":
         if self.steps < 1:
@@ -80,8 +92,8 @@ class EditConfig:
             raise ConfigError(f"n_avg must be >= 1, got {self.n_avg}", flag="--n-avg", fix="use --n-avg 1")
         if self.size < 0:
             raise ConfigError(f"size must be >= 0, got {self.size}", flag="--size", fix="use --size 1024, or 0 to keep the source size")
-        if self.cfg_rule not in CFG_RULES:
-            raise ConfigError(f"unknown cfg rule {self.cfg_rule!r}", flag="--cfg-rule", fix=f"one of {', '.join(CFG_RULES)}")
+        if CFG_RULE_ALIASES.get(self.cfg_rule, self.cfg_rule) not in CFG_RULES:
+            raise ConfigError(f"unknown guidance rule {self.cfg_rule!r}", flag="--guidance-rule", fix=f"one of {', '.join(CFG_RULES)}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,13 +103,17 @@ class EditConfig:
 # ------------------------------------------------------------------ pure core
 
 
-def guide(uncond: "torch.Tensor", cond: "torch.Tensor", scale: float, rule: str = "standard") -> "torch.Tensor":
-    """Classifier-free guidance. See :class:`EditConfig` for the two rules."""
-    if rule == "standard":
+def guide(uncond: "torch.Tensor", cond: "torch.Tensor", scale: float, rule: str = "flowedit") -> "torch.Tensor":
+    """Classifier-free guidance: ``flowedit`` ``u + w (c - u)``, ``official`` ``c + w (c - u)``.
+
+    See :data:`CFG_RULES` for where each rule comes from.
+    """
+    rule = CFG_RULE_ALIASES.get(rule, rule)
+    if rule == "flowedit":
         return uncond + scale * (cond - uncond)
-    if rule == "softrepa-official":
+    if rule == "official":
         return cond + scale * (cond - uncond)
-    raise ValueError(f"unknown cfg rule {rule!r}")
+    raise ValueError(f"unknown guidance rule {rule!r}")
 
 
 def flowedit(
@@ -282,11 +298,15 @@ class SD3FlowEditor:
 
         Cached for the last few prompt lists: the evaluator edits one pair under
         several settings. DIV2K captions exceed CLIP's 77 tokens; SD3 truncates
-        them for the CLIP encoders (T5 keeps 256), as in the paper's setup, so
-        the per-call truncation warning is silenced here.
+        them for the CLIP encoders while T5 keeps
+        :data:`softrepa.backbone.T5_MAX_LENGTH` (512, the official sampler's
+        length, the same as in training), so the per-call truncation warning
+        is silenced here.
         """
         import torch
         from diffusers.utils import logging as dlogging
+
+        from softrepa.backbone import T5_MAX_LENGTH
 
         key = tuple(prompts)
         if key in self._prompt_cache:
@@ -296,7 +316,8 @@ class SD3FlowEditor:
         try:
             with torch.no_grad():
                 embeds, _, pooled, _ = self.pipe.encode_prompt(
-                    prompt=prompts, prompt_2=None, prompt_3=None, device=self.device, do_classifier_free_guidance=False
+                    prompt=prompts, prompt_2=None, prompt_3=None, device=self.device, do_classifier_free_guidance=False,
+                    max_sequence_length=T5_MAX_LENGTH,
                 )
         finally:
             dlogging.set_verbosity(level)
@@ -359,7 +380,7 @@ class SD3FlowEditor:
 
         def velocity(z_src: torch.Tensor | None, z_tgt: torch.Tensor, sigma: torch.Tensor):
             v_tgt = branch(z_tgt, sigma, tgt, cfg.tgt_cfg, cfg.cfg_rule)
-            v_src = None if z_src is None else branch(z_src, sigma, src, cfg.src_cfg, "standard")
+            v_src = None if z_src is None else branch(z_src, sigma, src, cfg.src_cfg, "flowedit")
             return v_src, v_tgt
 
         return velocity

@@ -5,12 +5,23 @@ Pairs come from either
 - an official-format ``prompts_editing.json`` (a list of ``{"prompt",
   "img_path", "tgt_prompt"}``, ``img_path`` relative to the JSON), or
 - a run directory of this pipeline (``RUN/edits`` Parquet shards, schema
-  ``dataprep.store.EDITS_SCHEMA``): rows with ``passed`` true and no ``error``;
-  the source image is ``image_uri``.
+  ``dataprep.store.EDITS_SCHEMA``): every row with a target and no ``error``,
+  as the paper evaluates every DIV2K caption/target pair; the rule checker's
+  verdict is kept as the ``passed`` column of the scores so a table can be
+  split by it (``passed_only`` restores the filter); the source image is
+  ``image_uri``.
 
-Every pair is edited under every *setting* (method x n_max x target CFG):
-``flowedit`` (vanilla; paper: n_max 33, target CFG 13.5) and, with
-``--tokens``, ``flowedit+tokens`` (paper: n_max 30, target CFG 9/11/13).
+Every pair is edited under every *setting* (method x n_max x target CFG).
+Default rows are the paper's Table 5 (``softrepa.paper``): ``flowedit`` at
+NMAX 33, target CFG 13.5/16.5/19.5 and, with ``--tokens``, ``flowedit+tokens``
+at NMAX 30, target CFG 9/11/13; ``rows="table6"`` adds tokens at CFG 7
+(Cat2Dog). Target guidance follows the official editing script
+(``softrepa.edit.CFG_RULES``).
+
+Leakage guard: when the tokens folder has ``trained_images.json``
+(``{"image_ids": [...], "sha256": [...]}``, written by the trainer), pairs
+whose image was trained on (same file sha256, same image id or file stem) are
+counted and reported as a warning in the summary, the manifest and the CLI.
 Output folder::
 
     OUT/config.json                      the EvalConfig, as run
@@ -37,14 +48,17 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from dataprep.engines import ConfigError
+from softrepa import paper
 from softrepa.edit import EditConfig
 from softrepa.metrics import ALL_METRICS, LOWER_IS_BETTER, LPIPS_PACKAGE_NETS, TABLE_ORDER, MetricConfig
 
 METHODS = ("flowedit", "flowedit+tokens")
 METHOD_LABELS = {"flowedit": "FlowEdit", "flowedit+tokens": "FlowEdit + soft tokens"}
-#: paper defaults per method (Tables 5 and 6)
-DEFAULT_N_MAX = {"flowedit": 33, "flowedit+tokens": 30}
-DEFAULT_TGT_CFG = {"flowedit": (13.5,), "flowedit+tokens": (9.0, 11.0, 13.0)}
+#: paper defaults per method (Tables 5 and 6; see softrepa.paper)
+DEFAULT_N_MAX = dict(paper.N_MAX)
+DEFAULT_TGT_CFG = dict(paper.ROWS["table5"])
+ROW_SETS = tuple(paper.ROWS)
+TRAINED_IMAGES_FILE = "trained_images.json"
 METRIC_LABELS = {"imagereward": "ImageReward", "pickscore": "PickScore", "clip": "CLIP", "hpsv2": "HPS", "fid": "FID", "lpips": "LPIPS"}
 
 
@@ -58,6 +72,7 @@ class Pair:
     source: str
     target: str
     error: str | None = None  # the input item itself is unusable (wrong types): every setting of it is an error row
+    passed: bool | None = None  # the rule checker's verdict (None: not checked, e.g. a prompts_editing.json)
 
 
 @dataclass(frozen=True)
@@ -82,8 +97,11 @@ class EvalConfig:
     """Everything one evaluation needs; CLI flags map one-to-one onto these fields.
 
     ``methods`` None: ``flowedit``, plus ``flowedit+tokens`` when ``tokens`` is set.
-    ``tgt_cfgs`` / ``n_max`` None: each method's paper default (see module doc);
-    when given they apply to every method.
+    ``tgt_cfgs`` / ``n_max`` None: each method's paper default for the table
+    ``rows`` (``table5``, or ``table6`` with tokens at CFG 7 as well); when
+    given they apply to every method.
+    ``passed_only``: edit only pairs that passed the rule checker (default: every
+    pair with a target, as the paper; the verdict is a column either way).
     """
 
     pairs: str
@@ -93,6 +111,8 @@ class EvalConfig:
     methods: tuple[str, ...] | None = None
     tgt_cfgs: tuple[float, ...] | None = None
     n_max: int | None = None
+    rows: str = "table5"
+    passed_only: bool = False
     # FlowEdit's defaults live once, in EditConfig (paper: 50 steps, source CFG 3.5)
     steps: int = EditConfig.steps
     n_min: int = EditConfig.n_min
@@ -114,7 +134,7 @@ class EvalConfig:
         out = []
         for m in self.resolved_methods():
             n_max = self.n_max if self.n_max is not None else DEFAULT_N_MAX[m]
-            for w in self.tgt_cfgs or DEFAULT_TGT_CFG[m]:
+            for w in self.tgt_cfgs or paper.ROWS.get(self.rows, DEFAULT_TGT_CFG)[m]:
                 e = self.edit_config(Setting(m, n_max, float(w)))
                 tokens = _dir_digest(self.tokens) if m == "flowedit+tokens" and self.tokens else ""
                 fp = _short_hash(json.dumps([e.to_dict(), self.model, self.revision or "", tokens], sort_keys=True))[:8]
@@ -139,6 +159,8 @@ class EvalConfig:
             raise ConfigError("method flowedit+tokens needs soft tokens", flag="--tokens", fix="pass --tokens DIR (written by softrepa train)")
         if self.tokens and not Path(self.tokens).is_dir():
             raise ConfigError(f"{self.tokens} is not a folder", flag="--tokens", fix="pass the folder softrepa train wrote (tokens.safetensors + tokens.json)")
+        if self.rows not in ROW_SETS:
+            raise ConfigError(f"unknown rows {self.rows!r}", flag="--rows", fix=f"one of {', '.join(ROW_SETS)}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError("limit must be >= 1", flag="--limit", fix="omit --limit to edit every pair")
         for s in self.settings():
@@ -164,6 +186,7 @@ class EvalResult:
     n_failed: int  # pair x setting rows with an error
     markdown: str = ""
     manifest_path: Path | None = None
+    leakage: Leakage | None = None  # set when the tokens record their training images
 
 
 # ------------------------------------------------------------------ pairs
@@ -219,35 +242,127 @@ def _bad_item(item: Any) -> str | None:
     return None
 
 
-def pairs_from_run(run_dir: Path) -> list[Pair]:
-    """``RUN/edits`` (or the edits folder itself) -> passed, error-free pairs, one per (image, source, target)."""
+def pairs_from_run(run_dir: Path, passed_only: bool = False) -> list[Pair]:
+    """``RUN/edits`` (or the edits folder itself) -> error-free pairs with a target, one per
+    (image, source, target), each with the checker's verdict; ``passed_only`` keeps passed ones."""
     from dataprep.store import EDITS_SCHEMA, iter_rows
 
     folder = run_dir / "edits" if (run_dir / "edits").is_dir() else run_dir
     seen: dict[str, Pair] = {}
-    cols = ["image_id", "image_uri", "source", "target", "passed", "error"]
+    cols = ["key", "image_id", "image_uri", "source", "target", "passed", "error"]
     for row in iter_rows(folder, EDITS_SCHEMA, columns=cols):
-        if not row["passed"] or row["error"] is not None or not row["target"]:
+        if row["error"] is not None or not row["target"]:
             continue
         uri = row["image_uri"] or ""
         path = uri[len("file://"):] if uri.startswith("file://") else uri
         image_id = row["image_id"] or Path(path).stem
         pid = f"{_safe(image_id)}-{_short_hash(image_id, row['source'] or '', row['target'])}"
-        seen[pid] = Pair(pid, image_id, path, row["source"] or "", row["target"])  # later shards win (newer)
-    return list(seen.values())
+        passed = None if row["passed"] is None else bool(row["passed"])
+        # one pair per row key, later shards win: a rewrite rerun with more attempts
+        # writes a new row under the same key, and only that newer edit is evaluated
+        seen[row["key"] or pid] = Pair(pid, image_id, path, row["source"] or "", row["target"], passed)
+    out = list(seen.values())
+    return [p for p in out if p.passed] if passed_only else out
 
 
-def load_pairs(pairs: str | Path, limit: int | None = None) -> list[Pair]:
+def load_pairs(pairs: str | Path, limit: int | None = None, passed_only: bool = False) -> list[Pair]:
     p = Path(pairs)
     if p.is_file():
         out = pairs_from_json(p)
     elif p.is_dir():
-        out = pairs_from_run(p)
+        out = pairs_from_run(p, passed_only)
         if not out and not any((p / "edits").glob("part-*.parquet")) and not any(p.glob("part-*.parquet")):
             raise ConfigError(f"{p} has no edits shards", flag="--pairs", fix="pass a run directory written by dataprep (RUN/edits/part-*.parquet) or a prompts_editing.json")
     else:
         raise ConfigError(f"{p} does not exist", flag="--pairs", fix="pass a run directory or a prompts_editing.json")
     return out[:limit] if limit else out
+
+
+# ------------------------------------------------------------------ leakage guard
+
+
+@dataclass
+class Leakage:
+    """Evaluation images that the soft tokens were trained on."""
+
+    n_images: int  # distinct evaluation images
+    n_trained: int  # images listed in trained_images.json
+    overlap: list[str]  # evaluation image ids found in training, sorted
+    by_sha256: int  # of which matched by file content
+    by_id: int  # of which matched only by image id / file stem
+
+    @property
+    def n_pairs_affected(self) -> int:
+        return len(self.overlap)
+
+    def message(self) -> str:
+        return (f"{len(self.overlap)} of {self.n_images} evaluation images were in the tokens' training set "
+                f"({self.by_sha256} by file sha256, {self.by_id} by image id / file stem; {self.n_trained} images trained on): "
+                "their scores measure memorisation, not editing. Train on another set (COCO train2017 or DIV2K valid) "
+                "to evaluate on DIV2K train pairs (README, Reproducing the paper)")
+
+
+def read_trained_images(tokens_dir: str | Path) -> tuple[set[str], set[str]] | None:
+    """``TOKENS/trained_images.json`` -> (image ids, sha256s), or None when absent.
+
+    The file is ``{"image_ids": [...], "sha256": [...]}``; empty sha256 strings
+    (unknown) are ignored. An unreadable file is a ConfigError naming ``--tokens``.
+    """
+    path = Path(tokens_dir) / TRAINED_IMAGES_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        ids = {str(i) for i in data.get("image_ids", []) if i}
+        shas = {str(h).lower() for h in data.get("sha256", []) if h}
+    except (OSError, json.JSONDecodeError, AttributeError, TypeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}", flag="--tokens", fix='the trainer writes {"image_ids": [...], "sha256": [...]}; fix or remove the file') from exc
+    return ids, shas
+
+
+def _file_sha256(path: str) -> str | None:
+    h = hashlib.sha256()
+    try:
+        if "://" in path:
+            import fsspec
+
+            with fsspec.open(path, "rb") as fh:
+                h.update(fh.read())
+        else:
+            with open(path, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    except OSError:
+        return None  # a missing image is that pair's error later, not a leakage question
+    return h.hexdigest()
+
+
+def find_leakage(pairs: Sequence[Pair], tokens_dir: str | Path) -> Leakage | None:
+    """Compare the evaluation images with the images the tokens were trained on.
+
+    A pair's image counts as trained on when its file's sha256 is listed, or
+    its image id is, or its file stem equals the last path part of a listed id
+    (``0001.png`` vs ``div2k/0001``). None when the tokens carry no record.
+    """
+    record = read_trained_images(tokens_dir)
+    if record is None:
+        return None
+    ids, shas = record
+    stems = {i.rsplit("/", 1)[-1] for i in ids}
+    images: dict[str, Pair] = {}
+    for p in pairs:
+        images.setdefault(p.image_path, p)
+    overlap, by_sha, by_id = [], 0, 0
+    for path, p in images.items():
+        sha = _file_sha256(path) if shas else None
+        if sha is not None and sha in shas:
+            by_sha += 1
+        elif p.image_id in ids or Path(path).stem in stems or p.image_id.rsplit("/", 1)[-1] in ids:
+            by_id += 1
+        else:
+            continue
+        overlap.append(p.image_id)
+    return Leakage(len(images), max(len(ids), len(shas)), sorted(overlap), by_sha, by_id)
 
 
 def open_image(path: str) -> "Any":
@@ -286,7 +401,7 @@ def summarize(rows: Sequence[dict[str, Any]], settings: Sequence[Setting], fid: 
     table = []
     for s in settings:
         mine = [r for r in rows if r["setting"] == s.setting_id]
-        row: dict[str, Any] = {"method": METHOD_LABELS[s.method], "n_max": s.n_max, "tgt_cfg": s.tgt_cfg,
+        row: dict[str, Any] = {"method": METHOD_LABELS[s.method], "method_id": s.method, "n_max": s.n_max, "tgt_cfg": s.tgt_cfg,
                                "pairs": sum(1 for r in mine if r["error"] is None), "failed": sum(1 for r in mine if r["error"] is not None)}
         for m in TABLE_ORDER:
             if m == "fid":
@@ -357,19 +472,29 @@ def edit_all(cfg: EvalConfig, pairs: Sequence[Pair], out: Path) -> tuple[dict[tu
     from softrepa.edit import SD3FlowEditor, load_sd3
 
     tokens = None
+    project_later = False  # 4096-wide official tokens: projected once the model (its context_embedder) is loaded
     if cfg.tokens and any(s.method == "flowedit+tokens" for s in settings):
-        from softrepa.token_files import read_official
+        from softrepa.token_files import NeedsContextEmbedder, read_official
         from softrepa.tokens import load_tokens
 
         try:
             # the official release ships torch pickles (dc_tokens.pth); ours is safetensors + JSON
             official = (Path(cfg.tokens) / "dc_tokens.pth").exists() and not (Path(cfg.tokens) / "tokens.json").exists()
             tokens = read_official(cfg.tokens, "sd3") if official else load_tokens(cfg.tokens)
+        except NeedsContextEmbedder:
+            project_later = True
         except (OSError, ValueError, KeyError) as exc:
             raise ConfigError(f"cannot load soft tokens from {cfg.tokens}: {exc}", flag="--tokens", fix="pass a folder written by softrepa train") from exc
     if tokens is not None and getattr(tokens.config, "backbone", "sd3") != "sd3":
         raise ConfigError(f"{cfg.tokens} holds {tokens.config.backbone} tokens; FlowEdit here runs on SD3", flag="--tokens", fix="pass tokens trained with softrepa train --preset sd3")
     pipe = load_sd3(cfg.model, device=cfg.device, dtype=cfg.dtype, revision=cfg.revision)
+    if project_later:
+        from softrepa.token_files import read_official
+
+        try:
+            tokens = read_official(cfg.tokens, "sd3", pipe.transformer.context_embedder)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot load soft tokens from {cfg.tokens}: {exc}", flag="--tokens", fix="pass tokens made for this --model") from exc
     editor = SD3FlowEditor(pipe, tokens)
     n_edited = 0
     by_pair: dict[str, list[Setting]] = {}
@@ -444,7 +569,7 @@ def score_all(cfg: EvalConfig, pairs: Sequence[Pair], out: Path, errors: dict[tu
             edit_feats: list[torch.Tensor] = []
             mine = []
             for p in pairs:
-                row: dict[str, Any] = {"pair_id": p.pair_id, "image_id": p.image_id, "setting": s.setting_id, "method": s.method,
+                row: dict[str, Any] = {"pair_id": p.pair_id, "image_id": p.image_id, "passed": p.passed, "setting": s.setting_id, "method": s.method,
                                        "n_max": s.n_max, "tgt_cfg": s.tgt_cfg, "source_prompt": p.source, "target_prompt": p.target,
                                        "source_image": str(out / "images" / cfg.source_folder / f"{p.pair_id}.png"),
                                        "edited_image": str(out / "images" / s.setting_id / f"{p.pair_id}.png"),
@@ -503,7 +628,13 @@ def evaluate_edit(cfg: EvalConfig) -> EvalResult:
     from dataprep.store import Manifest, new_run_id, write_table_atomic
 
     cfg.validate()
-    pairs = load_pairs(cfg.pairs, cfg.limit)
+    pairs = load_pairs(cfg.pairs, cfg.limit, cfg.passed_only)
+    uses_tokens = cfg.tokens is not None and "flowedit+tokens" in cfg.resolved_methods()
+    leakage = find_leakage(pairs, cfg.tokens) if uses_tokens else None
+    if leakage is not None and leakage.overlap:
+        import logging
+
+        logging.getLogger("softrepa.evaluate").warning("leakage: %s", leakage.message())
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
@@ -519,13 +650,25 @@ def evaluate_edit(cfg: EvalConfig) -> EvalResult:
         if m not in cfg.metrics.metrics:
             unavailable.setdefault(m, "not requested (--metrics)")
     notes = []
+    if leakage is not None and leakage.overlap:
+        notes.append(f"WARNING, leakage: {leakage.message()}")
     if not pairs:
-        notes.append("no pairs to evaluate: the input has no passed, error-free edits (see dataprep check / the edits manifest)")
+        notes.append("no pairs to evaluate: the input has no error-free edits with a target (see dataprep check / the edits manifest)")
+    checked = [p for p in pairs if p.passed is not None]
+    n_pass = sum(1 for p in checked if p.passed)
+    if checked and not cfg.passed_only:
+        notes.append(f"{n_pass} of {len(checked)} pairs passed the rule checker; scores.parquet has the verdict "
+                     "(column passed) to split the table by it")
     if cfg.metrics.lpips_model not in LPIPS_PACKAGE_NETS and "lpips" in cfg.metrics.metrics:
         notes.append(f"LPIPS: uncalibrated form on {cfg.metrics.lpips_model} features (no learned weights); not comparable with published LPIPS")
     if "fid" in cfg.metrics.metrics and len(pairs) < 2048 and fid:
         notes.append(f"FID over {len(pairs)} pairs (< 2048 features): biased upward, compare only runs of the same size")
     md = table_markdown(table, unavailable, notes)
+    if checked and not cfg.passed_only and 0 < n_pass < len(pairs):
+        # the same table over the pairs the checker passed (FID needs the whole set: not split)
+        passed_rows = [r for r in rows if r["passed"]]
+        md += (f"\nOnly the {n_pass} pairs that passed the rule checker (FID not split):\n\n"
+               + table_markdown(summarize(passed_rows, cfg.settings(), {}, cfg.metrics.metrics), {}))
     (out / "summary.md").write_text(md)
     write_csv(table, out / "summary.csv")
 
@@ -536,6 +679,8 @@ def evaluate_edit(cfg: EvalConfig) -> EvalResult:
             reason = r["error"].split(":", 1)[0]
             failures[reason] = failures.get(reason, 0) + 1
     manifest.counts = {"pairs": len(pairs), "settings": len(cfg.settings()), "edited": n_edited, "reused": n_reused, "failed": n_failed}
+    if leakage is not None:
+        manifest.counts["images_in_training"] = len(leakage.overlap)
     manifest.failures = failures
     from dataprep.store import utcnow
 
@@ -545,7 +690,7 @@ def evaluate_edit(cfg: EvalConfig) -> EvalResult:
 
     write_grids(out, rows, cfg.settings())
     return EvalResult(out, out / "scores.parquet", out / "summary.md", out / "summary.csv", table, unavailable,
-                      len(pairs), n_edited, n_reused, n_failed, md, manifest_path)
+                      len(pairs), n_edited, n_reused, n_failed, md, manifest_path, leakage)
 
 
 def _scores_schema():
@@ -555,6 +700,7 @@ def _scores_schema():
         [
             pa.field("pair_id", pa.string()),
             pa.field("image_id", pa.string()),
+            pa.field("passed", pa.bool_()),  # rule checker verdict; null when the pairs carry none
             pa.field("setting", pa.string()),
             pa.field("method", pa.string()),
             pa.field("n_max", pa.int32()),

@@ -9,7 +9,10 @@ Per image (source, edited, target prompt):
   CLIP (``yuvalkirstain/PickScore_v1``; the paper's ~21.7). Needs only
   transformers.
 - ``lpips``: LPIPS between source and edited image. ``alex``/``vgg``/``squeeze``
-  use the ``lpips`` package (the paper-comparable, calibrated metric); any
+  use the ``lpips`` package (the paper-comparable, calibrated metric; default
+  ``vgg``, the net of the only official LPIPS code, SoftREPA ``eval.py``:
+  ``lpips.LPIPS(net='vgg')``); without the package LPIPS is reported as
+  unavailable with its install hint, like the other optional metrics; any
   other value is a transformers vision backbone (id or path) on whose
   channel-normalised activations :func:`lpips_distance` computes the
   uncalibrated LPIPS form (no learned per-channel weights) -- useful offline,
@@ -61,7 +64,7 @@ class MetricConfig:
     clip_model: str = "openai/clip-vit-large-patch14"
     pickscore_model: str = "yuvalkirstain/PickScore_v1"
     pickscore_processor: str | None = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # None: the model's own
-    lpips_model: str = "alex"
+    lpips_model: str = "vgg"  # SoftREPA eval.py: lpips.LPIPS(net='vgg')
     batch_size: int = 8
     device: str = "auto"
 
@@ -79,12 +82,6 @@ class MetricConfig:
         ):
             if wanted in self.metrics and value and _looks_local(value) and not Path(value).exists():
                 raise ConfigError(f"{value} does not exist", flag=flag, fix="pass an existing folder or a hub id")
-        if "lpips" in self.metrics and self.lpips_model in LPIPS_PACKAGE_NETS and not _has("lpips"):
-            raise ConfigError(
-                f"LPIPS with net {self.lpips_model!r} needs the lpips package",
-                flag="--lpips-model",
-                fix="pip install lpips, or pass a transformers vision backbone (id or path) for the uncalibrated LPIPS form",
-            )
         return self
 
 
@@ -96,9 +93,19 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def missing_metrics(metrics: Sequence[str]) -> dict[str, str]:
-    """Requested optional metrics whose package is not installed -> install hint."""
-    return {m: hint for m, (module, hint) in OPTIONAL_PACKAGES.items() if m in metrics and not _has(module)}
+LPIPS_HINT = "pip install lpips, or --lpips-model <transformers vision backbone> for the uncalibrated form"
+
+
+def missing_metrics(metrics: Sequence[str], lpips_model: str | None = None) -> dict[str, str]:
+    """Requested optional metrics whose package is not installed -> install hint.
+
+    ``lpips`` counts when ``lpips_model`` is one of the package's nets and the
+    ``lpips`` package is missing (other values need only transformers).
+    """
+    out = {m: hint for m, (module, hint) in OPTIONAL_PACKAGES.items() if m in metrics and not _has(module)}
+    if "lpips" in metrics and lpips_model in LPIPS_PACKAGE_NETS and not _has("lpips"):
+        out["lpips"] = LPIPS_HINT
+    return out
 
 
 # ------------------------------------------------------------------ pure pieces
@@ -337,14 +344,14 @@ def load_scorers(cfg: MetricConfig) -> Scorers:
     recorded in ``unavailable`` with the error.
     """
     cfg.validate()
-    s = Scorers(unavailable={m: f"not installed ({hint})" for m, hint in missing_metrics(cfg.metrics).items()})
+    s = Scorers(unavailable={m: f"not installed ({hint})" for m, hint in missing_metrics(cfg.metrics, cfg.lpips_model).items()})
     core = {
         "clip": ("--clip-model", lambda: ClipScorer(cfg.clip_model, device=cfg.device)),
         "pickscore": ("--pickscore-model", lambda: ClipScorer(cfg.pickscore_model, cfg.pickscore_processor, scaled=True, device=cfg.device)),
         "lpips": ("--lpips-model", lambda: LpipsScorer(cfg.lpips_model, device=cfg.device)),
     }
     for name, (flag, build) in core.items():
-        if name in cfg.metrics:
+        if name in cfg.metrics and name not in s.unavailable:
             try:
                 s.per_image[name] = build()
             except (OSError, ValueError) as exc:

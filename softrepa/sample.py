@@ -57,6 +57,10 @@ def sample_pair(model: str, tokens_dir: str | Path, prompt: str, out: str | Path
     kwargs = dict(prompt=prompt, num_inference_steps=steps or DEFAULT_STEPS[backbone],
                   guidance_scale=DEFAULT_GUIDANCE[backbone] if guidance is None else guidance,
                   height=height, width=width)
+    if backbone == "sd3":
+        from softrepa.backbone import T5_MAX_LENGTH
+
+        kwargs["max_sequence_length"] = T5_MAX_LENGTH  # the official sampler's T5 length (as in training)
     images = []
     try:
         for enabled in (False, True):

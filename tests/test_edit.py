@@ -93,7 +93,7 @@ def test_guidance_rules():
 
 @pytest.mark.parametrize(
     "kwargs, flag",
-    [({"n_max": 60}, "--n-max"), ({"n_min": 40}, "--n-min"), ({"steps": 0}, "--steps"), ({"cfg_rule": "x"}, "--cfg-rule")],
+    [({"n_max": 60}, "--n-max"), ({"n_min": 40}, "--n-min"), ({"steps": 0}, "--steps"), ({"cfg_rule": "x"}, "--guidance-rule")],
 )
 def test_bad_edit_config_names_the_flag(kwargs, flag):
     with pytest.raises(ConfigError) as err:
@@ -137,12 +137,19 @@ def test_tiny_n_max_zero_returns_the_source_latent(editor, source_image):
 @pytest.mark.parametrize("use_tokens", [False, True])
 def test_tiny_same_prompt_and_guidance_leaves_the_latent_unchanged(editor, source_image, use_tokens):
     x = editor.encode_image(source_image, 32)
-    cfg = EditConfig(**FAST, src_cfg=4.0, tgt_cfg=4.0)
+    # one rule on both branches (FlowEdit's u + w(c - u)): identical velocities
+    cfg = EditConfig(**FAST, src_cfg=4.0, tgt_cfg=4.0, cfg_rule="flowedit")
     out = editor.edit_latent(x, "a cat on a sofa", "a cat on a sofa", cfg, use_tokens=use_tokens)
     assert torch.equal(out, x)
     # and the same call with a different target prompt does move it
     moved = editor.edit_latent(x, "a cat on a sofa", "a dog on a sofa", cfg, use_tokens=use_tokens)
     assert not torch.equal(moved, x)
+    # the default (official) rule guides the target at w + 1, so even the same prompt moves
+    official = editor.edit_latent(x, "a cat on a sofa", "a cat on a sofa", EditConfig(**FAST, src_cfg=4.0, tgt_cfg=4.0), use_tokens=use_tokens)
+    assert not torch.equal(official, x)
+    # ... exactly as FlowEdit's rule at source scale w + 1 does (same algebra, float rounding aside)
+    same = editor.edit_latent(x, "a cat on a sofa", "a cat on a sofa", EditConfig(**FAST, src_cfg=5.0, tgt_cfg=4.0), use_tokens=use_tokens)
+    assert torch.allclose(same, x, atol=1e-4)
 
 
 def test_tiny_tokens_on_and_off_differ_and_off_is_vanilla(editor, source_image):

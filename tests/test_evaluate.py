@@ -72,20 +72,28 @@ def test_run_directory_gives_per_image_scores_and_the_summary_table(tiny, tmp_pa
                      metrics=_metrics(tiny), **FAST)
     res = evaluate_edit(cfg)
 
-    # passed, error-free edits only: 0001, 0002, and 0004 (whose image is missing -> per-row error)
-    assert res.n_pairs == 3
+    # every error-free edit with a target, as the paper (its published pairs fail the
+    # checker): 0001, 0002, 0003 (failed the rules) and 0004 (image missing -> per-row error)
+    assert res.n_pairs == 4
     settings = [s.setting_id for s in cfg.settings()]
     assert len(settings) == 4  # 2 methods x 2 target CFGs
     scores = pq.read_table(res.scores_path).to_pylist()
-    assert len(scores) == 3 * 4
+    assert len(scores) == 4 * 4
     good = [r for r in scores if r["error"] is None]
     bad = [r for r in scores if r["error"] is not None]
     assert {r["image_id"] for r in bad} == {"div2k/0004"} and all(r["error"].startswith("image") for r in bad)
-    assert len(good) == 8
+    assert len(good) == 12
     for r in good:
         assert -1 <= r["clip"] <= 1 and r["lpips"] >= 0 and r["pickscore"] is not None
         assert (out / "images" / r["setting"]).is_dir()
-    assert res.n_edited == 8 and res.n_failed == 4
+    assert res.n_edited == 12 and res.n_failed == 4
+    # the checker's verdict is a column, so the table can be split by it
+    assert {r["image_id"]: r["passed"] for r in scores} == {"div2k/0001": True, "div2k/0002": True, "div2k/0003": False, "div2k/0004": True}
+    assert "3 of 4 pairs passed the rule checker" in res.markdown
+    split = res.markdown.split("Only the 3 pairs that passed the rule checker")[1]
+    assert "| FlowEdit | 3 | 5 | 2 (1 failed) |" in split  # 0001, 0002 scored; 0004's image is missing
+    only = load_pairs(run, passed_only=True)
+    assert sorted(p.image_id for p in only) == ["div2k/0001", "div2k/0002", "div2k/0004"]
 
     # the table: one row per method x CFG, paper columns, n/a + install hint for what is missing
     assert [(r["method"], r["tgt_cfg"]) for r in res.table] == [

@@ -130,14 +130,22 @@ def test_bad_metric_config_names_the_flag(kwargs, flag):
     assert err.value.flag == flag
 
 
-def test_package_lpips_without_the_package_is_a_config_error():
+def test_lpips_defaults_to_vgg_as_the_official_eval_and_is_optional():
+    """SoftREPA eval.py scores LPIPS with lpips.LPIPS(net='vgg'). The package is
+    optional: without it the default config still validates and LPIPS is named
+    unavailable with its install hint (like ImageReward, HPS, FID)."""
     import importlib.util
 
+    from softrepa.metrics import load_scorers
+
+    cfg = MetricConfig()
+    assert cfg.lpips_model == "vgg"
+    cfg.validate()
     if importlib.util.find_spec("lpips") is not None:
         pytest.skip("lpips is installed here")
-    with pytest.raises(ConfigError) as err:
-        MetricConfig(metrics=("lpips",), lpips_model="alex").validate()
-    assert "pip install lpips" in str(err.value)
+    scorers = load_scorers(MetricConfig(metrics=("lpips",), device="cpu"))
+    assert "lpips" not in scorers.per_image
+    assert "pip install lpips" in scorers.unavailable["lpips"]
 
 
 def test_lpips_handles_pairs_of_different_sizes_in_one_batch(models):

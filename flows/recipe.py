@@ -1,0 +1,168 @@
+"""The paper's recipe in one call: COCO batches -> soft tokens -> FlowEdit on DIV2K pairs.
+
+``run_recipe`` wires three existing stages, nothing else:
+
+1. ``dataprep.batches.build_coco_batches``: contrastive batch shards from COCO
+   captions (the official trainer's data, ``train.py --dataset coco``; five
+   captions per image, one positive per epoch), optionally with the DIV2K
+   single-concept edits as hard negatives;
+2. ``softrepa.train.train`` on those shards;
+3. ``softrepa.evaluate.evaluate_edit`` on the DIV2K caption/target pairs with
+   the new tokens, with the paper's Table 5 rows by default;
+
+and writes ``OUT/paper_table.md``: our rows with the paper's numbers beside
+them (``softrepa.paper``). Training on COCO and evaluating on DIV2K keeps
+training images out of the evaluation (the evaluator's leakage guard checks).
+
+Output folders: ``OUT/batches``, ``OUT/train`` (``tokens/``), ``OUT/eval``.
+Every step resumes: identical batch inputs give the same shards, training
+resumes from its checkpoints with ``resume``, edited images are reused.
+
+``paper_recipe`` is the same as a Prefect flow (``prefect.yaml``: the
+``paper-recipe`` deployment, run on demand); ``softrepa recipe`` is the
+command line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+from prefect import flow
+
+from dataprep.engines import ConfigError
+
+SD3_MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
+
+
+@dataclass
+class RecipeConfig:
+    """What the recipe needs; the ``*_options`` dicts map onto ``BatchOptions``,
+    ``TrainConfig`` and ``EvalConfig`` fields (``eval_options["metrics"]`` onto
+    ``MetricConfig``), so every flag of the three commands is reachable."""
+
+    coco_captions: str  # annotations/captions_train2017.json
+    coco_images: str  # train2017/
+    pairs: str  # DIV2K run directory (RUN/edits) or a prompts_editing.json
+    out: str
+    model: str = SD3_MODEL
+    hard_negatives: str | None = None  # an edits store (RUN/edits) whose edits join the batches as hard negatives
+    rows: str = "table5"
+    batch_options: dict[str, Any] = field(default_factory=dict)
+    train_options: dict[str, Any] = field(default_factory=dict)
+    eval_options: dict[str, Any] = field(default_factory=dict)
+    progress: bool = True
+
+    def validate(self) -> "RecipeConfig":
+        for value, flag, fix in ((self.coco_captions, "--coco-captions", "pass annotations/captions_train2017.json"),
+                                 (self.coco_images, "--coco-images", "pass the train2017/ folder"),
+                                 (self.pairs, "--pairs", "pass a DIV2K run directory (RUN/edits) or a prompts_editing.json")):
+            if not Path(value).exists():
+                raise ConfigError(f"{value} does not exist", flag, fix)
+        local = Path(self.model)
+        if (local.exists() or self.model.startswith((".", "/"))) and not (local / "model_index.json").exists():
+            raise ConfigError(f"{self.model} is not a diffusers pipeline folder (no model_index.json)", "--model", "pass an SD3 pipeline folder or hub id")
+        if self.hard_negatives is not None and not Path(self.hard_negatives).is_dir():
+            raise ConfigError(f"{self.hard_negatives} is not a folder", "--hard-negatives", "pass an edits store (RUN/edits) or omit it")
+        return self
+
+
+@dataclass
+class RecipeResult:
+    batches: Any  # dataprep.batches.BatchSummary
+    train: Any  # softrepa.train.TrainResult
+    evaluation: Any  # softrepa.evaluate.EvalResult
+    table_md: Path  # OUT/paper_table.md
+    markdown: str
+
+
+def _build(cls: type, options: dict[str, Any] | None, flag: str, **fixed: Any) -> Any:
+    """``cls(**fixed, **options)``; unknown option names are a ConfigError naming ``flag``."""
+    options = dict(options or {})
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"unknown {flag} option(s) {unknown}", flag, f"use fields of {cls.__name__}: {', '.join(sorted(known))}")
+    taken = sorted(set(options) & set(fixed))
+    if taken:
+        raise ConfigError(f"{flag} option(s) {taken} are set by the recipe", flag, "drop them (use the recipe's own flags: --model, --pairs, --out)")
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+    return cls(**{**options, **fixed})
+
+
+def recipe_configs(cfg: RecipeConfig) -> tuple[Any, Any, Path]:
+    """(BatchOptions, EvalConfig without tokens yet, OUT), both checked before any work."""
+    from dataprep.batches import BatchOptions
+    from softrepa.evaluate import EvalConfig
+    from softrepa.metrics import MetricConfig
+
+    out = Path(cfg.out)
+    batch_opts = _build(BatchOptions, {"preset": "sd3", **cfg.batch_options}, "batch_options")
+    if batch_opts.preset != "sd3":
+        raise ConfigError("the recipe trains SD3 tokens (FlowEdit runs on SD3)", "batch_options.preset", "use preset sd3")
+    batch_opts.validate()
+    eval_opts = dict(cfg.eval_options)
+    metrics = _build(MetricConfig, eval_opts.pop("metrics", None), "eval_options.metrics")
+    eval_opts.setdefault("rows", cfg.rows)
+    eval_opts.setdefault("progress", cfg.progress)
+    # the tokens folder does not exist yet: validate with a placeholder, the real one is set after training
+    eval_cfg = _build(EvalConfig, eval_opts, "eval_options", pairs=cfg.pairs, model=cfg.model, out=str(out / "eval"), tokens=None,
+                      methods=("flowedit", "flowedit+tokens"), metrics=metrics)
+    from dataclasses import replace
+
+    replace(eval_cfg, methods=("flowedit",)).validate()
+    return batch_opts, eval_cfg, out
+
+
+def run_recipe(cfg: RecipeConfig, on_stage: Callable[[str], None] | None = None) -> RecipeResult:
+    """Batches, training, evaluation, and the side-by-side table. ConfigError before any work for a bad option."""
+    from dataclasses import replace
+
+    from dataprep.batches import build_coco_batches
+    from softrepa import paper
+    from softrepa.evaluate import evaluate_edit
+    from softrepa.train import TrainConfig, train
+
+    say = on_stage or (lambda msg: None)
+    cfg.validate()
+    batch_opts, eval_cfg, out = recipe_configs(cfg)
+    train_opts = dict(cfg.train_options)
+    train_opts.setdefault("progress", cfg.progress)
+    batches_dir = out / "batches"
+    # the batch run id is known only after writing; build the config now so an
+    # unknown training option fails before any work (validate() needs the shards)
+    probe = _build(TrainConfig, train_opts, "train_options", preset="sd3", batches=str(batches_dir), model=cfg.model, out=str(out / "train"))
+
+    say(f"batches: COCO {cfg.coco_captions} -> {batches_dir}")
+    summary = build_coco_batches(cfg.coco_captions, cfg.coco_images, batches_dir, batch_opts, edits_dir=cfg.hard_negatives)
+    tcfg = replace(probe, batch_run=summary.run_id)
+    tcfg.validate()
+    say(f"train: {summary.rows} batch rows -> {out / 'train'}")
+    tres = train(tcfg)
+    say(f"evaluate: {cfg.pairs} -> {out / 'eval'}")
+    eres = evaluate_edit(replace(eval_cfg, tokens=str(tres.tokens_dir)))
+    table = paper.side_by_side_markdown(eres.table, eval_cfg.rows)
+    notes = []
+    if eres.leakage is not None and eres.leakage.overlap:
+        notes.append(f"- WARNING, leakage: {eres.leakage.message()}")
+    for metric, why in eres.unavailable.items():
+        notes.append(f"- {paper.LABELS.get(metric, metric)}: {why}")
+    md = table + ("\n" + "\n".join(notes) + "\n" if notes else "")
+    path = out / "paper_table.md"
+    path.write_text(md)
+    return RecipeResult(summary, tres, eres, path, md)
+
+
+@flow(name="paper-recipe", log_prints=True)
+def paper_recipe(coco_captions: str, coco_images: str, pairs: str, out: str = "runs/paper", model: str = SD3_MODEL,
+                 hard_negatives: str | None = None, rows: str = "table5", batch_options: dict[str, Any] | None = None,
+                 train_options: dict[str, Any] | None = None, eval_options: dict[str, Any] | None = None) -> Any:
+    """The recipe as a Prefect flow; publishes the side-by-side table as an artifact."""
+    from flows import artifacts
+
+    cfg = RecipeConfig(coco_captions, coco_images, pairs, out, model, hard_negatives, rows, dict(batch_options or {}),
+                       dict(train_options or {}), dict(eval_options or {}), progress=False)
+    result = run_recipe(cfg, on_stage=print)
+    artifacts.publish_markdown("paper-recipe-table", result.markdown, "our Table 5 rows with the paper's numbers beside them")
+    return result
