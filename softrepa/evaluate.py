@@ -260,7 +260,7 @@ def pairs_from_run(run_dir: Path, passed_only: bool = False) -> list[Pair]:
         passed = None if row["passed"] is None else bool(row["passed"])
         # one pair per row key, later shards win: a rewrite rerun with more attempts
         # writes a new row under the same key, and only that newer edit is evaluated
-        seen[row["key"] or pid] = Pair(pid, image_id, path, row["source"] or "", row["target"], passed)
+        seen[row["key"] or pid] = Pair(pid, image_id, path, row["source"] or "", row["target"], passed=passed)
     out = list(seen.values())
     return [p for p in out if p.passed] if passed_only else out
 
