@@ -24,10 +24,12 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterable
 
 from dataprep.engines import ChatRequest, ChatResult, ConfigError, Engine, EngineConfig, Sampling
+from dataprep.executors import ExecutorConfig, LocalExecutor, make_executor
 from dataprep.promptfile import load_prompt
 from dataprep.rules import RULES, Verdict, check
 from dataprep.stage import StageRun, StageSummary, model_identity, provenance
@@ -157,6 +159,11 @@ def rewrite_with_retries(
     return [o if o is not None else Outcome(None, None, None, 0, opts.attempt_sampling(1), missing, error=missing.error) for o in outcomes]
 
 
+def rewrite_batch(engine: Engine, todo: list[tuple[RewriteInput, str, int]], rules_text: str, opts: RewriteOptions) -> list[Outcome]:
+    """One batch of ``(caption, key, first attempt)`` under the retry policy; one Outcome each, same order."""
+    return rewrite_with_retries(engine, rules_text, [it.text for it, _, _ in todo], opts, [it.image_id or "" for it, _, _ in todo], [a for _, _, a in todo])
+
+
 # ------------------------------------------------------------ inputs
 
 
@@ -263,6 +270,7 @@ def run_rewrite(
     opts: RewriteOptions = RewriteOptions(),
     *,
     engine: Engine | None = None,
+    executor: ExecutorConfig | None = None,
     progress: bool = True,
     console=None,
 ) -> StageSummary:
@@ -270,6 +278,8 @@ def run_rewrite(
 
     Configuration (options, rules file, model) is checked and the model loaded
     before any row is written. Pass ``engine`` to reuse a loaded model.
+    ``executor`` (default local) says where the model runs; with Ray the
+    replicas load it and this process only writes the rows.
     """
     opts.validate()
     rules = load_prompt(opts.rules_file, flag="--rules")
@@ -277,12 +287,21 @@ def run_rewrite(
         engine_cfg.model = DEFAULT_MODEL
     items = list(texts)
     folder = Path(out) / "edits"
-    run = StageRun(
-        STAGE, folder, EDITS_SCHEMA, engine_cfg, engine, progress=progress, rows_per_shard=opts.rows_per_shard,
-        config={"options": asdict(opts), "prompt_id": rules.prompt_id, "prompt_sha256": rules.sha256},
-    )
+    remote, engine = make_executor(executor, engine_cfg, engine)
+    try:
+        run = StageRun(
+            STAGE, folder, EDITS_SCHEMA, engine_cfg, engine, progress=progress, rows_per_shard=opts.rows_per_shard,
+            config={"options": asdict(opts), "prompt_id": rules.prompt_id, "prompt_sha256": rules.sha256, "executor": (executor or ExecutorConfig()).public_dict()},
+        )
+        return _rewrite_rows(items, folder, run, remote or LocalExecutor(run.engine), engine_cfg, opts, rules)
+    finally:
+        if remote is not None:
+            remote.close()
+
+
+def _rewrite_rows(items: list[RewriteInput], folder: Path, run: StageRun, executor: Any, engine_cfg: EngineConfig, opts: RewriteOptions, rules: Any) -> StageSummary:
+    """The driver loop: sort out error, missing and done rows here, hand the rest to the executor."""
     engine, summary, tally = run.engine, run.summary, _Tally()
-    pending: list[tuple[RewriteInput, str]] = []
 
     def finish() -> None:  # also after an error: the counts so far go to the manifest
         summary.extra.update(tally.extra())
@@ -321,26 +340,10 @@ def run_rewrite(
             ),
         }
 
-    def flush(tried: dict[str, int]) -> None:
-        if not pending:
-            return
-        outcomes = rewrite_with_retries(
-            engine, rules.text, [it.text for it, _ in pending], opts, [it.image_id or "" for it, _ in pending], [tried.get(k, 0) + 1 for _, k in pending]
-        )
-        for (it, key), o in zip(pending, outcomes):
-            run.writer.add(row(it, key, o))
-            if o.error:
-                summary.fail(o.error)
-            else:
-                summary.done += 1
-                summary.truncated += o.result.finish_reason == "length"
-                tally.add(o)
-        run.advance(len(pending))
-        pending.clear()
-
     with run.open(total=len(items)):
         done, tried = (set(), {}) if opts.force else resume_state(folder, opts.max_attempts)
         model = model_identity(engine, engine_cfg)
+        todo: list[tuple[RewriteInput, str, int]] = []
         for item in items:
             if item.error is not None:
                 tally.caption_errors += 1
@@ -356,8 +359,14 @@ def run_rewrite(
                 summary.skipped += 1
                 run.advance()
             else:
-                pending.append((item, key))
-                if len(pending) >= run.batch_size:
-                    flush(tried)
-        flush(tried)
+                todo.append((item, key, tried.get(key, 0) + 1))
+        for (it, key, _), o in executor.run(todo, None, partial(rewrite_batch, rules_text=rules.text, opts=opts), batch_size=run.batch_size):
+            run.writer.add(row(it, key, o))
+            if o.error:
+                summary.fail(o.error)
+            else:
+                summary.done += 1
+                summary.truncated += o.result.finish_reason == "length"
+                tally.add(o)
+            run.advance()
     return summary
