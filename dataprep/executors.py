@@ -21,9 +21,10 @@ data-parallel batch inference: item refs -> ``map(prepare)`` in CPU tasks
 (decoding scales with the cluster's CPUs) -> ``map_batches`` into a pool of
 ``--replicas`` engine actors (each loads its model once; ``--gpus-per-replica``
 each) -> ``iter_batches`` on the driver. An actor that dies is restarted and
-its batch retried by Ray (``max_restarts``/``max_task_retries``); a batch's
-output reaches the driver only once its task finished, and the driver drops
-any item index it already yielded, so a retry never writes a row twice.
+its batch retried by Ray Data (its actor pools default to ``max_restarts=-1``
+and ``max_task_retries=-1``); a batch's output reaches the driver only once
+its task finished, and the driver drops any item index it already yielded,
+so a retry never writes a row twice.
 Ray is imported lazily: the local executor never needs it.
 """
 
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import math
 import pickle
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Iterator
@@ -40,9 +40,6 @@ from dataprep.engines import ConfigError, EngineConfig
 
 EXECUTORS = ("local", "ray")
 RAY_INSTALL = 'pip install "softrepa-dataprep[ray]"'
-# Ray restarts a dead replica (a reloaded model) and retries its batch this
-# many times before the run fails; the rows written so far stay, a rerun resumes.
-MAX_RESTARTS = 3
 
 Prepare = Callable[[Any], Any]
 Infer = Callable[[Any, list], list]
@@ -200,6 +197,29 @@ def describe_model(engine_cfg: EngineConfig) -> tuple[int | None, str | None]:
         return None, str(exc)
 
 
+def missing_local_model(engine_cfg: EngineConfig) -> str | None:
+    """The engines' message for a model path without config.json (see engines.hf.load_config), else None."""
+    from pathlib import Path
+
+    if engine_cfg.engine == "openai":
+        return None
+    local = Path(engine_cfg.model).expanduser()
+    if (engine_cfg.model.startswith((".", "/", "~")) or local.exists()) and not (local / "config.json").is_file():
+        return str(ConfigError(f"no model at {local} (config.json missing)", "--model", "pass a directory written by save_pretrained, or a hub id"))
+    return None
+
+
+def _config_error_of(exc: BaseException) -> ConfigError | None:
+    """The ConfigError a replica raised (loading its model), if that is what ended the run."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, ConfigError):
+            return exc
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return None
+
+
 def _dumps(obj: Any) -> bytes:
     return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
 
@@ -253,7 +273,8 @@ def _quiet_ray_data() -> None:
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False if hasattr(ctx, "print_on_execution_start") else None
+    if hasattr(ctx, "print_on_execution_start"):  # newer Ray Data only
+        ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
@@ -261,12 +282,15 @@ class RayExecutor:
     """A Ray Data pipeline on a Ray cluster (see the module docstring).
 
     Construction connects (``--ray-address``: none starts a local Ray, ``auto``
-    joins the running cluster) and describes the model on a worker, so a bad
-    address or a missing model fails before any item is read. ``engine`` is a
-    :class:`RemoteEngine` for the stage's keys and manifest.
+    joins the running cluster) and, with ``describe`` (stages that prepare
+    images for the model), reads the model's image side on a worker, so a bad
+    address or a missing model fails before any item is read. Without it only
+    a local model path is checked here; a hub id that does not load fails
+    the first replica, which ends the run with the replica's ConfigError.
+    ``engine`` is a :class:`RemoteEngine` for the stage's keys and manifest.
     """
 
-    def __init__(self, cfg: ExecutorConfig, engine_cfg: EngineConfig):
+    def __init__(self, cfg: ExecutorConfig, engine_cfg: EngineConfig, describe: bool = True):
         import ray
 
         self.cfg, self.engine_cfg = cfg, engine_cfg
@@ -285,7 +309,7 @@ class RayExecutor:
         try:
             _quiet_ray_data()
             self.gpus = resolve_gpus(cfg, engine_cfg, ray.cluster_resources().get("GPU", 0))
-            size, error = ray.get(ray.remote(num_cpus=0)(describe_model).remote(engine_cfg))
+            size, error = ray.get(ray.remote(num_cpus=0)(describe_model).remote(engine_cfg)) if describe else (None, missing_local_model(engine_cfg))
             if error:
                 raise ConfigError(error)
         except BaseException:
@@ -313,31 +337,44 @@ class RayExecutor:
         import pyarrow as pa
         import ray
 
+        from ray.data import ActorPoolStrategy
+
         items = list(items)
         if not items:
             return
-        rows = pa.table({"index": pa.array(range(len(items)), pa.int64()), "payload": pa.array([_dumps(it) for it in items], pa.large_binary())})
-        # blocks of about one engine batch: decoding streams into the replicas
-        ds = ray.data.from_arrow(rows).repartition(max(1, min(len(items), math.ceil(len(items) / batch_size))))
-        ds = ds.map(_Prepare(prepare, wants_model), num_cpus=1 if prepare is not None else 0.1)
+        # blocks of one engine batch: decoding streams into the replicas batch by batch
+        blocks = []
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            columns = {"index": pa.array(range(start, start + len(chunk)), pa.int64()), "payload": pa.array([_dumps(it) for it in chunk], pa.large_binary())}
+            if prepare is None:  # nothing to prepare (rewrite): no CPU stage at all
+                columns["infer"] = pa.array([bool(wants_model(it)) for it in chunk])
+            blocks.append(pa.table(columns))
+        ds = ray.data.from_arrow(blocks)
+        if prepare is not None:
+            ds = ds.map(_Prepare(prepare, wants_model), num_cpus=1)
         ds = ds.map_batches(
             EngineReplica,
             fn_constructor_kwargs={"engine_cfg": self.engine_cfg, "infer": infer, "slim": slim},
             batch_size=batch_size,
             batch_format="pyarrow",
-            concurrency=self.cfg.replicas,
+            compute=ActorPoolStrategy(size=self.cfg.replicas),
             num_gpus=self.gpus,
             num_cpus=self.cfg.cpus_per_replica,
-            max_restarts=MAX_RESTARTS,
-            max_task_retries=MAX_RESTARTS,
         )
         seen: set[int] = set()
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for i, p, o in zip(batch.column("index").to_pylist(), batch.column("payload").to_pylist(), batch.column("output").to_pylist()):
-                if i in seen:  # a retried batch delivered twice: the first copy was written
-                    continue
-                seen.add(i)
-                yield pickle.loads(p), (pickle.loads(o) if o is not None else None)
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for i, p, o in zip(batch.column("index").to_pylist(), batch.column("payload").to_pylist(), batch.column("output").to_pylist()):
+                    if i in seen:  # a retried batch delivered twice: the first copy was written
+                        continue
+                    seen.add(i)
+                    yield pickle.loads(p), (pickle.loads(o) if o is not None else None)
+        except Exception as exc:
+            config = _config_error_of(exc)
+            if config is None:
+                raise
+            raise ConfigError(str(config)) from None
 
     def close(self) -> None:
         import ray
@@ -346,13 +383,14 @@ class RayExecutor:
             ray.shutdown()
 
 
-def make_executor(cfg: ExecutorConfig | None, engine_cfg: EngineConfig, engine: Any = None) -> tuple[Any, Any]:
-    """(executor, engine for the stage's StageRun). Local: ``engine`` as given (None: StageRun loads it).
-    Ray: a connected RayExecutor and its RemoteEngine (no model loads on the driver)."""
+def make_executor(cfg: ExecutorConfig | None, engine_cfg: EngineConfig, engine: Any = None, *, describe: bool = True) -> tuple[Any, Any]:
+    """(executor, engine for the stage's StageRun). Local: (None, ``engine`` as given; None: StageRun loads it).
+    Ray: a connected RayExecutor and its RemoteEngine (no model loads on the driver);
+    ``describe``: the stage needs the model's image side (see RayExecutor)."""
     cfg = cfg or ExecutorConfig()
     if not cfg.is_ray:
         return None, engine
     if engine is not None:
         raise ConfigError("a loaded engine cannot be shipped to Ray replicas", "--executor", "let the Ray replicas load the model (pass no engine)")
-    ex = RayExecutor(cfg, engine_cfg)
+    ex = RayExecutor(cfg, engine_cfg, describe=describe)
     return ex, ex.engine

@@ -287,7 +287,7 @@ def run_rewrite(
         engine_cfg.model = DEFAULT_MODEL
     items = list(texts)
     folder = Path(out) / "edits"
-    remote, engine = make_executor(executor, engine_cfg, engine)
+    remote, engine = make_executor(executor, engine_cfg, engine, describe=False)  # text only: no image side to read
     try:
         run = StageRun(
             STAGE, folder, EDITS_SCHEMA, engine_cfg, engine, progress=progress, rows_per_shard=opts.rows_per_shard,
