@@ -62,6 +62,18 @@ def test_cli_refuses_ray_flags_with_the_local_executor_before_loading(tmp_path):
     assert r.returncode == 2 and "--replicas" in r.stderr and "--executor ray" in r.stderr
 
 
+def test_the_local_path_never_imports_ray():
+    code = "import sys, dataprep.cli, dataprep.caption, dataprep.rewrite, dataprep.pipeline, dataprep.executors; print('ray' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("args", [["caption", "folder", "--help"], ["rewrite", "--help"], ["pipeline", "div2k", "--help"]])
+def test_model_commands_offer_the_executor_flags(args):
+    out = subprocess.run([*DATAPREP, *args], capture_output=True, text=True, env=dict(os.environ, COLUMNS="200")).stdout
+    for flag in ("--executor", "--ray-address", "--replicas", "--gpus-per-replica", "--cpus-per-replica"):
+        assert flag in out, (args, flag)
+
+
 def test_gpus_per_replica_defaults():
     from types import SimpleNamespace
 
