@@ -209,6 +209,11 @@ def missing_local_model(engine_cfg: EngineConfig) -> str | None:
     return None
 
 
+def _check_model(engine_cfg: EngineConfig) -> tuple[None, str | None]:
+    """describe_model's answer for text-only stages: only whether a local model path exists."""
+    return None, missing_local_model(engine_cfg)
+
+
 def _config_error_of(exc: BaseException) -> ConfigError | None:
     """The ConfigError a replica raised (loading its model), if that is what ended the run."""
     seen = set()
@@ -285,8 +290,8 @@ class RayExecutor:
     joins the running cluster) and, with ``describe`` (stages that prepare
     images for the model), reads the model's image side on a worker, so a bad
     address or a missing model fails before any item is read. Without it only
-    a local model path is checked here; a hub id that does not load fails
-    the first replica, which ends the run with the replica's ConfigError.
+    a local model path is checked (on a worker); a hub id that does not load
+    fails the first replica, which ends the run with the replica's ConfigError.
     ``engine`` is a :class:`RemoteEngine` for the stage's keys and manifest.
     """
 
@@ -295,6 +300,8 @@ class RayExecutor:
 
         self.cfg, self.engine_cfg = cfg, engine_cfg
         engine_cfg.validate()
+        if cfg.ray_address is None and (missing := missing_local_model(engine_cfg)):
+            raise ConfigError(missing)  # a local Ray sees this machine's files: say so before starting it
         self.own_ray = not ray.is_initialized()
         if self.own_ray:
             address = cfg.ray_address or "local"
@@ -309,7 +316,8 @@ class RayExecutor:
         try:
             _quiet_ray_data()
             self.gpus = resolve_gpus(cfg, engine_cfg, ray.cluster_resources().get("GPU", 0))
-            size, error = ray.get(ray.remote(num_cpus=0)(describe_model).remote(engine_cfg)) if describe else (None, missing_local_model(engine_cfg))
+            # on a worker: a cluster's model paths need not exist on this machine
+            size, error = ray.get(ray.remote(num_cpus=0)(describe_model if describe else _check_model).remote(engine_cfg))
             if error:
                 raise ConfigError(error)
         except BaseException:

@@ -302,3 +302,12 @@ def test_a_killed_replica_loses_and_duplicates_no_row(tmp_path, tiny_models, ray
         assert first["done"] == n and first["failed"] == 0  # each item yielded once: a duplicate would count twice
     ids = _store(out / "edits", EDITS_SCHEMA, lambda r: r["image_id"])
     assert sorted(ids.values()) == [f"c{i:03d}" for i in range(n)]
+
+
+def test_a_missing_model_stops_before_ray_starts(tmp_path):
+    pytest.importorskip("ray")
+    (tmp_path / "in.jsonl").write_text('{"caption": "a dog"}\n')
+    r = subprocess.run([*DATAPREP, "rewrite", "--input", str(tmp_path / "in.jsonl"), "--out", str(tmp_path), "--model", str(tmp_path / "no-model"), "--executor", "ray"],
+                       capture_output=True, text=True, env=dict(os.environ, **RAY_ENV, COLUMNS="300"))
+    assert r.returncode == 2 and "--model" in r.stderr and "config.json missing" in r.stderr
+    assert not (tmp_path / "edits").exists()  # nothing started, nothing written
