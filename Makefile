@@ -8,9 +8,10 @@
 # CPU wheel this project's machines carry; on a GPU box use e.g. TORCH=torch.
 
 PYTHON ?= python3
-# extras the tests exercise: serve (transformers serve), browser (playwright,
+# extras the tests exercise: serve (transformers serve), ray (a local Ray
+# cluster), browser (playwright,
 # driving Debian's chromium)
-EXTRAS ?= dev,serve,browser
+EXTRAS ?= dev,serve,browser,ray
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 DEMO   ?= runs/demo

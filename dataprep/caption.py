@@ -14,11 +14,13 @@ import multiprocessing as mp
 import os
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from dataprep.engines import ChatRequest, ConfigError, Engine, EngineConfig, Sampling
+from dataprep.engines import ChatRequest, ChatResult, ConfigError, Engine, EngineConfig, Sampling
+from dataprep.executors import ExecutorConfig, LocalExecutor, make_executor
 from dataprep.images import DEFAULT_MAX_PIXELS, PrepOptions, prepare
 from dataprep.promptfile import load_prompt
 from dataprep.sources import ImageRef, read_bytes, stored_size
@@ -146,11 +148,13 @@ def caption_key(input_sha256: str, spec: _KeySpec) -> str:
     return content_key(STAGE, input_sha256, spec.model, spec.revision, spec.prompt_sha256, sampling, spec.seed)
 
 
-def _work_hash_first(ref: ImageRef) -> dict[str, Any]:
-    """Hash first; decode only if the key is not done (reruns skip decoding)."""
+def _work_hash_first(ref: ImageRef, spec: _KeySpec | None = None) -> dict[str, Any]:
+    """Hash first; decode only if the key is not done (reruns skip decoding).
+
+    ``spec`` defaults to the one a pool worker was started with."""
     import hashlib
 
-    spec = _SPEC
+    spec = spec or _SPEC
     uri_key = caption_key("uri:" + sha256_text(ref.uri), spec)
     try:
         size = stored_size(ref)
@@ -194,6 +198,25 @@ def _ordered_map(refs: Iterable[ImageRef], spec: _KeySpec, workers: int, window:
             yield pending.popleft().result()
 
 
+def _needs_model(item: dict[str, Any]) -> bool:
+    return not item.get("skipped") and not item.get("error")
+
+
+def _without_pixels(item: dict[str, Any]) -> dict[str, Any]:
+    """What the writer needs of a captioned item: sizes, not pixels (Ray ships it back)."""
+    prep = item.get("prepared")
+    return {**item, "prepared": replace(prep, image=None)} if prep is not None else item
+
+
+def caption_batch(engine: Engine, items: list[dict[str, Any]], prompt_text: str, sampling: Sampling) -> list[ChatResult]:
+    """One engine call for prepared images: the caption prompt with each image; results in order."""
+    requests = [
+        ChatRequest(messages=[{"role": "user", "content": prompt_text}], image=it["prepared"].image, sampling=sampling, request_id=it["ref"].image_id)
+        for it in items
+    ]
+    return engine.generate(requests)
+
+
 # ------------------------------------------------------------ main side
 
 
@@ -204,6 +227,7 @@ def run_caption(
     opts: CaptionOptions = CaptionOptions(),
     *,
     engine: Engine | None = None,
+    executor: ExecutorConfig | None = None,
     progress: bool = True,
     console=None,
 ) -> StageSummary:
@@ -211,6 +235,8 @@ def run_caption(
 
     Configuration is checked and the model loaded before any image is read.
     Pass ``engine`` to reuse a loaded model (Prefect tasks, the pipeline command).
+    ``executor`` (default local) says where decoding and the model run; with
+    Ray the replicas load the model and this process only writes the rows.
     """
     opts.validate()
     prompt = load_prompt(opts.prompt_file)
@@ -219,16 +245,25 @@ def run_caption(
     walk_skips = dict(getattr(refs, "skipped", {}) or {})  # files the source walk met and did not caption
     refs = list(refs)  # refs are ids and paths; no image is read before the model loads
     folder = Path(out) / "captions"
-    run = StageRun(
-        STAGE, folder, CAPTIONS_SCHEMA, engine_cfg, engine, progress=progress, rows_per_shard=opts.rows_per_shard,
-        config={"options": asdict(opts), "prompt_id": prompt.prompt_id, "prompt_sha256": prompt.sha256},
-        wait_lock=opts.wait_lock,
-    )
+    remote, engine = make_executor(executor, engine_cfg, engine)
+    try:
+        run = StageRun(
+            STAGE, folder, CAPTIONS_SCHEMA, engine_cfg, engine, progress=progress, rows_per_shard=opts.rows_per_shard,
+            config={"options": asdict(opts), "prompt_id": prompt.prompt_id, "prompt_sha256": prompt.sha256, "executor": (executor or ExecutorConfig()).public_dict()},
+            wait_lock=opts.wait_lock,
+        )
+        for reason, n in sorted(walk_skips.items()):
+            run.summary.extra[f"not captioned: {reason}"] = n
+            run.manifest_counts[f"source_skipped.{reason}"] = n
+        return _caption_rows(refs, folder, run, remote or LocalExecutor(run.engine), engine_cfg, opts, prompt)
+    finally:
+        if remote is not None:
+            remote.close()
+
+
+def _caption_rows(refs: list[ImageRef], folder: Path, run: StageRun, executor: Any, engine_cfg: EngineConfig, opts: CaptionOptions, prompt: Any) -> StageSummary:
+    """The driver loop: hand the refs to the executor, write one row per image."""
     engine, summary, sampling = run.engine, run.summary, opts.sampling()
-    for reason, n in sorted(walk_skips.items()):
-        summary.extra[f"not captioned: {reason}"] = n
-        run.manifest_counts[f"source_skipped.{reason}"] = n
-    pending: list[dict[str, Any]] = []
 
     def row(item: dict[str, Any], result=None, error=None) -> dict[str, Any]:
         prep = item.get("prepared")
@@ -242,26 +277,6 @@ def run_caption(
             "image_flags": getattr(prep, "flags", None),
             **provenance(key=item["key"], engine=engine, prompt_id=prompt.prompt_id, prompt_sha256=prompt.sha256, sampling=sampling, run_id=run.run_id, result=result, error=error),
         }
-
-    def flush() -> None:
-        if not pending:
-            return
-        requests = [
-            ChatRequest(messages=[{"role": "user", "content": prompt.text}], image=it["prepared"].image, sampling=sampling, request_id=it["ref"].image_id)
-            for it in pending
-        ]
-        for it, res in zip(pending, engine.generate(requests)):
-            error = res.error
-            if error is None and not res.text.strip():
-                error = "empty_output: the model returned no text"
-            run.writer.add(row(it, res, error))
-            if error:
-                summary.fail(error)
-            else:
-                summary.done += 1
-                summary.truncated += res.finish_reason == "length"
-        run.advance(len(pending))
-        pending.clear()
 
     with run.open(total=len(refs)):
         spec = _KeySpec(
@@ -278,17 +293,30 @@ def run_caption(
         # read-ahead of two batches, capped: engines without an image size
         # (openai) keep full-size padded images in memory
         window = min(max(2 * run.batch_size, 8), 64)
-        for item in _ordered_map(refs, spec, opts.workers, window=window):
+        results = executor.run(
+            refs,
+            partial(_work_hash_first, spec=spec),
+            partial(caption_batch, prompt_text=prompt.text, sampling=sampling),
+            wants_model=_needs_model,
+            batch_size=run.batch_size,
+            local_map=lambda items: _ordered_map(items, spec, opts.workers, window=window),
+            slim=_without_pixels,
+        )
+        for item, res in results:
             if item.get("skipped"):
                 summary.skipped += 1
-                run.advance()
             elif item.get("error"):
                 run.writer.add(row(item, error=item["error"]))
                 summary.fail(item["error"])
-                run.advance()
             else:
-                pending.append(item)
-                if len(pending) >= run.batch_size:
-                    flush()
-        flush()
+                error = res.error
+                if error is None and not res.text.strip():
+                    error = "empty_output: the model returned no text"
+                run.writer.add(row(item, res, error))
+                if error:
+                    summary.fail(error)
+                else:
+                    summary.done += 1
+                    summary.truncated += res.finish_reason == "length"
+            run.advance()
     return summary

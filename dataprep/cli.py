@@ -100,6 +100,27 @@ ENGINE_FLAGS = {
 }
 
 
+# Where the model runs (dataprep.executors): this process, or engine replicas on a Ray cluster.
+ExecutorOpt = Annotated[str, typer.Option("--executor", help="local (this process, default) or ray (Ray Data: decoding in CPU tasks, --replicas engine actors; needs the ray extra).", rich_help_panel="Executor")]
+RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", help="ray: cluster to join: HOST:PORT of `ray start --head`, or auto (the cluster this machine belongs to); default: start a local Ray.", rich_help_panel="Executor")]
+ReplicasOpt = Annotated[int, typer.Option("--replicas", help="ray: engine replicas (actors), each loading the model once.", rich_help_panel="Executor")]
+GpusPerReplicaOpt = Annotated[Optional[float], typer.Option("--gpus-per-replica", help="ray: GPUs per replica (default: the tensor-parallel size for vllm, 1 for transformers when the cluster has GPUs, 0 for openai).", rich_help_panel="Executor")]
+CpusPerReplicaOpt = Annotated[float, typer.Option("--cpus-per-replica", help="ray: CPUs each replica reserves (and its torch threads on CPU).", rich_help_panel="Executor")]
+EXECUTOR_FLAGS = {
+    "executor": (ExecutorOpt, "local"),
+    "ray_address": (RayAddressOpt, None),
+    "replicas": (ReplicasOpt, 1),
+    "gpus_per_replica": (GpusPerReplicaOpt, None),
+    "cpus_per_replica": (CpusPerReplicaOpt, 1.0),
+}
+
+
+def executor_config(**kw) -> "object":
+    from dataprep.executors import ExecutorConfig
+
+    return ExecutorConfig(**kw)
+
+
 def with_flags(**groups: dict[str, tuple[object, object]]):
     """Append shared flag groups to a typer command; each group arrives as one dict kwarg."""
     import functools
@@ -164,7 +185,7 @@ CAPTION_FLAGS = {
 }
 
 
-def _caption(refs_fn, out: Path, model: str, revision: Optional[str], engine_kw: dict, caption_kw: dict) -> None:
+def _caption(refs_fn, out: Path, model: str, revision: Optional[str], engine_kw: dict, caption_kw: dict, executor_kw: Optional[dict] = None) -> None:
     from rich.console import Console
 
     from dataprep.caption import CaptionOptions, run_caption
@@ -176,8 +197,9 @@ def _caption(refs_fn, out: Path, model: str, revision: Optional[str], engine_kw:
     try:
         opts.validate()
         cfg.validate()
+        executor = executor_config(**(executor_kw or {}))
         refs = refs_fn()  # sources validate their paths before the model loads
-        summary = run_caption(refs, out, cfg, opts)
+        summary = run_caption(refs, out, cfg, opts, executor=executor)
     except ConfigError as exc:
         raise fail(str(exc))
     print_summary(summary, Console())
@@ -186,7 +208,7 @@ def _caption(refs_fn, out: Path, model: str, revision: Optional[str], engine_kw:
 
 
 @caption_app.command("div2k")
-@with_flags(engine_kw=ENGINE_FLAGS, caption_kw=CAPTION_FLAGS)
+@with_flags(engine_kw=ENGINE_FLAGS, caption_kw=CAPTION_FLAGS, executor_kw=EXECUTOR_FLAGS)
 def caption_div2k(
     data: Annotated[Path, typer.Option("--data", help="Extracted DIV2K_train_HR/ (or DIV2K_valid_HR/) folder, or the official zip, read without extracting.")],
     out: OutOpt = Path("runs/div2k"),
@@ -197,15 +219,16 @@ def caption_div2k(
     revision: RevisionOpt = None,
     engine_kw: dict = None,
     caption_kw: dict = None,
+    executor_kw: dict = None,
 ) -> None:
     """Caption DIV2K (ids div2k/0001..0800) with LLaVA-1.5 and "Describe the object and background in the image"."""
     from dataprep.sources import div2k
 
-    _caption(lambda: div2k(data, split=split, ids=ids, limit=limit), out, model, revision, engine_kw, caption_kw)
+    _caption(lambda: div2k(data, split=split, ids=ids, limit=limit), out, model, revision, engine_kw, caption_kw, executor_kw)
 
 
 @caption_app.command("folder")
-@with_flags(engine_kw=ENGINE_FLAGS, caption_kw=CAPTION_FLAGS)
+@with_flags(engine_kw=ENGINE_FLAGS, caption_kw=CAPTION_FLAGS, executor_kw=EXECUTOR_FLAGS)
 def caption_folder(
     path: Annotated[Path, typer.Argument(help="Folder of images, searched recursively (png, jpg, webp, bmp, tiff).")],
     out: OutOpt = Path("runs/folder"),
@@ -215,15 +238,16 @@ def caption_folder(
     revision: RevisionOpt = None,
     engine_kw: dict = None,
     caption_kw: dict = None,
+    executor_kw: dict = None,
 ) -> None:
     """Caption every image under a folder."""
     from dataprep.sources import folder
 
-    _caption(lambda: folder(path, name=name, limit=limit), out, model, revision, engine_kw, caption_kw)
+    _caption(lambda: folder(path, name=name, limit=limit), out, model, revision, engine_kw, caption_kw, executor_kw)
 
 
 @caption_app.command("hf")
-@with_flags(engine_kw=ENGINE_FLAGS, caption_kw=CAPTION_FLAGS)
+@with_flags(engine_kw=ENGINE_FLAGS, caption_kw=CAPTION_FLAGS, executor_kw=EXECUTOR_FLAGS)
 def caption_hf(
     name_or_path: Annotated[str, typer.Argument(help="Hugging Face dataset: hub id, or a local Parquet file/folder, imagefolder or save_to_disk directory (these work offline).")],
     out: OutOpt = Path("runs/hf"),
@@ -235,11 +259,12 @@ def caption_hf(
     revision: RevisionOpt = None,
     engine_kw: dict = None,
     caption_kw: dict = None,
+    executor_kw: dict = None,
 ) -> None:
     """Caption the images of a Hugging Face dataset (through `datasets`)."""
     from dataprep.sources import hf_dataset
 
-    _caption(lambda: list(hf_dataset(name_or_path, split=split, image_column=image_column, id_column=id_column, limit=limit)), out, model, revision, engine_kw, caption_kw)
+    _caption(lambda: list(hf_dataset(name_or_path, split=split, image_column=image_column, id_column=id_column, limit=limit)), out, model, revision, engine_kw, caption_kw, executor_kw)
 
 
 # ------------------------------------------------------------ rewrite, check (issue 3)
@@ -287,7 +312,7 @@ def check_cmd(
 
 
 @app.command("rewrite")
-@with_flags(engine_kw=ENGINE_FLAGS)
+@with_flags(engine_kw=ENGINE_FLAGS, executor_kw=EXECUTOR_FLAGS)
 def rewrite_cmd(
     out: Annotated[Path, typer.Option("--out", help="Run directory; edits go to OUT/edits/ as Parquet shards + manifest.")] = Path("runs/div2k"),
     captions: Annotated[Optional[Path], typer.Option("--captions", help="Caption store to rewrite (default: OUT/captions).", rich_help_panel="Input")] = None,
@@ -311,6 +336,7 @@ def rewrite_cmd(
     max_target_share: Annotated[Optional[float], typer.Option("--max-target-share", help="Diversity steering: retry a passing rewrite whose target concept is already more than this share of the passing edits (e.g. 0.05); kept with a note if it stays over.", rich_help_panel="Rewrite")] = None,
     share_min_edits: Annotated[int, typer.Option("--share-min-edits", help="With --max-target-share: judge the share only once this many passing edits are counted.", rich_help_panel="Rewrite")] = 20,
     engine_kw: dict = None,
+    executor_kw: dict = None,
 ) -> None:
     """Rewrite captions into single-concept edits with Llama-3.1-8B-Instruct and prompts/edit.txt; every output is rule-checked and retried."""
     from rich.console import Console
@@ -327,11 +353,12 @@ def rewrite_cmd(
             raise ConfigError(f"--limit {limit} is less than 1", "--limit", "use a positive number, or leave it out")
         opts.validate()
         cfg.validate()
+        executor = executor_config(**(executor_kw or {}))
         if input_file is not None:
             texts = inputs_from_file(input_file, text_column, id_column)
         else:
             texts = inputs_from_captions(captions if captions is not None else out / "captions")
-        summary = run_rewrite(texts[:limit] if limit else texts, out, cfg, opts)
+        summary = run_rewrite(texts[:limit] if limit else texts, out, cfg, opts, executor=executor)
     except ConfigError as exc:
         raise fail(str(exc))
     print_summary(summary, Console())
@@ -629,7 +656,7 @@ app.add_typer(pipeline_app, name="pipeline")
 
 
 @pipeline_app.command("div2k")
-@with_flags(engine_kw=ENGINE_FLAGS)
+@with_flags(engine_kw=ENGINE_FLAGS, executor_kw=EXECUTOR_FLAGS)
 def pipeline_div2k(
     data: Annotated[Path, typer.Option("--data", help="Extracted DIV2K_train_HR/ (or DIV2K_valid_HR/) folder, or the official zip.")],
     out: Annotated[Path, typer.Option("--out", help="Run directory: OUT/captions/ and OUT/edits/ (Parquet shards + manifests).")] = Path("runs/div2k"),
@@ -649,6 +676,7 @@ def pipeline_div2k(
     rows_per_shard: ShardOpt = 256,
     workers: WorkersOpt = 2,
     engine_kw: dict = None,
+    executor_kw: dict = None,
 ) -> None:
     """Caption DIV2K with LLaVA-1.5, then rewrite every caption with Llama-3.1 (greedy captions; rule-checked rewrites with retries)."""
     from rich.console import Console
@@ -664,8 +692,9 @@ def pipeline_div2k(
     ropts = RewriteOptions(max_attempts=max_attempts, max_new_tokens=rewrite_max_new_tokens, seed=seed, force=force, rows_per_shard=rows_per_shard)
     console = Console()
     try:
+        executor = executor_config(**(executor_kw or {}))
         refs = div2k(data, split=split, ids=ids, limit=limit)
-        summary = run_pipeline(refs, out, cfg, caption_model, rewrite_model, copts, ropts, rewrite_base_url=rewrite_base_url, console=console)
+        summary = run_pipeline(refs, out, cfg, caption_model, rewrite_model, copts, ropts, rewrite_base_url=rewrite_base_url, executor=executor, console=console)
     except ConfigError as exc:
         raise fail(str(exc))
     print_summary(summary.caption, console)

@@ -54,12 +54,15 @@ def run_pipeline(
     rewrite_opts=None,
     *,
     rewrite_base_url: str | None = None,
+    executor=None,
     progress: bool = True,
     console=None,
 ) -> PipelineSummary:
     """Caption ``refs`` into ``out/captions``, then rewrite every caption there into ``out/edits``.
 
     Raises ConfigError before any work for a bad flag of either stage.
+    ``executor`` (an ExecutorConfig) runs both stages there; with Ray each
+    stage's replicas load its model on the cluster, none loads here.
     """
     from dataprep.caption import CaptionOptions, run_caption
     from dataprep.promptfile import load_prompt
@@ -77,6 +80,11 @@ def run_pipeline(
     load_prompt(caption_opts.prompt_file)
     load_prompt(rewrite_opts.rules_file, flag="--rules")
     refs = list(refs)
+    if executor is not None and executor.is_ray:
+        cap = run_caption(refs, out, cap_cfg, caption_opts, executor=executor, progress=progress, console=console)
+        texts = inputs_from_captions(Path(out) / "captions")
+        rew = run_rewrite(texts, out, rew_cfg, rewrite_opts, executor=executor, progress=progress, console=console)
+        return PipelineSummary(caption=cap, rewrite=rew)
 
     rew_engine: Engine | None = load_engine(rew_cfg) if engine_cfg.engine == "openai" else None
     try:

@@ -36,11 +36,13 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterable
 
 from dataprep import diversity
 from dataprep.engines import ChatRequest, ChatResult, ConfigError, Engine, EngineConfig, Sampling
+from dataprep.executors import ExecutorConfig, LocalExecutor, make_executor
 from dataprep.promptfile import load_prompt
 from dataprep.rules import RULES, Verdict, check
 from dataprep.stage import StageRun, StageSummary, model_identity, provenance
@@ -252,6 +254,11 @@ def steer_targets(
                 extra[(i, k)] = Outcome(res.text.strip(), res.text, check(captions[i], res.text), k, req.sampling, res)
 
 
+def rewrite_batch(engine: Engine, todo: list[tuple[RewriteInput, str, int]], rules_text: str, opts: RewriteOptions) -> list[Outcome]:
+    """One batch of ``(caption, key, first attempt)`` under the retry policy; one Outcome each, same order."""
+    return rewrite_with_retries(engine, rules_text, [it.text for it, _, _ in todo], opts, [it.image_id or "" for it, _, _ in todo], [a for _, _, a in todo])
+
+
 # ------------------------------------------------------------ inputs
 
 
@@ -368,6 +375,7 @@ def run_rewrite(
     opts: RewriteOptions = RewriteOptions(),
     *,
     engine: Engine | None = None,
+    executor: ExecutorConfig | None = None,
     progress: bool = True,
     console=None,
 ) -> StageSummary:
@@ -375,6 +383,8 @@ def run_rewrite(
 
     Configuration (options, rules file, model) is checked and the model loaded
     before any row is written. Pass ``engine`` to reuse a loaded model.
+    ``executor`` (default local) says where the model runs; with Ray the
+    replicas load it and this process only writes the rows.
     """
     opts.validate()
     rules = load_prompt(opts.rules_file, flag="--rules")
@@ -382,13 +392,25 @@ def run_rewrite(
         engine_cfg.model = DEFAULT_MODEL
     items = list(texts)
     folder = Path(out) / "edits"
-    run = StageRun(
-        STAGE, folder, EDITS_SCHEMA, engine_cfg, engine, progress=progress, rows_per_shard=opts.rows_per_shard,
-        config={"options": asdict(opts), "prompt_id": rules.prompt_id, "prompt_sha256": rules.sha256},
-        wait_lock=opts.wait_lock,
-    )
+    if opts.max_target_share is not None and executor is not None and executor.is_ray:
+        # steering asks the engine for more attempts in input order, one batch at a time: a driver-side loop
+        raise ConfigError("--max-target-share retries rewrites on this process's engine, not on Ray replicas", "--executor", "use --executor local with --max-target-share, or steer in a second local pass")
+    remote, engine = make_executor(executor, engine_cfg, engine, describe=False)  # text only: no image side to read
+    try:
+        run = StageRun(
+            STAGE, folder, EDITS_SCHEMA, engine_cfg, engine, progress=progress, rows_per_shard=opts.rows_per_shard,
+            config={"options": asdict(opts), "prompt_id": rules.prompt_id, "prompt_sha256": rules.sha256, "executor": (executor or ExecutorConfig()).public_dict()},
+            wait_lock=opts.wait_lock,
+        )
+        return _rewrite_rows(items, folder, run, remote or LocalExecutor(run.engine), engine_cfg, opts, rules)
+    finally:
+        if remote is not None:
+            remote.close()
+
+
+def _rewrite_rows(items: list[RewriteInput], folder: Path, run: StageRun, executor: Any, engine_cfg: EngineConfig, opts: RewriteOptions, rules: Any) -> StageSummary:
+    """The driver loop: sort out error, missing and done rows here, hand the rest to the executor."""
     engine, summary, tally = run.engine, run.summary, _Tally()
-    pending: list[tuple[RewriteInput, str]] = []
 
     def finish() -> None:  # also after an error: the counts so far go to the manifest
         summary.extra.update(tally.extra())
@@ -430,24 +452,6 @@ def run_rewrite(
             ),
         }
 
-    def flush(tried: dict[str, int]) -> None:
-        if not pending:
-            return
-        texts, ids = [it.text for it, _ in pending], [it.image_id or "" for it, _ in pending]
-        outcomes = rewrite_with_retries(engine, rules.text, texts, opts, ids, [tried.get(k, 0) + 1 for _, k in pending])
-        if counts is not None:
-            outcomes = steer_targets(engine, rules.text, texts, outcomes, opts, counts, ids)
-        for (it, key), o in zip(pending, outcomes):
-            run.writer.add(row(it, key, o))
-            if o.error:
-                summary.fail(o.error)
-            else:
-                summary.done += 1
-                summary.truncated += o.result.finish_reason == "length"
-                tally.add(o)
-        run.advance(len(pending))
-        pending.clear()
-
     with run.open(total=len(items)):
         done, tried = (set(), {}) if opts.force else resume_state(folder, opts.max_attempts)
         model = model_identity(engine, engine_cfg)
@@ -457,6 +461,7 @@ def run_rewrite(
             # --force this run's own keys are recomputed, so their old rows do not count
             redo = {rewrite_key(it, model, engine.revision, rules.sha256, opts) for it in items if it.error is None} if opts.force else set()
             counts = diversity.from_edits(folder, skip_keys=redo)
+        todo: list[tuple[RewriteInput, str, int]] = []
         for item in items:
             if item.error is not None:
                 tally.caption_errors += 1
@@ -476,8 +481,26 @@ def run_rewrite(
                 summary.skipped += 1
                 run.advance()
             else:
-                pending.append((item, key))
-                if len(pending) >= run.batch_size:
-                    flush(tried)
-        flush(tried)
+                todo.append((item, key, tried.get(key, 0) + 1))
+        def write(done_items: list[tuple[RewriteInput, str]], outcomes: list[Outcome]) -> None:
+            if counts is not None:  # --max-target-share: decided in input order, over the store's edits so far
+                texts, ids = [it.text for it, _ in done_items], [it.image_id or "" for it, _ in done_items]
+                outcomes = steer_targets(engine, rules.text, texts, outcomes, opts, counts, ids)
+            for (it, key), o in zip(done_items, outcomes):
+                run.writer.add(row(it, key, o))
+                if o.error:
+                    summary.fail(o.error)
+                else:
+                    summary.done += 1
+                    summary.truncated += o.result.finish_reason == "length"
+                    tally.add(o)
+            run.advance(len(done_items))
+
+        batch: list[tuple[tuple[RewriteInput, str], Outcome]] = []
+        for (it, key, _), o in executor.run(todo, None, partial(rewrite_batch, rules_text=rules.text, opts=opts), batch_size=run.batch_size):
+            batch.append(((it, key), o))
+            if len(batch) >= run.batch_size:
+                write([b for b, _ in batch], [o for _, o in batch])
+                batch.clear()
+        write([b for b, _ in batch], [o for _, o in batch])
     return summary

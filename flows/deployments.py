@@ -25,6 +25,7 @@ NIGHTLY = "0 2 * * *"  # 02:00 every night, in the schedule's time zone (UTC by 
 PREPARE = "prepare-div2k"
 TRAIN = "train-on-new-shards"
 EVALUATE = "evaluate-edit"
+PREPARE_CONCURRENCY = 1
 
 
 def train_trigger() -> DeploymentEventTrigger:
@@ -85,6 +86,8 @@ def deployments(cron: str = NIGHTLY, timezone: str | None = None, prepare_params
             name=PREPARE,
             schedules=[CronSchedule(cron=cron, timezone=timezone)],
             parameters=prepare_params or prepare_parameters(),
+            # one run at a time (the second waits, ENQUEUE): two nightly runs never write one store at once
+            concurrency_limit=PREPARE_CONCURRENCY,
             description="Caption DIV2K with LLaVA-1.5, rewrite with Llama-3.1 under the single-concept rules, build contrastive batch shards; new shards start training.",
             **kw,
         ),

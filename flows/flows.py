@@ -27,12 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from dataprep.engines import ConfigError, EngineConfig
 from dataprep.stage import StageSummary
 from dataprep.store import shard_paths
 from flows import artifacts
-from flows.tasks import build_batches_task, caption_shard, chunks, evaluate_task, gpu_slot, release_engines, rewrite_shard, train_task, uses_local_gpu
+from flows.tasks import SHARD_TIMEOUT_S, build_batches_task, caption_shard, chunks, evaluate_task, gpu_slot, release_engines, rewrite_shard, train_task, uses_local_gpu
 from flows.tasks import dedup_task, judge_task
 
 SHARDS_EVENT = "softrepa.shards.written"
@@ -71,14 +72,23 @@ def _refs(source: str, data: str, split: str, ids: str | None, limit: int | None
     raise ConfigError(f"unknown source {source!r}", "source", "use div2k or folder")
 
 
-def _run_shards(dataset: str, stage: str, out: Path, cfg: EngineConfig, calls: list[tuple[Any, dict[str, Any], int]]) -> StageSummary:
-    """Run one stage's shard calls in order under the GPU slot; one engine load for all."""
+def _run_shards(dataset: str, stage: str, out: Path, cfg: EngineConfig, calls: list[tuple[Any, dict[str, Any], int]], timeout_s: float | None = None, local_gpu: bool | None = None) -> StageSummary:
+    """Submit one stage's shard tasks to the flow's task runner and gather them in order.
+
+    The flows' own runner takes one shard at a time (one engine load for all,
+    under the GPU slot); a distributed runner given with
+    ``flow.with_options(task_runner=...)`` runs them on its workers, each
+    loading its own engine. Each task gets ``timeout_s``: a hung engine call
+    fails the shard, which the task's retries then redo.
+    """
     progress = artifacts.Progress(dataset, stage, len(calls))
     parts = []
-    with gpu_slot(uses_local_gpu(cfg)):
+    with gpu_slot(uses_local_gpu(cfg) if local_gpu is None else local_gpu):
         try:
-            for fn, kwargs, n in calls:
-                state = fn(**kwargs, return_state=True)
+            futures = [(fn.with_options(timeout_seconds=timeout_s).submit(**kwargs), n) for fn, kwargs, n in calls]
+            for future, n in futures:
+                future.wait()
+                state = future.state
                 summary = state.result()  # a failed shard (after its retries) fails the flow
                 parts.append((summary, n, state.name == "Cached"))
                 progress.advance()
@@ -89,7 +99,26 @@ def _run_shards(dataset: str, stage: str, out: Path, cfg: EngineConfig, calls: l
     return total
 
 
-@flow(name="caption", log_prints=True)
+def _ray(executor: Any) -> dict[str, Any]:
+    """The executor argument of a shard task: only when it is Ray (local calls keep their cache keys)."""
+    return {"executor": executor} if executor.is_ray else {}
+
+
+def _shards(items: list, shard_size: int, executor: Any, timeout_s: float | None) -> tuple[list[list], float | None]:
+    """(task inputs, per-task timeout). On Ray the whole stage is one task (one
+    replica pool, each model loaded once) with the timeout of all its shards."""
+    shards = chunks(items, shard_size)
+    if executor.is_ray and shards:
+        return [list(items)], (timeout_s * len(shards) if timeout_s else None)
+    return shards, timeout_s
+
+
+# One shard at a time in the flow's process: shards share one loaded engine
+# (flows.tasks.engine_for), which is not thread-safe.
+SHARD_RUNNER = ThreadPoolTaskRunner(max_workers=1)
+
+
+@flow(name="caption", log_prints=True, task_runner=SHARD_RUNNER)
 def caption(
     data: str = DEFAULT_DATA,
     out: str = DEFAULT_OUT,
@@ -102,25 +131,34 @@ def caption(
     engine: dict[str, Any] | None = None,
     caption_options: dict[str, Any] | None = None,
     shard_size: int = 256,
+    executor: dict[str, Any] | None = None,
+    task_timeout_s: float | None = SHARD_TIMEOUT_S,
 ) -> StageSummary:
-    """Caption the images of ``data`` into ``out/captions``, one task per ``shard_size`` images."""
+    """Caption the images of ``data`` into ``out/captions``, one task per ``shard_size`` images.
+
+    ``executor``: ExecutorConfig fields (e.g. ``{"executor": "ray", "replicas": 4}``);
+    ``task_timeout_s``: seconds a shard task may run (None: no limit).
+    """
     from dataprep.caption import CaptionOptions
+    from dataprep.executors import ExecutorConfig
     from dataprep.promptfile import load_prompt
 
     cfg = build(EngineConfig, engine, "engine", model=model)
     opts = build(CaptionOptions, caption_options, "caption_options")
+    ex = build(ExecutorConfig, executor, "executor")
     cfg.validate()
     opts.validate()
     refs = _refs(source, data, split, ids, limit)  # paths are checked before a model loads
     run = Path(out).resolve()
     prompt_sha = load_prompt(opts.prompt_file).sha256
-    calls = [(caption_shard, dict(refs=shard, out=run, engine_cfg=cfg, opts=opts, prompt_sha256=prompt_sha), len(shard)) for shard in chunks(refs, shard_size)]
-    summary = _run_shards(dataset, "caption", run / "captions", cfg, calls)
+    shards, timeout_s = _shards(refs, shard_size, ex, task_timeout_s)
+    calls = [(caption_shard, dict(refs=shard, out=run, engine_cfg=cfg, opts=opts, prompt_sha256=prompt_sha, **_ray(ex)), len(shard)) for shard in shards]
+    summary = _run_shards(dataset, "caption", run / "captions", cfg, calls, timeout_s, local_gpu=uses_local_gpu(cfg) and not ex.is_ray)
     artifacts.publish_markdown(f"{dataset}-caption-shards", artifacts.links_markdown("caption", {"captions": run / "captions"}))
     return summary
 
 
-@flow(name="rewrite", log_prints=True)
+@flow(name="rewrite", log_prints=True, task_runner=SHARD_RUNNER)
 def rewrite(
     out: str = DEFAULT_OUT,
     dataset: str = "div2k",
@@ -128,20 +166,28 @@ def rewrite(
     engine: dict[str, Any] | None = None,
     rewrite_options: dict[str, Any] | None = None,
     shard_size: int = 256,
+    executor: dict[str, Any] | None = None,
+    task_timeout_s: float | None = SHARD_TIMEOUT_S,
 ) -> StageSummary:
-    """Rewrite every caption in ``out/captions`` into ``out/edits``, one task per ``shard_size`` captions."""
+    """Rewrite every caption in ``out/captions`` into ``out/edits``, one task per ``shard_size`` captions.
+
+    ``executor`` and ``task_timeout_s`` as in :func:`caption`.
+    """
+    from dataprep.executors import ExecutorConfig
     from dataprep.promptfile import load_prompt
     from dataprep.rewrite import RewriteOptions, inputs_from_captions
 
     cfg = build(EngineConfig, engine, "engine", model=model)
     opts = build(RewriteOptions, rewrite_options, "rewrite_options")
+    ex = build(ExecutorConfig, executor, "executor")
     cfg.validate()
     opts.validate()
     run = Path(out).resolve()
     items = inputs_from_captions(run / "captions")  # caption error rows included: the stage counts them
     prompt_sha = load_prompt(opts.rules_file, flag="--rules").sha256
-    calls = [(rewrite_shard, dict(items=shard, out=run, engine_cfg=cfg, opts=opts, prompt_sha256=prompt_sha), len(shard)) for shard in chunks(items, shard_size)]
-    summary = _run_shards(dataset, "rewrite", run / "edits", cfg, calls)
+    shards, timeout_s = _shards(items, shard_size, ex, task_timeout_s)
+    calls = [(rewrite_shard, dict(items=shard, out=run, engine_cfg=cfg, opts=opts, prompt_sha256=prompt_sha, **_ray(ex)), len(shard)) for shard in shards]
+    summary = _run_shards(dataset, "rewrite", run / "edits", cfg, calls, timeout_s, local_gpu=uses_local_gpu(cfg) and not ex.is_ray)
     artifacts.publish_rules(dataset, run / "edits")
     artifacts.publish_quality(dataset, run)
     artifacts.publish_markdown(f"{dataset}-rewrite-shards", artifacts.links_markdown("rewrite", {"captions": run / "captions", "edits": run / "edits"}))
@@ -249,6 +295,8 @@ def prepare(
     eval_options: dict[str, Any] | None = None,
     make_report: bool = True,
     report_options: dict[str, Any] | None = None,
+    executor: dict[str, Any] | None = None,
+    task_timeout_s: float | None = SHARD_TIMEOUT_S,
 ) -> dict[str, Any]:
     """caption -> rewrite -> batches -> the HTML report; new shards are handed to training by event.
 
@@ -256,9 +304,10 @@ def prepare(
     ``train_options`` (TrainConfig fields, e.g. model, steps, out) and
     ``eval_options`` (EvalConfig fields; None: no evaluation) travel with the event.
     ``make_report``: write OUT/report (``report_options``: ReportOptions fields).
+    ``executor`` and ``task_timeout_s`` apply to caption and rewrite (see :func:`caption`).
     """
-    cap = caption(data=data, out=out, dataset=dataset, source=source, split=split, ids=ids, limit=limit, model=caption_model, engine=engine, caption_options=caption_options, shard_size=shard_size)
-    rew = rewrite(out=out, dataset=dataset, model=rewrite_model, engine=engine, rewrite_options=rewrite_options, shard_size=shard_size)
+    cap = caption(data=data, out=out, dataset=dataset, source=source, split=split, ids=ids, limit=limit, model=caption_model, engine=engine, caption_options=caption_options, shard_size=shard_size, executor=executor, task_timeout_s=task_timeout_s)
+    rew = rewrite(out=out, dataset=dataset, model=rewrite_model, engine=engine, rewrite_options=rewrite_options, shard_size=shard_size, executor=executor, task_timeout_s=task_timeout_s)
     bat = batches(out=out, dataset=dataset, preset=preset, batch_options=batch_options, train_options=train_options, eval_options=eval_options)
     rep = report(out=out, dataset=dataset, report_options=report_options) if make_report else None
     return {"caption": cap, "rewrite": rew, "batches": bat, "report": rep}

@@ -35,6 +35,14 @@ from dataprep.store import shard_paths
 
 GPU_LIMIT = "gpu"
 ENGINE_RETRIES = 2
+# Task timeouts: long enough for honest work, short enough that a hung engine
+# call (a dead server, a stuck device) fails the task and its retries redo it.
+SHARD_TIMEOUT_S = 3600.0  # one shard of 256 images or captions; ~1 min on one GPU for the paper's models
+BATCHES_TIMEOUT_S = 3600.0  # pure Python over the caption index; seconds for DIV2K, minutes for COCO
+TRAIN_TIMEOUT_S = 72 * 3600.0  # the paper's longest recipe with margin; checkpoints make a retry resume
+EVALUATE_TIMEOUT_S = 24 * 3600.0
+JUDGE_TIMEOUT_S = 24 * 3600.0  # every edit of a run in one task; resumable by key, so a retry continues
+DEDUP_TIMEOUT_S = 6 * 3600.0  # hashing COCO's 118k images and 590k captions on a few cores
 _ENGINES: dict[str, Engine] = {}
 
 
@@ -161,30 +169,36 @@ def chunks(items: Sequence[Any], size: int) -> list[list[Any]]:
 # ------------------------------------------------------------ stage tasks
 
 
-@task(name="caption-shard", cache_policy=store_cache_policy(lambda p: Path(p["out"]) / "captions", lambda p: [r.image_id for r in p["refs"]]), persist_result=True, **_retry)
-def caption_shard(refs: list, out: Path, engine_cfg: EngineConfig, opts: Any, prompt_sha256: str) -> Any:
+@task(name="caption-shard", cache_policy=store_cache_policy(lambda p: Path(p["out"]) / "captions", lambda p: [r.image_id for r in p["refs"]]), persist_result=True, timeout_seconds=SHARD_TIMEOUT_S, **_retry)
+def caption_shard(refs: list, out: Path, engine_cfg: EngineConfig, opts: Any, prompt_sha256: str, executor: Any = None) -> Any:
     """Caption one shard of image refs into ``out/captions`` (see dataprep.caption.run_caption).
 
     ``prompt_sha256`` is the caption prompt's content hash: it is here so that
     editing the prompt file changes the cache key (the option holds its name only).
+    ``executor``: a Ray ExecutorConfig (its replicas load the model), or None (this process).
     """
     from dataprep.caption import run_caption
 
+    if executor is not None and executor.is_ray:
+        return run_caption(refs, out, engine_cfg, opts, executor=executor, progress=False)
     return run_caption(refs, out, engine_cfg, opts, engine=engine_for(engine_cfg), progress=False)
 
 
-@task(name="rewrite-shard", cache_policy=store_cache_policy(lambda p: Path(p["out"]) / "edits", lambda p: [i.image_id for i in p["items"] if i.error is None and i.text]), persist_result=True, **_retry)
-def rewrite_shard(items: list, out: Path, engine_cfg: EngineConfig, opts: Any, prompt_sha256: str) -> Any:
+@task(name="rewrite-shard", cache_policy=store_cache_policy(lambda p: Path(p["out"]) / "edits", lambda p: [i.image_id for i in p["items"] if i.error is None and i.text]), persist_result=True, timeout_seconds=SHARD_TIMEOUT_S, **_retry)
+def rewrite_shard(items: list, out: Path, engine_cfg: EngineConfig, opts: Any, prompt_sha256: str, executor: Any = None) -> Any:
     """Rewrite one shard of captions (RewriteInput) into ``out/edits`` (see dataprep.rewrite.run_rewrite).
 
     ``prompt_sha256`` is the rules file's content hash (cache key only).
+    ``executor``: as in :func:`caption_shard`.
     """
     from dataprep.rewrite import run_rewrite
 
+    if executor is not None and executor.is_ray:
+        return run_rewrite(items, out, engine_cfg, opts, executor=executor, progress=False)
     return run_rewrite(items, out, engine_cfg, opts, engine=engine_for(engine_cfg), progress=False)
 
 
-@task(name="build-batches")
+@task(name="build-batches", timeout_seconds=BATCHES_TIMEOUT_S)
 def build_batches_task(captions: Path, out_dir: Path, opts: Any, edits: Path | None) -> Any:
     """Contrastive batch shards (deterministic: same inputs and options, same files)."""
     from dataprep.batches import build_batches
@@ -192,7 +206,7 @@ def build_batches_task(captions: Path, out_dir: Path, opts: Any, edits: Path | N
     return build_batches(captions, out_dir, opts, edits_dir=edits)
 
 
-@task(name="train-tokens", **_retry)
+@task(name="train-tokens", timeout_seconds=TRAIN_TIMEOUT_S, **_retry)
 def train_task(cfg: Any) -> Any:
     """Train soft tokens (softrepa.train.train); checkpoints make a retry resume."""
     from softrepa.train import train
@@ -200,7 +214,7 @@ def train_task(cfg: Any) -> Any:
     return train(cfg)
 
 
-@task(name="evaluate-edit", **_retry)
+@task(name="evaluate-edit", timeout_seconds=EVALUATE_TIMEOUT_S, **_retry)
 def evaluate_task(cfg: Any) -> Any:
     """FlowEdit with/without tokens on the caption/edit pairs (resumable per image)."""
     from softrepa.evaluate import evaluate_edit
@@ -208,7 +222,7 @@ def evaluate_task(cfg: Any) -> Any:
     return evaluate_edit(cfg)
 
 
-@task(name="judge-edits", **_retry)
+@task(name="judge-edits", timeout_seconds=JUDGE_TIMEOUT_S, **_retry)
 def judge_task(out: Path, engine_cfg: EngineConfig, opts: Any) -> Any:
     """Grade the run's edit pairs into ``out/judge`` (see dataprep.judge.run_judge); resumable by key."""
     from dataprep.judge import inputs_from_edits, run_judge
@@ -217,7 +231,7 @@ def judge_task(out: Path, engine_cfg: EngineConfig, opts: Any) -> Any:
     return run_judge(items, out, engine_cfg, opts, engine=engine_for(engine_cfg), progress=False, left_out=left)
 
 
-@task(name="dedup")
+@task(name="dedup", timeout_seconds=DEDUP_TIMEOUT_S)
 def dedup_task(out: Path, opts: Any) -> Any:
     """Duplicate clusters of the run's images and captions into ``out/dedup`` (see dataprep.dedup.run_dedup)."""
     from dataprep.dedup import run_dedup

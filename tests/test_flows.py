@@ -347,3 +347,37 @@ def test_dedup_flow_then_batches_flow_publish_quality_artifacts(harness, tmp_pat
     with get_client(sync_client=True) as client:
         keys = {a.key for a in client.read_artifacts() if a.key}
     assert "qa-dedup-counts" in keys
+
+
+def test_prepare_deployment_runs_one_at_a_time():
+    from flows.deployments import PREPARE, deployments
+
+    deps = {d.name: d for d in deployments(prepare_params={"data": "d", "out": "o"})}
+    assert deps[PREPARE].concurrency_limit == 1  # two nightly runs never write one store at once
+
+
+def test_caption_flow_submits_its_shards_to_the_task_runner_with_a_timeout(harness, tiny_models, tmp_path):
+    """A task runner given to the flow really runs the shards (``.submit``), each with the timeout."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.flows import caption
+    from tests.images_factory import good_images
+
+    submitted: list[tuple[str, float | None]] = []
+
+    class Recording(ThreadPoolTaskRunner):
+        def submit(self, task, *args, **kwargs):
+            submitted.append((task.name, task.timeout_seconds))
+            return super().submit(task, *args, **kwargs)
+
+        def duplicate(self):
+            return Recording(max_workers=1)
+
+    good_images(tmp_path / "imgs")  # ten images
+    flow = caption.with_options(task_runner=Recording(max_workers=1))
+    summary = flow(
+        data=str(tmp_path / "imgs"), source="folder", out=str(tmp_path / "run"), model=str(tiny_models / "llava"),
+        engine={"device": "cpu", "batch_size": "4"}, caption_options={"workers": 0, "max_new_tokens": 4}, shard_size=4, task_timeout_s=120.0,
+    )
+    assert summary.done == 10
+    assert submitted == [("caption-shard", 120.0)] * 3
