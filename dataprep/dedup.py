@@ -161,25 +161,23 @@ def image_fingerprint(data: bytes, max_pixels: int) -> tuple[str, int, int]:
     thumbnail, and a full decode of a 12 MP photo costs ~20x more. The EXIF
     orientation is applied, so a rotated-by-tag copy hashes like its original.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from dataprep.images import decode
 
-    if not data:
-        raise ValueError("empty_file: zero bytes")
     digest = hashlib.sha256(data).hexdigest()
-    try:
-        img = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise ValueError("not_an_image: Pillow cannot identify the format") from None
-    w, h = img.size
-    if w * h > max_pixels:
-        raise ValueError(f"too_large: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
-    try:
-        img.draft("L", (64, 64))
-        img.load()
-        img = ImageOps.exif_transpose(img)
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ValueError(f"corrupt_image: {exc}") from None
-    return digest, phash64(img), w * h
+    # header checks (empty, not an image, too many pixels, corrupt) as the caption stage makes them
+    img = decode(data, max_pixels, draft=("L", (64, 64)))
+    return digest, phash64(img), _stored_pixels(data)
+
+
+def _stored_pixels(data: bytes) -> int:
+    """Pixels of the stored image (its header), not of the reduced draft the hash saw."""
+    from PIL import Image
+
+    from dataprep.images import _no_pil_bomb_guard
+
+    with _no_pil_bomb_guard(), Image.open(io.BytesIO(data)) as img:
+        w, h = img.size
+    return w * h
 
 
 def _hash_chunk(items: list[tuple[int, str, bytes | None]], max_pixels: int) -> list[tuple[int, str | None, int, int, str | None]]:

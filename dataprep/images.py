@@ -107,8 +107,12 @@ def center_crop_square(img: Image.Image) -> Image.Image:
     return img.crop((left, top, left + side, top + side))
 
 
-def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode bytes fully, EXIF orientation applied. Raises ValueError with a reason."""
+def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[str, tuple[int, int]] | None = None) -> Image.Image:
+    """Decode bytes, EXIF orientation applied. Raises ValueError with a reason.
+
+    ``draft`` (mode, size) lets a JPEG decode at a reduced scale (Pillow's
+    ``Image.draft``) when a small picture is enough, e.g. a perceptual hash.
+    """
     if not data:
         raise ValueError("empty_file: zero bytes")
     try:
@@ -123,6 +127,8 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     if w * h > max_pixels:
         raise ValueError(f"too_large: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
     try:
+        if draft is not None:
+            img.draft(*draft)
         with _no_pil_bomb_guard():
             img.load()
     except (OSError, SyntaxError, ValueError) as exc:  # truncated/corrupt data

@@ -374,3 +374,22 @@ def test_coco_captions_are_items_of_their_image_and_batches_keep_the_groups_apar
             assert not {"coco/000000000003", "coco/000000000009"} <= set(row["image_ids"]) | set(row["prompt_image_ids"])
     cfg = json.loads(next((run / "batches").glob("_run-*.json")).read_text())
     assert cfg["inputs"]["dedup"] == str(run / "dedup")
+
+
+def test_an_image_over_pillows_bomb_limit_is_a_too_large_error_not_a_crash():
+    """dedup opened images without the caption stage's guard: Pillow's own check
+    (above ~179 MP) raised DecompressionBombError, which no error row catches."""
+    import io
+
+    from PIL import Image
+
+    from dataprep.dedup import image_fingerprint
+
+    buf = io.BytesIO()
+    Image.new("1", (15000, 15000)).save(buf, format="PNG")  # 225 MP, a few KB on disk
+    with pytest.raises(ValueError, match="too_large"):
+        image_fingerprint(buf.getvalue(), max_pixels=64_000_000)
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(buf, format="JPEG")
+    digest, _, pixels = image_fingerprint(buf.getvalue(), max_pixels=64_000_000)
+    assert pixels == 1200 and len(digest) == 64  # the stored size, not the draft's
