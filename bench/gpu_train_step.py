@@ -1,9 +1,10 @@
 """One SoftREPA training step on SD3 vs one full fine-tuning step of the same shape.
 
 Random weights with the real SD3-medium transformer shape (24 MM-DiT blocks,
-width 1536, 2B parameters), 1024 x 1024 images = latents 16 x 128 x 128, a
+width 1536, 2B parameters), 512 x 512 images (the official trainer's size;
+``--resolution 1024`` for SD3's native one) = latents 16 x 64 x 64, a
 4 x 4 grid (4 images x 4 prompts = 16 denoiser rows, paper Table 3), text
-stream 77 CLIP + 256 T5 positions. Both modes run the same forward and loss
+stream 77 CLIP + 512 T5 positions. Both modes run the same forward and loss
 (contrastive score matching, one timestep and one noise per grid):
 
 - ``tokens``: frozen bf16 transformer, fp32 soft tokens (4 x 5 layers,
@@ -48,12 +49,13 @@ def _sync(device: torch.device) -> None:
 def run_mode(mode: str, args: argparse.Namespace, device: torch.device) -> dict:
     from diffusers import SD3Transformer2DModel
 
+    from softrepa.backbone import T5_MAX_LENGTH
     from softrepa.loss import error_matrix, softrepa_loss
     from softrepa.tokens import SoftTokens, TokenConfig, wrap_model
 
     cfg = TINY if args.tiny else SD3_MEDIUM
     latent = 16 if args.tiny else args.resolution // 8
-    text_len = 12 if args.tiny else 77 + 256
+    text_len = 12 if args.tiny else 77 + T5_MAX_LENGTH  # CLIP + T5 tokens, as the trainer encodes prompts
     cuda = device.type == "cuda"
     low = torch.bfloat16 if cuda else torch.float32
     if cuda:
@@ -125,7 +127,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per mode (after one warm-up step)")
     ap.add_argument("--images", type=int, default=4, help="images per grid (B)")
     ap.add_argument("--prompts", type=int, default=4, help="prompts per grid (P)")
-    ap.add_argument("--resolution", type=int, default=1024, help="image size; latents are resolution / 8")
+    ap.add_argument("--resolution", type=int, default=512, help="image size; latents are resolution / 8 (the trainer's default, as the official one, is 512)")
     ap.add_argument("--gradient-checkpointing", action="store_true", help="recompute blocks in backward (both modes)")
     args = ap.parse_args()
     if args.tiny:

@@ -522,6 +522,14 @@ def _fill(index: CaptionIndex, members: list[int], positive_at: Callable[[int], 
     for i in members:
         clusters.mark(index.groups, i, groups_in)
     N = len(index)
+
+    def add_negative(j: int, text: str) -> None:
+        prompts.append(text)
+        kinds.append(NEGATIVE)
+        owners.append(index.image_ids[j])
+        used.add(norm_text(text))
+        clusters.mark(index.groups, j, groups_in)
+
     tries, max_tries = 0, 32 * need
     while need and tries < max_tries and N > len(inside):
         tries += 1
@@ -532,11 +540,7 @@ def _fill(index: CaptionIndex, members: list[int], positive_at: Callable[[int], 
         text = caps[rng.randrange(len(caps))] if len(caps) > 1 else caps[0]
         if norm_text(text) in used:
             continue
-        prompts.append(text)
-        kinds.append(NEGATIVE)
-        owners.append(index.image_ids[j])
-        used.add(norm_text(text))
-        clusters.mark(index.groups, j, groups_in)
+        add_negative(j, text)
         need -= 1
     if need:
         start = rng.randrange(N) if N else 0
@@ -544,15 +548,10 @@ def _fill(index: CaptionIndex, members: list[int], positive_at: Callable[[int], 
             j = (start + step) % N
             if j in inside or clusters.clash(index.groups, j, groups_in):
                 continue
-            for text in index.captions(j):
-                if norm_text(text) not in used:
-                    prompts.append(text)
-                    kinds.append(NEGATIVE)
-                    owners.append(index.image_ids[j])
-                    used.add(norm_text(text))
-                    clusters.mark(index.groups, j, groups_in)
-                    need -= 1
-                    break
+            text = next((t for t in index.captions(j) if norm_text(t) not in used), None)
+            if text is not None:
+                add_negative(j, text)
+                need -= 1
             if not need:
                 break
     if need:

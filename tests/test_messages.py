@@ -9,9 +9,7 @@ files reported as anything but empty.
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -23,6 +21,7 @@ from dataprep.check import check_rows, read_records, write_report
 from dataprep.cli import app as dataprep_app
 from dataprep.engines import ConfigError
 from softrepa.cli import app as softrepa_app
+from tests.test_softrepa_import import _Evil
 
 runner = CliRunner()
 
@@ -69,11 +68,6 @@ def test_batches_cli_prints_duplicates_as_their_own_line(tmp_path):
 
 
 # ------------------------------------------------------------ import-tokens
-
-
-class _Evil:
-    def __reduce__(self):
-        return (os.system, ("echo pwned",))
 
 
 def test_unsafe_pickle_is_refused_for_safety_without_suggesting_the_unsafe_flag(tmp_path):
