@@ -283,6 +283,30 @@ def _quiet_ray_data() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A HOST:PORT ``--ray-address`` must accept a TCP connection, or ConfigError.
+
+    ``ray.init`` on an address where nothing listens does not fail: it retries
+    the GCS connection for minutes, printing a line every few seconds, so a
+    typo'd address would hang a nightly run. ``auto``, ``local`` and
+    ``ray://`` client addresses are left to Ray.
+    """
+    import socket
+
+    if address in ("auto", "local") or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"nothing answers at --ray-address {address} ({type(exc).__name__}: {exc})",
+            "--ray-address",
+            "check HOST:PORT (the head prints it at `ray start --head`; default port 6379), use auto on a cluster node, or leave it out to start a local Ray",
+        ) from None
+
+
 class RayExecutor:
     """A Ray Data pipeline on a Ray cluster (see the module docstring).
 
@@ -305,6 +329,7 @@ class RayExecutor:
         self.own_ray = not ray.is_initialized()
         if self.own_ray:
             address = cfg.ray_address or "local"
+            check_reachable(address)
             try:
                 ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
             except (ConnectionError, ValueError, RuntimeError) as exc:

@@ -311,3 +311,18 @@ def test_a_missing_model_stops_before_ray_starts(tmp_path):
                        capture_output=True, text=True, env=dict(os.environ, **RAY_ENV, COLUMNS="300"))
     assert r.returncode == 2 and "--model" in r.stderr and "config.json missing" in r.stderr
     assert not (tmp_path / "edits").exists()  # nothing started, nothing written
+
+
+def test_an_address_where_nothing_listens_is_a_config_error_not_a_hang(tmp_path, tiny_models):
+    """ray.init retried an unreachable GCS for minutes (a typo'd --ray-address hung a run)."""
+    pytest.importorskip("ray")
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "in.jsonl").write_text('{"caption": "a dog"}\n')
+    r = subprocess.run([*DATAPREP, "rewrite", "--input", str(tmp_path / "in.jsonl"), "--out", str(tmp_path), "--model", str(tiny_models / "llama"),
+                        "--executor", "ray", "--ray-address", f"127.0.0.1:{port}"],
+                       capture_output=True, text=True, env=dict(os.environ, **RAY_ENV, COLUMNS="300"), timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "--ray-address" in r.stderr and f"127.0.0.1:{port}" in r.stderr
+    assert not (tmp_path / "edits").exists()
