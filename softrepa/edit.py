@@ -26,6 +26,8 @@ torch and diffusers are imported lazily (``softrepa --help`` stays fast).
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -92,6 +94,10 @@ class EditConfig:
             raise ConfigError(f"n_avg must be >= 1, got {self.n_avg}", flag="--n-avg", fix="use --n-avg 1")
         if self.size < 0:
             raise ConfigError(f"size must be >= 0, got {self.size}", flag="--size", fix="use --size 1024, or 0 to keep the source size")
+        for name, flag, value in (("source guidance", "--src-cfg", self.src_cfg), ("target guidance", "--tgt-cfg", self.tgt_cfg)):
+            # nan passed float parsing and edited every pixel to black; a negative scale guides away from the prompt
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value}", flag=flag, fix="e.g. --src-cfg 3.5 --tgt-cfg 13.5 (the paper's FlowEdit row)")
         if CFG_RULE_ALIASES.get(self.cfg_rule, self.cfg_rule) not in CFG_RULES:
             raise ConfigError(f"unknown guidance rule {self.cfg_rule!r}", flag="--guidance-rule", fix=f"one of {', '.join(CFG_RULES)}")
         return self

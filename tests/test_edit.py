@@ -178,3 +178,13 @@ def test_tiny_tokens_requested_without_tokens_is_a_config_error(editor, source_i
     vanilla = SD3FlowEditor(load_sd3(editor.pipe.name_or_path, device="cpu"), None)
     with pytest.raises(ConfigError):
         vanilla.edit_latent(editor.encode_image(source_image, 32), "a", "b", EditConfig(**FAST), use_tokens=True)
+
+
+@pytest.mark.parametrize("field,value", [("tgt_cfg", float("nan")), ("tgt_cfg", -5.0), ("src_cfg", float("inf"))])
+def test_guidance_must_be_finite_and_not_negative(field, value):
+    """--tgt-cfg nan parsed as a float and every edited image came out black, scored as a good row."""
+    from dataprep.engines import ConfigError
+    from softrepa.edit import EditConfig
+
+    with pytest.raises(ConfigError, match="--tgt-cfg" if field == "tgt_cfg" else "--src-cfg"):
+        EditConfig(**{field: value}).validate()
