@@ -418,6 +418,9 @@ def batches_cmd(
             raise ConfigError("pass exactly one caption source", "--captions / --coco-captions", "give --captions OUT/captions, or --coco-captions FILE with --coco-images DIR")
         if coco_captions is not None and coco_images is None:
             raise ConfigError("--coco-captions needs the image folder", "--coco-images", "pass the train2017/ folder")
+        for flag, given in (("--dedup-dir", dedup_dir), ("--judge", judge)):
+            if given is not None and not given.is_dir():  # named explicitly: silently ignoring it would hide a typo
+                raise ConfigError(f"{given} is not a folder", flag, "pass the folder that `dataprep dedup` / `dataprep judge` wrote (RUN/dedup, RUN/judge), or leave it out")
         bar, update = _progress("batches")
         with bar:
             if captions is not None:

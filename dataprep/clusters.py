@@ -23,7 +23,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from dataprep.engines import ConfigError
-from dataprep.store import read_manifest, shard_paths
+from dataprep.store import DEDUP_SCHEMA, check_shards, read_manifest, shard_paths
 
 DEDUP_MODES = ("separate", "keep-one", "off")
 
@@ -74,6 +74,8 @@ def check_records(dedup_dir: Path | str, mode: str) -> bool:
     if mode not in DEDUP_MODES:
         raise ConfigError(f"unknown --dedup mode {mode!r}", "--dedup", f"use one of {', '.join(DEDUP_MODES)}")
     finished = read_manifest(dedup_dir) is not None or bool(shard_paths(dedup_dir))
+    if finished:  # another stage's shards here (a --dedup-dir typo) is a configuration error, not a schema dump
+        check_shards(dedup_dir, DEDUP_SCHEMA, flag="--dedup-dir")
     if not finished and mode == "keep-one":
         raise ConfigError(f"no dedup records in {dedup_dir}", "--dedup keep-one", "run `dataprep dedup RUN` first, or pass --dedup-dir DIR")
     return finished

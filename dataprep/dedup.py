@@ -45,6 +45,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from dataprep.engines import ConfigError
+from dataprep.stage import acquire_stage_lock
 from dataprep.store import DEDUP_SCHEMA, Manifest, ShardWriter, new_run_id, shard_paths, utcnow
 
 IMAGE, CAPTION = "image", "caption"
@@ -538,53 +539,58 @@ def run_dedup(
         cap_names += [image_id] if n == 1 else [f"{image_id}#{k}" for k in range(n)]
     run_id = new_run_id()
     summary = DedupSummary(out_dir=out, run_id=run_id)
-    old = shard_paths(out)
-    writer = ShardWriter(out, DEDUP_SCHEMA, run_id, opts.rows_per_shard)
+    # one dedup run per folder: a second one would delete the first's shards as "old"
+    lock = acquire_stage_lock(out, flag="RUN", fix="wait for the other `dataprep dedup` of this run to finish")
+    try:
+        old = shard_paths(out)
+        writer = ShardWriter(out, DEDUP_SCHEMA, run_id, opts.rows_per_shard)
 
-    def tick(what: str, total: int) -> Callable[[int], None]:
-        done = [0]
+        def tick(what: str, total: int) -> Callable[[int], None]:
+            done = [0]
 
-        def step(k: int) -> None:
-            done[0] += k
-            if progress:
-                progress(what, done[0], total)
+            def step(k: int) -> None:
+                done[0] += k
+                if progress:
+                    progress(what, done[0], total)
 
-        return step
+            return step
 
-    with writer:
-        if opts.images:
-            hashes, shas, pixels, errors = hash_images(index.image_uris, opts, progress=tick("images", len(ids)))
-            summary.images = len(ids)
-            for i, e in enumerate(errors):
-                if e is not None:
-                    summary.image_errors[e.split(":", 1)[0]] += 1
-                    writer.add({"kind": IMAGE, "item_id": ids[i], "run_id": run_id, "created_at": utcnow(), "error": e})
-            for c in image_clusters(ids, hashes, shas, pixels, errors, opts.image_distance):
-                rows = cluster_rows(c, ids, run_id, hashes=hashes, shas=shas)
-                summary.image_clusters += 1
-                summary.images_in_clusters += len(rows)
-                summary.exact_image_duplicates += sum(r["method"] == SHA256 and not r["representative"] for r in rows)
-                for r in rows:
-                    writer.add(r)
-            del hashes, shas, pixels, errors
-        if opts.captions:
-            sigs = caption_signatures(index.texts, opts, progress=tick("captions", len(cap_ids)))
-            summary.captions = len(cap_ids)
-            bands, rows_per_band = lsh_params(opts.caption_threshold, opts.num_perm)
-            summary.lsh = (bands, rows_per_band)
-            for c in caption_clusters(cap_names, sigs, opts.caption_threshold, bands, rows_per_band):
-                rows = cluster_rows(c, cap_ids, run_id, sigs=sigs, names=cap_names)
-                summary.caption_clusters += 1
-                summary.captions_in_clusters += len(rows)
-                for r in rows:
-                    writer.add(r)
-            del sigs
-    summary.shards = list(writer.written)
-    # the records describe the whole set: the previous run's are replaced, never merged
-    for p in old:
-        if p not in summary.shards:
-            p.unlink()
-    summary.seconds = time.perf_counter() - t0
-    config = {"options": asdict(opts), **source, "lsh_bands_rows": list(summary.lsh) if summary.lsh else None}
-    Manifest(stage="dedup", config=config, run_id=run_id, counts=summary.counts(), failures=dict(summary.image_errors), started_at=started, finished_at=utcnow().isoformat()).write(out)
-    return summary
+        with writer:
+            if opts.images:
+                hashes, shas, pixels, errors = hash_images(index.image_uris, opts, progress=tick("images", len(ids)))
+                summary.images = len(ids)
+                for i, e in enumerate(errors):
+                    if e is not None:
+                        summary.image_errors[e.split(":", 1)[0]] += 1
+                        writer.add({"kind": IMAGE, "item_id": ids[i], "run_id": run_id, "created_at": utcnow(), "error": e})
+                for c in image_clusters(ids, hashes, shas, pixels, errors, opts.image_distance):
+                    rows = cluster_rows(c, ids, run_id, hashes=hashes, shas=shas)
+                    summary.image_clusters += 1
+                    summary.images_in_clusters += len(rows)
+                    summary.exact_image_duplicates += sum(r["method"] == SHA256 and not r["representative"] for r in rows)
+                    for r in rows:
+                        writer.add(r)
+                del hashes, shas, pixels, errors
+            if opts.captions:
+                sigs = caption_signatures(index.texts, opts, progress=tick("captions", len(cap_ids)))
+                summary.captions = len(cap_ids)
+                bands, rows_per_band = lsh_params(opts.caption_threshold, opts.num_perm)
+                summary.lsh = (bands, rows_per_band)
+                for c in caption_clusters(cap_names, sigs, opts.caption_threshold, bands, rows_per_band):
+                    rows = cluster_rows(c, cap_ids, run_id, sigs=sigs, names=cap_names)
+                    summary.caption_clusters += 1
+                    summary.captions_in_clusters += len(rows)
+                    for r in rows:
+                        writer.add(r)
+                del sigs
+        summary.shards = list(writer.written)
+        # the records describe the whole set: the previous run's are replaced, never merged
+        for p in old:
+            if p not in summary.shards:
+                p.unlink()
+        summary.seconds = time.perf_counter() - t0
+        config = {"options": asdict(opts), **source, "lsh_bands_rows": list(summary.lsh) if summary.lsh else None}
+        Manifest(stage="dedup", config=config, run_id=run_id, counts=summary.counts(), failures=dict(summary.image_errors), started_at=started, finished_at=utcnow().isoformat()).write(out)
+        return summary
+    finally:
+        lock.__exit__(None, None, None)

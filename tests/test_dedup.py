@@ -393,3 +393,36 @@ def test_an_image_over_pillows_bomb_limit_is_a_too_large_error_not_a_crash():
     Image.new("RGB", (40, 30), (200, 10, 10)).save(buf, format="JPEG")
     digest, _, pixels = image_fingerprint(buf.getvalue(), max_pixels=64_000_000)
     assert pixels == 1200 and len(digest) == 64  # the stored size, not the draft's
+
+
+def test_a_named_dedup_dir_that_is_missing_or_another_store_is_exit_2(tmp_path):
+    """A missing --dedup-dir was ignored in the default mode (no dedup, no word);
+    a caption store given as --dedup-dir ended in a pyarrow schema dump, exit 1."""
+    from dataprep.cli import app
+
+    clustered_run(tmp_path)
+    base = ["batches", "--captions", str(tmp_path / "captions"), "--preset", "sd3"]
+    r = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "b1"), "--dedup-dir", str(tmp_path / "nowhere")], env={"COLUMNS": "300"})
+    assert r.exit_code == 2 and "--dedup-dir" in r.output and "not a folder" in r.output
+    r = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "b2"), "--dedup", "keep-one", "--dedup-dir", str(tmp_path / "captions")], env={"COLUMNS": "300"})
+    assert r.exit_code == 2 and "--dedup-dir" in r.output and "does not hold this stage's rows" in r.output
+
+
+def test_two_dedup_runs_on_one_run_folder_do_not_write_it_at_once(tmp_path):
+    """The second run deleted the first's shards as 'old' (FileNotFoundError, mixed records)."""
+    import subprocess
+    import sys
+
+    from dataprep.dedup import DedupOptions, run_dedup
+
+    clustered_run(tmp_path)
+    holder = subprocess.Popen(  # another process is writing RUN/dedup
+        [sys.executable, "-c", "import sys, time; from dataprep.store import stage_lock; stage_lock(sys.argv[1]).__enter__(); print('held', flush=True); time.sleep(120)", str(tmp_path / "dedup")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError, match="being written by another run"):
+            run_dedup(tmp_path, DedupOptions(workers=0))
+    finally:
+        holder.kill()
+        holder.wait()
