@@ -531,6 +531,12 @@ def stats_cmd(
 
     if not run_dir.is_dir():
         raise fail(f"run directory not found: {run_dir} (argument RUN_DIR). Fix: pass the --out folder of a run")
+    from dataprep.store import check_run_shards
+
+    try:
+        check_run_shards(run_dir, "RUN_DIR")
+    except ConfigError as exc:
+        raise fail(str(exc))
     s = stats.collect(run_dir)
     if as_json:
         print(json.dumps(s, indent=2, default=str))

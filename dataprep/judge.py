@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from dataprep.engines import ChatRequest, ChatResult, ConfigError, Engine, EngineConfig, Sampling
 from dataprep.promptfile import load_prompt
 from dataprep.stage import StageRun, StageSummary, model_identity, provenance
-from dataprep.store import EDITS_SCHEMA, JUDGE_SCHEMA, content_key, done_keys, iter_rows, sha256_text, shard_paths
+from dataprep.store import EDITS_SCHEMA, JUDGE_SCHEMA, check_shards, content_key, done_keys, iter_rows, sha256_text, shard_paths
 
 DEFAULT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 STAGE = "judge"
@@ -251,6 +251,7 @@ def inputs_from_edits(folder: Path | str, all_edits: bool = False) -> tuple[list
     folder = Path(folder)
     if not shard_paths(folder):
         raise ConfigError(f"no edit shards in {folder}", "--edits", "run `dataprep rewrite --out RUN` first")
+    check_shards(folder, EDITS_SCHEMA, "--edits")
     items: list[JudgeInput] = []
     left: Counter = Counter()
     for r in iter_rows(folder, EDITS_SCHEMA, columns=["image_id", "key", "source", "target", "passed", "error"]):

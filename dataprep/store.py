@@ -556,6 +556,16 @@ def check_shards(folder: Path | str, schema: pa.Schema, flag: str = "--out") -> 
             )
 
 
+def check_run_shards(run: Path | str, flag: str = "RUN") -> None:
+    """:func:`check_shards` on every stage folder of a run that readers open
+    (captions, edits, judge, dedup): a corrupt or foreign shard is exit 2
+    naming the file, not a pyarrow error from deep inside a reader."""
+    run = Path(run)
+    for name, schema in (("captions", CAPTIONS_SCHEMA), ("edits", EDITS_SCHEMA), ("judge", JUDGE_SCHEMA), ("dedup", DEDUP_SCHEMA)):
+        if (run / name).is_dir():
+            check_shards(run / name, schema, flag)
+
+
 def check_writable(out: Path | str, flag: str = "--out") -> Path:
     """Raise ConfigError unless ``out`` is (or can be made) a writable folder.
 

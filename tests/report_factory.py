@@ -70,22 +70,29 @@ def make_run(root: Path, judge: bool = False, dedup: bool = False) -> Path:
                        key=f"edit-{iid}", engine="transformers", model="meta-llama/Llama-3.1-8B-Instruct", prompt_id="edit.txt",
                        sampling='{"temperature": 0}', seed=0, finish_reason="stop", prompt_tokens=900, completion_tokens=25, run_id="r1", created_at=T0))
         w.add(dict(image_id="div2k/0012", source="A kite flies above a beach.", key="edit-div2k/0012", error="engine: timeout after 120 s", run_id="r1", created_at=T0))
-    if judge:
+    if judge:  # rows as `dataprep judge` writes them (JUDGE_SCHEMA)
+        from dataprep.store import JUDGE_SCHEMA
+
         rows = [{"image_id": iid, "key": f"j-{iid}", "verdict": "bad" if iid == "div2k/0004" else "good",
-                 "reasons": "rule 2: a canoe is fine" if iid != "div2k/0004" else "rule 2: a canoe is not a sailboat-sized change", "error": None}
+                 "rule2_reason": "rule 2: a canoe is fine" if iid != "div2k/0004" else "rule 2: a canoe is not a sailboat-sized change", "error": None,
+                 "created_at": T0}
                 for iid, *_ in PAIRS[:6]]
-        rows.append({"image_id": "div2k/0001", "key": "j-late", "verdict": None, "reasons": None, "error": "engine: timeout"})  # a later failed judgement
-        (run / "judge").mkdir()
-        pq.write_table(pa.Table.from_pylist(rows), run / "judge" / "part-r1-00000.parquet")
-    if dedup:
+        rows.append({"image_id": "div2k/0001", "key": "j-late", "verdict": None, "error": "engine: timeout", "created_at": T0})  # a later failed judgement
+        with ShardWriter(run / "judge", JUDGE_SCHEMA, "r1") as w:
+            for r in rows:
+                w.add(r)
+    if dedup:  # rows as `dataprep dedup` writes them (DEDUP_SCHEMA)
+        from dataprep.store import DEDUP_SCHEMA
+
         rows = [
-            {"kind": "image", "id": "div2k/0001", "cluster_id": "c1", "representative": True, "method": "phash", "distance": 0.0},
-            {"kind": "image", "id": "div2k/0009", "cluster_id": "c1", "representative": False, "method": "phash", "distance": 2.0},
-            {"kind": "caption", "id": "cap-div2k/0002", "cluster_id": "c2", "representative": True, "method": "minhash", "distance": 0.0},
-            {"kind": "image", "id": "div2k/0005", "cluster_id": "c3", "representative": True, "method": "phash", "distance": 0.0},  # singleton: no duplicate
+            {"kind": "image", "item_id": "div2k/0001", "cluster_id": "c1", "representative": True, "method": "phash", "distance": 0.0},
+            {"kind": "image", "item_id": "div2k/0009", "cluster_id": "c1", "representative": False, "method": "phash", "distance": 2.0},
+            {"kind": "caption", "item_id": "cap-div2k/0002", "cluster_id": "c2", "representative": True, "method": "minhash", "distance": 0.0},
+            {"kind": "image", "item_id": "div2k/0005", "cluster_id": "c3", "representative": True, "method": "phash", "distance": 0.0},  # singleton: no duplicate
         ]
-        (run / "dedup").mkdir()
-        pq.write_table(pa.Table.from_pylist(rows), run / "dedup" / "part-r1-00000.parquet")
+        with ShardWriter(run / "dedup", DEDUP_SCHEMA, "r1") as w:
+            for r in rows:
+                w.add(r)
     return run
 
 

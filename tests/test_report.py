@@ -43,10 +43,10 @@ def test_cards_carry_caption_edit_verdict_spans_and_provenance(tmp_path):
     assert "verdicts" not in s and "duplicates" not in s  # optional stages absent: no empty filters
 
 
-def test_judge_and_dedup_folders_are_read_generically(tmp_path):
+def test_judge_and_dedup_stores_show_on_the_cards(tmp_path):
     data = collect(make_run(tmp_path / "run", judge=True, dedup=True))
     cards = {c["id"]: c for c in data.cards}
-    assert cards["div2k/0004"]["judge"]["verdict"] == "bad" and "canoe" in cards["div2k/0004"]["judge"]["reasons"]
+    assert cards["div2k/0004"]["judge"]["verdict"] == "bad" and "canoe" in cards["div2k/0004"]["judge"]["rule2_reason"]
     assert "judge" not in cards["div2k/0007"]
     assert cards["div2k/0001"]["judge"]["verdict"] == "good"  # its later judge error row does not hide the verdict
     # an image cluster by image id, a caption cluster by the caption's key; a singleton is no duplicate
@@ -145,3 +145,28 @@ def test_views_markdown_links_report_grids_and_curves(tmp_path):
     assert "**training curves**" in md and curves.resolve().as_uri() in md
     assert (run / "report" / "index.html").resolve().as_uri() in md and "**report**" in md
     assert "missing.html" not in md
+
+
+@pytest.mark.parametrize("stage", ["captions", "edits"])
+def test_a_corrupt_shard_is_exit_2_naming_it_for_report_stats_and_judge(tmp_path, stage):
+    """report, stats and judge read the stores without the check the stages make:
+    a cut-off shard ended in pyarrow's ArrowInvalid, exit 1, with no file named."""
+    from dataprep.cli import app
+
+    run = make_run(tmp_path)
+    bad = run / stage / "part-zzz-00000.parquet"
+    bad.write_bytes(b"PAR1xyz")
+    for args in (["report", str(run), "--no-thumbs"], ["stats", str(run)], ["judge", "--out", str(run), "--model", str(tmp_path / "no-model")]):
+        r = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
+        if args[0] == "judge" and stage == "captions":
+            continue  # the judge reads edits only
+        assert r.exit_code == 2, (args, r.output)
+        assert "part-zzz-00000.parquet" in r.output and "corrupt" in r.output, (args, r.output)
+
+
+def test_report_out_inside_a_stage_folder_is_refused(tmp_path):
+    """Its assets/ and data/ inside captions/ made pd.read_parquet('RUN/captions') fail."""
+    run = make_run(tmp_path)
+    with pytest.raises(ConfigError, match="--out"):
+        build_report(run, run / "captions" / "report", ReportOptions(thumbs=False))
+    assert not (run / "captions" / "report").exists()

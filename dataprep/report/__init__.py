@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dataprep.engines import ConfigError
+from dataprep.store import check_run_shards
 from dataprep.report.views import REPORTS_INDEX  # RUN/reports.json: where reports of this run were written
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -94,6 +95,14 @@ def environment() -> Any:
     )
 
 
+STAGE_DIRS = ("captions", "edits", "judge", "dedup", "batches")
+
+
+def _within(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
 def build_report(run: Path | str, out: Path | str, options: ReportOptions | None = None, progress: Callable[[int, int], None] | None = None) -> ReportSummary:
     """Write the report of ``run`` into ``out`` (see the module doc) and register it in RUN/reports.json.
 
@@ -110,6 +119,10 @@ def build_report(run: Path | str, out: Path | str, options: ReportOptions | None
         raise ConfigError(f"run directory not found: {run}", "RUN", "pass the --out folder of a dataprep run (with captions/ and edits/)")
     if not any((run / d).is_dir() for d in ("captions", "edits")):
         raise ConfigError(f"{run} has neither captions/ nor edits/", "RUN", "pass the --out folder of `dataprep caption` / `dataprep rewrite`")
+    check_run_shards(run)
+    inside = next((d for d in STAGE_DIRS if _within(out, run / d)), None)
+    if inside is not None:  # its assets and data files would stop readers of that folder (pd.read_parquet)
+        raise ConfigError(f"--out {out} is inside the stage folder {run / inside}", "--out", "write the report beside the stage folders, e.g. RUN/report (the default)")
     data = collect(run, limit=opts.limit)
 
     n_thumbs = n_thumb_errors = 0
