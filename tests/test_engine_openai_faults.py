@@ -407,3 +407,12 @@ def test_caption_stage_holds_images_no_larger_than_the_engine_sends(hostile, tmp
     assert s.done == 2 and sorted(held) == [(300, 300), (1024, 1024)]
     sent = sorted(Image.open(io.BytesIO(base64.b64decode(b["messages"][-1]["content"][0]["image_url"]["url"].split(",", 1)[1]))).size for b in hostile.seen)
     assert sent == [(300, 300), (1024, 1024)]  # what the server gets is what it got before
+
+
+def test_a_base_url_with_another_engine_is_a_config_error():
+    """--base-url with the default transformers engine was silently ignored (the local model ran)."""
+    from dataprep.engines import ConfigError, EngineConfig
+
+    with pytest.raises(ConfigError, match="--engine openai"):
+        EngineConfig(engine="transformers", model="m", base_url="http://127.0.0.1:9/v1").validate()
+    EngineConfig(engine="openai", model="m", base_url="http://127.0.0.1:9/v1").validate()

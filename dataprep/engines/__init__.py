@@ -149,6 +149,8 @@ class EngineConfig:
             raise ConfigError(f"invalid device {self.device!r}", "--device", "use auto, cpu, cuda, cuda:N or mps")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"invalid dtype {self.dtype!r}", "--dtype", "use auto, float32, bfloat16 or float16")
+        if self.engine != "openai" and self.base_url:  # ignoring it would run the local model the user meant to replace
+            raise ConfigError(f"--base-url is for --engine openai, not {self.engine}", "--base-url", "add --engine openai to use the server(s), or drop --base-url")
         if self.engine == "openai" and not split_base_urls(self.base_url):
             raise ConfigError("the openai engine needs a server", "--base-url", "e.g. --base-url http://127.0.0.1:8000/v1")
         if self.max_inflight is not None and self.max_inflight < 1:
