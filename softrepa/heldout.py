@@ -57,8 +57,9 @@ def hold_out(rows: list[dict[str, Any]], n: int, seed: int) -> HoldOut:
     ids = sorted(caption)
     if n > len(ids) // 2:
         raise ConfigError(
-            f"holding out {n} images for the best-checkpoint evaluation would leave {len(ids) - n} of {len(ids)} to train on",
-            "--eval-holdout", "hold out fewer (at most half the images), give --eval-prompts FILE, or --best-by none")
+            f"the batches hold {len(ids)} images: holding out {n} for the best-checkpoint evaluation would leave "
+            f"{'none' if n >= len(ids) else len(ids) - n} to train on (at most half may be held out)",
+            "--eval-holdout", f"hold out at most {len(ids) // 2}, give --eval-prompts FILE, or --best-by none")
     rng = np.random.default_rng([seed, 0x5EED])
     held = sorted(ids[i] for i in rng.choice(len(ids), size=n, replace=False))
     held_set = set(held)
