@@ -149,7 +149,7 @@ def test_pipeline_checks_every_flag_before_work(tiny_models, samples_dir, tmp_pa
 def test_lone_request_reuses_but_never_replaces_the_shared_prefix(llama):
     llama.share_prefix, llama._prefix = True, None
     llama.generate(rewrite_requests(CAPTIONS[:1]))
-    assert llama._prefix is None  # one request alone does not define a "shared" prefix
+    assert llama._prefix is None  # one request alone does not define a prefix common to a batch
     llama.generate(rewrite_requests(CAPTIONS[:3]))
     shared = llama._prefix
     lone = llama.generate(rewrite_requests(CAPTIONS[4:5]))
