@@ -49,16 +49,23 @@ TRAIN_MODELS = {  # the paper's backbones (Table 3), by preset
 }
 
 
-def build(cls: type, options: dict[str, Any] | None, flag: str, **fixed: Any) -> Any:
-    """``cls(**fixed, **options)`` with unknown option names rejected by name."""
+def build(cls: type, options: dict[str, Any] | None, flag: str, *, locked: str | None = None, **fixed: Any) -> Any:
+    """``cls(**fixed, **options)`` with unknown option names rejected by name.
+
+    ``options`` override ``fixed`` defaults, unless ``locked`` is given: then
+    naming a fixed field is a ConfigError whose fix is ``locked`` (the recipe
+    sets those fields itself).
+    """
     options = dict(options or {})
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(options) - known)
     if unknown:
         raise ConfigError(f"unknown {flag} option(s) {unknown}", flag, f"use fields of {cls.__name__}: {', '.join(sorted(known))}")
-    for k, v in list(options.items()):  # JSON has lists where the dataclasses use tuples
-        if isinstance(v, list):
-            options[k] = tuple(v)
+    taken = sorted(set(options) & set(fixed))
+    if locked is not None and taken:
+        raise ConfigError(f"{flag} option(s) {taken} cannot be given here", flag, locked)
+    # JSON has lists where the dataclasses use tuples
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
     return cls(**{**fixed, **options})
 
 

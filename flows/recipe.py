@@ -25,7 +25,7 @@ command line.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -78,17 +78,10 @@ class RecipeResult:
 
 
 def _build(cls: type, options: dict[str, Any] | None, flag: str, **fixed: Any) -> Any:
-    """``cls(**fixed, **options)``; unknown option names are a ConfigError naming ``flag``."""
-    options = dict(options or {})
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ConfigError(f"unknown {flag} option(s) {unknown}", flag, f"use fields of {cls.__name__}: {', '.join(sorted(known))}")
-    taken = sorted(set(options) & set(fixed))
-    if taken:
-        raise ConfigError(f"{flag} option(s) {taken} are set by the recipe", flag, "drop them (use the recipe's own flags: --model, --pairs, --out)")
-    options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
-    return cls(**{**options, **fixed})
+    """:func:`flows.flows.build` with the recipe's own fields locked."""
+    from flows.flows import build
+
+    return build(cls, options, flag, locked="they are set by the recipe: drop them (use its own flags: --model, --pairs, --out)", **fixed)
 
 
 def recipe_configs(cfg: RecipeConfig) -> tuple[Any, Any, Path]:

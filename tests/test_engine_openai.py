@@ -224,6 +224,23 @@ def start_server(log: Path) -> tuple[subprocess.Popen, str]:
     pytest.fail(f"transformers serve did not answer /health in 120 s: {log.read_text()[-2000:]}")
 
 
+def kill_during_second_batch(engine, doomed: subprocess.Popen) -> None:
+    """Wrap ``engine.generate`` so that ``doomed`` is killed while the second batch is in flight."""
+    real_generate, calls, killer = engine.generate, [], []
+
+    def generate(requests):
+        calls.append(len(requests))
+        if len(calls) == 2:
+            killer.append(threading.Timer(0.05, stop_server, args=(doomed,)))
+            killer[0].start()
+        out = real_generate(requests)
+        if killer:
+            killer[0].join()
+        return out
+
+    engine.generate = generate
+
+
 def stop_server(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)  # its own session: the server and nothing else
@@ -321,19 +338,7 @@ def test_server_killed_mid_run_then_resume_completes_each_row_once(server, tiny_
     doomed, url = start_server(tmp_path / "doomed.log")
     engine = load_engine(openai_cfg(url, tiny_models / "llava", concurrency=2, batch_size="3", max_retries=1))
     engine.backoff_base_s = 0.01
-    real_generate, calls, killer = engine.generate, [], []
-
-    def generate(requests):
-        calls.append(len(requests))
-        if len(calls) == 2:  # kill while the second batch is in flight
-            killer.append(threading.Timer(0.05, stop_server, args=(doomed,)))
-            killer[0].start()
-        out = real_generate(requests)
-        if killer:
-            killer[0].join()
-        return out
-
-    engine.generate = generate
+    kill_during_second_batch(engine, doomed)
     try:
         first = run_caption(refs, tmp_path / "run", openai_cfg(url, tiny_models / "llava"), opts, engine=engine, progress=False)
     finally:
@@ -396,19 +401,7 @@ def test_fleet_server_killed_mid_run_every_row_completes_once_through_the_other(
     doomed, doomed_url = start_server(tmp_path / "doomed.log")
     cfg = openai_cfg(f"{server},{doomed_url}", tiny_models / "llama", concurrency=4, batch_size="4", max_retries=0)
     engine = load_engine(cfg)
-    real_generate, calls, killer = engine.generate, [], []
-
-    def generate(requests):
-        calls.append(len(requests))
-        if len(calls) == 2:  # kill B while the second batch is in flight
-            killer.append(threading.Timer(0.05, stop_server, args=(doomed,)))
-            killer[0].start()
-        out = real_generate(requests)
-        if killer:
-            killer[0].join()
-        return out
-
-    engine.generate = generate
+    kill_during_second_batch(engine, doomed)  # B dies with a batch in flight
     try:
         summary = run_rewrite(items, tmp_path / "run", cfg, RewriteOptions(max_attempts=1, max_new_tokens=8), engine=engine, progress=False)
     finally:
