@@ -5,7 +5,7 @@ commands, never at module level, so ``dataprep --help`` starts fast.
 Exit status: 0 when a run completed (per-row errors are recorded, not fatal),
 1 with ``--strict`` when any row failed, 2 for usage or configuration errors.
 Any other failure prints one line and exits 1 (``--debug`` or DATAPREP_DEBUG=1
-shows the traceback); see :mod:`dataprep.exits`.
+shows the traceback); see :mod:`dataprep.errors`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dataprep.engines import ConfigError
+from dataprep.errors import ConfigError
 
 app = typer.Typer(
     name="dataprep",
@@ -155,7 +155,7 @@ def engine_config(**kw) -> "object":
     return EngineConfig(**kw)
 
 
-# ------------------------------------------------------------ caption (issue 2)
+# ------------------------------------------------------------ caption
 
 PromptFileOpt = Annotated[str, typer.Option("--prompt-file", help="Caption prompt file; a bare name means the shipped prompts/ file.", rich_help_panel="Caption")]
 CropOpt = Annotated[bool, typer.Option("--crop", help="Center-crop to a square instead of padding with the CLIP mean colour (LLaVA-1.5's default; a crop drops up to a third of a DIV2K frame).", rich_help_panel="Caption")]
@@ -267,7 +267,7 @@ def caption_hf(
     _caption(lambda: list(hf_dataset(name_or_path, split=split, image_column=image_column, id_column=id_column, limit=limit)), out, model, revision, engine_kw, caption_kw, executor_kw)
 
 
-# ------------------------------------------------------------ rewrite, check (issue 3)
+# ------------------------------------------------------------ rewrite, check
 
 
 @app.command("check")
@@ -366,7 +366,7 @@ def rewrite_cmd(
         raise typer.Exit(1)
 
 
-# ------------------------------------------------------------ batches, export, stats (issue 5)
+# ------------------------------------------------------------ batches, export, stats
 
 
 def _progress(label: str):
@@ -658,7 +658,7 @@ def dedup_cmd(
     Console().print(t)
 
 
-# ------------------------------------------------------------ pipeline (issue 4)
+# ------------------------------------------------------------ pipeline
 
 pipeline_app = typer.Typer(help="Caption, then rewrite, in one command with one engine choice (OUT/captions then OUT/edits; the same resume rules as the two stage commands).", no_args_is_help=True)
 app.add_typer(pipeline_app, name="pipeline")
@@ -712,7 +712,7 @@ def pipeline_div2k(
         raise typer.Exit(1)
 
 
-# ------------------------------------------------------------ server, serve (issue 8)
+# ------------------------------------------------------------ server, serve
 
 server_app = typer.Typer(help="A local Prefect server (127.0.0.1, SQLite under --home, telemetry off) for the flows. For a team or cluster server set PREFECT_API_URL instead.", no_args_is_help=True)
 app.add_typer(server_app, name="server")
@@ -824,10 +824,10 @@ def tiny_models(
 
 
 def main() -> None:
-    """Entry point: exit 0 / 1 / 2 as :mod:`dataprep.exits` describes; --debug shows tracebacks."""
-    from dataprep.exits import run_cli
+    """Entry point: exit 0 / 1 / 2 as :mod:`dataprep.errors` describes; --debug shows tracebacks."""
+    from dataprep.errors import run_cli
 
-    run_cli(app, "dataprep", lambda exc: isinstance(exc, ConfigError))
+    run_cli(app, "dataprep")
 
 
 def _print_config_error(exc: ConfigError) -> int:

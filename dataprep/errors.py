@@ -1,7 +1,8 @@
-"""How the command lines end: exit codes and the one line a failure prints.
+"""The project's one error type, and how the command lines end.
 
-Both ``dataprep`` and ``softrepa`` run their typer app through
-:func:`run_cli`. The contract:
+:class:`ConfigError` is the only exception the project defines for bad
+configuration; ``dataprep``, ``softrepa`` and ``flows`` all raise it. Both
+command lines run their typer app through :func:`run_cli`. The contract:
 
 - 0: the run completed (per-row errors are recorded in the rows, not fatal);
 - 2: bad configuration or environment, found before any model loads; the
@@ -20,6 +21,19 @@ import errno
 import os
 import sys
 from typing import Any, Callable
+
+
+class ConfigError(ValueError):
+    """Bad configuration: stops the run before any work, naming the flag and the fix.
+
+    A ValueError, because that is what it is: a value the run cannot use.
+    The message reads ``MESSAGE (flag --x) Fix: FIX`` everywhere.
+    """
+
+    def __init__(self, message: str, flag: str | None = None, fix: str | None = None):
+        self.flag, self.fix = flag, fix
+        parts = [message] + ([f"(flag {flag})"] if flag else []) + ([f"Fix: {fix}"] if fix else [])
+        super().__init__(" ".join(parts))
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = ("DATAPREP_DEBUG", "SOFTREPA_DEBUG")
@@ -60,12 +74,8 @@ def print_error(message: str) -> None:
     Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False)
 
 
-def run_cli(app: Callable[..., Any], prog_name: str, is_config_error: Callable[[BaseException], bool], argv: list[str] | None = None) -> None:
-    """Run a typer ``app`` and turn every failure into the exit code of the contract above.
-
-    ``is_config_error`` is a predicate rather than a class so that a CLI whose
-    ConfigError lives beside torch does not import torch to start.
-    """
+def run_cli(app: Callable[..., Any], prog_name: str, argv: list[str] | None = None) -> None:
+    """Run a typer ``app`` and turn every failure into the exit code of the contract above."""
     debug, args = debug_requested(list(sys.argv[1:] if argv is None else argv))
     try:
         app(args=args, prog_name=prog_name)
@@ -75,7 +85,7 @@ def run_cli(app: Callable[..., Any], prog_name: str, is_config_error: Callable[[
     except Exception as exc:
         if debug:
             raise
-        if is_config_error(exc):
+        if isinstance(exc, ConfigError):
             print_error(str(exc))
             raise SystemExit(2) from None
         print_error(f"{one_line(exc)} (rerun with {DEBUG_FLAG} or {DEBUG_ENV[0]}=1 for the traceback)")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dataprep.engines import ChatResult, Sampling
+from dataprep.runtime import progress_bar
 from dataprep.store import Manifest, ShardWriter, StageLocked, check_shards, check_writable, compact, describe_holder, new_run_id, stage_lock, utcnow
 
 
@@ -149,7 +150,7 @@ def acquire_stage_lock(
     fix: str = "wait for that run to finish, pass --wait-lock to queue behind it, or write to another --out folder",
 ) -> stage_lock:
     """The folder's lock, held (release with ``__exit__``); ConfigError (exit 2) naming the holder when taken and not ``wait``."""
-    from dataprep.engines import ConfigError
+    from dataprep.errors import ConfigError
 
     lock = stage_lock(folder, wait=wait)
     try:
@@ -202,30 +203,6 @@ def provenance(
         "created_at": utcnow(),
         "error": error if error is not None else r.error,
     }
-
-
-def progress_bar(description: str, total: int | None, enabled: bool = True):
-    """A rich progress bar with items/s; a no-op object when disabled."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    class _Rate(TextColumn):
-        def render(self, task):  # items/s, the figure researchers compare across engines
-            from rich.text import Text
-
-            speed = task.finished_speed or task.speed
-            return Text(f"{speed:.2f}/s" if speed else "-/s")
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TaskProgressColumn(),
-        _Rate(""),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-        transient=False,
-    )
 
 
 def print_summary(summary: StageSummary, console=None, title: str | None = None) -> None:

@@ -14,18 +14,7 @@ from typing import Any
 
 import torch
 
-
-class ConfigError(ValueError):
-    """Bad configuration, raised before any work; names the flag and the fix.
-
-    (Same shape as ``dataprep.engines.ConfigError``; softrepa imports nothing
-    of dataprep but the store schemas.)
-    """
-
-    def __init__(self, message: str, flag: str | None = None, fix: str | None = None):
-        self.flag, self.fix = flag, fix
-        parts = [message] + ([f"(flag {flag})"] if flag else []) + ([f"Fix: {fix}"] if fix else [])
-        super().__init__(" ".join(parts))
+from dataprep.errors import ConfigError
 
 
 #: SD3's T5 prompt length, in training and editing alike: the official sampler

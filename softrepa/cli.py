@@ -4,7 +4,7 @@ Commands only parse flags, call the library and print summaries; torch and
 diffusers are imported inside them so ``softrepa --help`` starts fast.
 Exit status: 0 on success, 2 for usage or configuration errors.
 Any other failure prints one line and exits 1 (``--debug`` or DATAPREP_DEBUG=1
-shows the traceback); see :mod:`dataprep.exits`.
+shows the traceback); see :mod:`dataprep.errors`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _split_apply(value: Optional[str]) -> Optional[tuple[str, ...]]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
-# ------------------------------------------------------------ train (issue 6)
+# ------------------------------------------------------------ train
 
 
 @app.command("train")
@@ -89,7 +89,8 @@ def train_cmd(
     from rich.console import Console
     from rich.markup import escape
 
-    from softrepa.train import ConfigError, TrainConfig, train
+    from softrepa.train import TrainConfig, train
+    from dataprep.errors import ConfigError
 
     cfg = TrainConfig(
         preset=preset, batches=str(batches), batch_run=batch_run, allow_partial=allow_partial, model=model, out=str(out), steps=steps, checkpoint_every=checkpoint_every,
@@ -121,7 +122,7 @@ def train_cmd(
         console.print(f"[yellow]note:[/] no training curves: {escape(result.curves_note)}", highlight=False)
 
 
-# ------------------------------------------------------------ import-tokens (issue 6)
+# ------------------------------------------------------------ import-tokens
 
 
 @app.command("import-tokens")
@@ -175,7 +176,7 @@ def export_tokens_cmd(
     typer.echo(f"exported {c.backbone}: " + ", ".join(f"{p.name}" for p in written) + f" -> {out_dir}\nofficial flags: {flags}")
 
 
-# ------------------------------------------------------------ sample (issue 6)
+# ------------------------------------------------------------ sample
 
 
 @app.command("sample")
@@ -200,11 +201,11 @@ def sample_cmd(
     typer.echo(f"without tokens: {res.base}\nwith tokens:    {res.with_tokens}\nside by side:   {res.side_by_side}")
 
 
-# --- evaluate-edit (issue 7) ---
+# --- evaluate-edit ---
 
 
 def _eval_float_list(value: str | None, flag: str) -> "tuple[float, ...] | None":
-    from dataprep.engines import ConfigError
+    from dataprep.errors import ConfigError
 
     if value is None:
         return None
@@ -250,7 +251,7 @@ def evaluate_edit_cmd(
     from rich.console import Console
     from rich.markup import escape
 
-    from dataprep.engines import ConfigError
+    from dataprep.errors import ConfigError
     from softrepa.evaluate import EvalConfig, evaluate_edit
     from softrepa.metrics import MetricConfig
 
@@ -306,7 +307,7 @@ def recipe_cmd(
     """The paper's recipe in one command: COCO batches -> train SD3 tokens -> FlowEdit on DIV2K pairs, Table 5 with the paper's numbers beside ours."""
     import json
 
-    from dataprep.engines import ConfigError
+    from dataprep.errors import ConfigError
 
     extra: dict = {}
     if options is not None:
@@ -325,27 +326,20 @@ def recipe_cmd(
     cfg = RecipeConfig(str(coco_captions), str(coco_images), str(pairs), str(out), model,
                        None if hard_negatives is None else str(hard_negatives), rows, dict(extra.get("batch_options", {})),
                        train_options, dict(extra.get("eval_options", {})))
-    from softrepa.backbone import ConfigError as TrainConfigError  # the trainer's own error type
 
     try:
         res = run_recipe(cfg, on_stage=lambda msg: typer.echo(f"== {msg}"))
-    except (ConfigError, TrainConfigError) as exc:
+    except ConfigError as exc:
         raise fail(str(exc))
     typer.echo(res.markdown)
     typer.echo(f"tokens: {res.train.tokens_dir}\nscores: {res.evaluation.scores_path}\ntable: {res.table_md}")
 
 
 def main() -> None:
-    """Entry point: exit 0 / 1 / 2 as :mod:`dataprep.exits` describes; --debug shows tracebacks."""
-    import sys
+    """Entry point: exit 0 / 1 / 2 as :mod:`dataprep.errors` describes; --debug shows tracebacks."""
+    from dataprep.errors import run_cli
 
-    from dataprep.exits import run_cli
-
-    def is_config_error(exc: BaseException) -> bool:  # softrepa.backbone imports torch: only look if loaded
-        backbone = sys.modules.get("softrepa.backbone")
-        return backbone is not None and isinstance(exc, backbone.ConfigError)
-
-    run_cli(app, "softrepa", is_config_error)
+    run_cli(app, "softrepa")
 
 
 if __name__ == "__main__":

@@ -20,24 +20,12 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from dataprep.errors import ConfigError
+
 if TYPE_CHECKING:  # PIL is only needed for type hints here
     from PIL.Image import Image
 
 ENGINES = ("transformers", "vllm", "openai")
-
-
-class ConfigError(Exception):
-    """Bad configuration: stops the run before any work, naming flag and fix."""
-
-    def __init__(self, message: str, flag: str | None = None, fix: str | None = None):
-        self.flag = flag
-        self.fix = fix
-        parts = [message]
-        if flag:
-            parts.append(f"(flag {flag})")
-        if fix:
-            parts.append(f"Fix: {fix}")
-        super().__init__(" ".join(parts))
 
 
 @dataclass(frozen=True)

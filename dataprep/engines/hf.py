@@ -8,7 +8,7 @@ through their processor and ``AutoModelForImageTextToText``; text models
 through the tokenizer and ``AutoModelForCausalLM``. Hub ids and local
 directories load the same way.
 
-Shared prefix (issue 4): every rewrite request starts with the same ~600-token
+Shared prefix: every rewrite request starts with the same ~600-token
 rules prompt (appendix C). For text models the engine computes the KV cache of
 the token prefix shared by a batch once, keeps it across calls, and lays each
 batch out as ``[prefix][pad...][own suffix]`` with the pads masked, so prefill
@@ -25,7 +25,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from dataprep.engines import ChatRequest, ChatResult, ConfigError, EngineConfig
+from dataprep.engines import ChatRequest, ChatResult, EngineConfig
+from dataprep.errors import ConfigError
+from dataprep.runtime import resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -96,30 +98,6 @@ def auto_batch_size(free_bytes: int, text_config, tokens_per_seq: int = AUTO_TOK
     kv_heads = getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads
     per_seq = 2 * tc.num_hidden_layers * kv_heads * head_dim * dtype_bytes * tokens_per_seq * 1.25
     return int(max(1, min(cap, 0.85 * free_bytes // per_seq)))
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device != "auto":
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError("CUDA is not available on this machine", "--device", "use --device cpu, or install a CUDA build of torch")
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def resolve_dtype(dtype: str, device: str):
-    import torch
-
-    if dtype == "auto":
-        if device.startswith("cuda"):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return getattr(torch, dtype)
 
 
 def load_config(model: str, revision: str | None, trust_remote_code: bool = False):

@@ -31,7 +31,8 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from dataprep.engines import ChatRequest, ChatResult, ConfigError, EngineConfig, split_base_urls
+from dataprep.engines import ChatRequest, ChatResult, EngineConfig, split_base_urls
+from dataprep.errors import ConfigError
 from dataprep.engines.redact import redact
 
 if TYPE_CHECKING:

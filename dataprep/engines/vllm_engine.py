@@ -1,4 +1,4 @@
-"""The ``vllm`` engine: in-process ``vllm.LLM`` for one big GPU box (issue 4).
+"""The ``vllm`` engine: in-process ``vllm.LLM`` for one big GPU box.
 
 Both stages: LLaVA gets its image through vLLM's multimodal inputs
 (``{"prompt": ..., "multi_modal_data": {"image": pil}}``, the prompt rendered
@@ -21,7 +21,8 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from dataprep.engines import ChatRequest, ChatResult, ConfigError, EngineConfig, Sampling
+from dataprep.engines import ChatRequest, ChatResult, EngineConfig, Sampling
+from dataprep.errors import ConfigError
 from dataprep.engines.hf import chat_messages, load_config
 
 log = logging.getLogger(__name__)
