@@ -1,4 +1,4 @@
-"""Batch builder throughput and peak memory on synthetic captions (issue 5).
+"""Batch builder throughput and peak memory on synthetic captions.
 
     python bench/cpu_batches.py                      # 100k and 1M captions
     python bench/cpu_batches.py --sizes 10000 --preset sdxl

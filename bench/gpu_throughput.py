@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Rewrite and caption throughput of the project's engines on one GPU (issue 4).
+"""Rewrite and caption throughput of the project's engines on one GPU.
 
 Never run by CI. Builds random-weight models with the real configs of
 Llama-3.1-8B-Instruct and LLaVA-1.5-13B (written inline: no downloads; the

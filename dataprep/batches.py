@@ -1,4 +1,4 @@
-"""Contrastive batches: grids of images x prompts for SoftREPA training (issue 5).
+"""Contrastive batches: grids of images x prompts for SoftREPA training.
 
 SoftREPA trains on grids of ``images x prompts`` (paper, appendix Table 3,
 "batch size (positive, negative)"): each image's own caption is its positive
@@ -58,7 +58,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dataprep import clusters
-from dataprep.engines import ConfigError
+from dataprep.errors import ConfigError
 from dataprep.store import BATCHES_SCHEMA, CAPTIONS_SCHEMA, EDITS_SCHEMA, Manifest, check_shards, run_record_path, shard_paths, utcnow, write_run_record, write_table_atomic
 
 # Paper, appendix Table 3: (images, prompts) per batch.
@@ -225,7 +225,7 @@ def load_caption_index(captions_dir: Path | str, drop_image_flags: Iterable[str]
         raise ConfigError(f"no caption shards in {captions_dir}", "--captions", "point it at OUT/captions of a `dataprep caption` run")
     check_shards(captions_dir, CAPTIONS_SCHEMA, flag="--captions")  # a corrupt shard: exit 2 naming it, not a crash mid-build
     # Two passes so that only the winning rows ever become Python strings and
-    # at most one shard's text is in Arrow at a time (issue 5, scale):
+    # at most one shard's text is in Arrow at a time (scale):
     # 1) per shard, the good rows' (image_id, created_at, shard, row); pick the
     #    newest per id in Arrow; 2) per shard, fetch the winners' caption/uri.
     keys: list[pa.Table] = []

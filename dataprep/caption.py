@@ -19,7 +19,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from dataprep.engines import ChatRequest, ChatResult, ConfigError, Engine, EngineConfig, Sampling
+from dataprep.engines import ChatRequest, ChatResult, Engine, EngineConfig, Sampling
+from dataprep.errors import ConfigError
 from dataprep.executors import ExecutorConfig, LocalExecutor, make_executor
 from dataprep.images import DEFAULT_MAX_PIXELS, PrepOptions, prepare
 from dataprep.promptfile import load_prompt

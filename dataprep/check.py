@@ -1,4 +1,4 @@
-"""`dataprep check`: run the rule checker over pairs from a file (issue 3).
+"""`dataprep check`: run the rule checker over pairs from a file.
 
 Reads (source, target) pairs from JSONL, JSON (a list of objects, e.g.
 SoftREPA's ``prompts_editing.json``), Parquet, or an edits store folder
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from dataprep.engines import ConfigError
+from dataprep.errors import ConfigError
 from dataprep.rules import RULES, check
 
 # Column pairs recognised without flags, in order of preference.

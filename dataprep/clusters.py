@@ -22,7 +22,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from dataprep.engines import ConfigError
+from dataprep.errors import ConfigError
 from dataprep.store import DEDUP_SCHEMA, check_shards, read_manifest, shard_paths
 
 DEDUP_MODES = ("separate", "keep-one", "off")

@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from dataprep.engines import ConfigError
+from dataprep.errors import ConfigError
 from dataprep.stage import acquire_stage_lock
 from dataprep.store import DEDUP_SCHEMA, Manifest, ShardWriter, new_run_id, shard_paths, utcnow
 

@@ -36,7 +36,8 @@ import pickle
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
-from dataprep.engines import ConfigError, EngineConfig
+from dataprep.engines import EngineConfig
+from dataprep.errors import ConfigError
 
 EXECUTORS = ("local", "ray")
 RAY_INSTALL = 'pip install "softrepa-dataprep[ray]"'

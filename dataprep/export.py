@@ -1,4 +1,4 @@
-"""Exports of a run's caption/edit pairs (issue 5).
+"""Exports of a run's caption/edit pairs.
 
 - :func:`export_softrepa`: ``prompts_editing.json`` in the official SoftREPA
   editing format (a list of ``{"prompt", "img_path", "tgt_prompt"}``, as in
@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dataprep.engines import ConfigError
+from dataprep.errors import ConfigError
 from dataprep.store import atomic_write_text, read_json_record, shard_paths, utcnow
 
 EXPORT_KINDS = ("softrepa", "piebench", "hf")

@@ -42,7 +42,7 @@ class ImageChecks:
     max_aspect: float = 4.0
 
     def __post_init__(self) -> None:
-        from dataprep.engines import ConfigError
+        from dataprep.errors import ConfigError
 
         if self.min_side < 0:
             raise ConfigError(f"--min-side {self.min_side} is negative", "--min-side", "e.g. 128 (0 turns the check off)")
@@ -78,7 +78,7 @@ def image_flags(img: Image.Image, checks: ImageChecks = ImageChecks()) -> list[s
 
 def parse_flags(text: str | None, flag: str = "--drop-image-flags") -> frozenset[str]:
     """``"small,blank"`` -> the set of flag names; an unknown name is a ConfigError naming ``flag``."""
-    from dataprep.engines import ConfigError
+    from dataprep.errors import ConfigError
 
     names = frozenset(n.strip() for n in (text or "").split(",") if n.strip())
     unknown = sorted(names - set(FLAGS))

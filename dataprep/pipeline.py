@@ -1,4 +1,4 @@
-"""Caption then rewrite in one call, one engine choice (issue 4).
+"""Caption then rewrite in one call, one engine choice.
 
 ``dataprep pipeline div2k`` is the two stages of the paper's data recipe
 (appendix C: LLaVA-1.5 captions, Llama-3.1 rewrites) over one run directory:
@@ -18,7 +18,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable
 
-from dataprep.engines import ConfigError, Engine, EngineConfig, load_engine
+from dataprep.engines import Engine, EngineConfig, load_engine
+from dataprep.errors import ConfigError
 from dataprep.sources import ImageRef
 from dataprep.stage import StageSummary
 

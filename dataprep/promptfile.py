@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from dataprep.engines import ConfigError
+from dataprep.errors import ConfigError
 from dataprep.store import sha256_text
 
 

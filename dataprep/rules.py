@@ -3,7 +3,7 @@
 Appendix C of the SoftREPA paper asks Llama-3.1-8B-Instruct to rewrite a
 caption so that exactly one concept changes (prompts/edit.txt, rules 1-7).
 The paper trusted the model; its two published pairs both break the rules
-(issue 3). :func:`check` verifies one rewrite. It is pure (stdlib only, no
+as printed. :func:`check` verifies one rewrite. It is pure (stdlib only, no
 model) and fast enough to run over every row of a store.
 
 How a pair is judged

@@ -1,4 +1,4 @@
-"""The embedded Prefect server: start, stop and query a local one (issue 8).
+"""The embedded Prefect server: start, stop and query a local one.
 
 ``dataprep server start`` runs ``prefect server start`` as a detached process
 on 127.0.0.1 with its SQLite database under a project directory (the
@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dataprep.engines import ConfigError
+from dataprep.errors import ConfigError
 
 DEFAULT_HOME = Path(".prefect")
 DEFAULT_PORT = 4200

@@ -21,7 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
-from dataprep.engines import ConfigError
+from dataprep.errors import ConfigError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 DIV2K_SPLITS = {"train": (1, 800), "valid": (801, 900)}

@@ -1,4 +1,4 @@
-"""What a run directory holds (issue 5): ``dataprep stats RUN_DIR``.
+"""What a run directory holds: ``dataprep stats RUN_DIR``.
 
 A run directory is the ``OUT`` of the stages: ``images/``, ``captions/``,
 ``edits/``, ``batches/`` (Parquet shards, any may be missing) and

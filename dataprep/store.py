@@ -533,7 +533,7 @@ def check_shards(folder: Path | str, schema: pa.Schema, flag: str = "--out") -> 
     ``captions/``) would otherwise crash the resume index or the compaction
     after the model loaded. Only the Parquet footer is read.
     """
-    from dataprep.engines import ConfigError
+    from dataprep.errors import ConfigError
 
     for path in shard_paths(folder):
         try:
@@ -572,7 +572,7 @@ def check_writable(out: Path | str, flag: str = "--out") -> Path:
     Called before any model loads, so a typo'd ``--out`` costs seconds, not a
     model load and a crash at the first shard.
     """
-    from dataprep.engines import ConfigError
+    from dataprep.errors import ConfigError
 
     out = Path(out)
     if out.exists() and not out.is_dir():

@@ -1,4 +1,4 @@
-"""What every run shows in the Prefect UI (issue 8): counts, pass rate by rule,
+"""What every run shows in the Prefect UI: counts, pass rate by rule,
 throughput, links to the shard folders, and a progress bar while a stage runs.
 
 Table rows are built by pure functions (tested without a server); the

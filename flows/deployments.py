@@ -1,4 +1,4 @@
-"""The three deployments and ``dataprep serve`` (issue 8).
+"""The three deployments and ``dataprep serve``.
 
 - ``prepare/prepare-div2k``: caption -> rewrite -> batches on a cron schedule
   (nightly by default); its parameters default to DIV2K and are overridable
@@ -101,7 +101,7 @@ def validate_cron(cron: str, timezone: str | None = None) -> None:
     from prefect.client.schemas.schedules import CronSchedule
     from pydantic import ValidationError
 
-    from dataprep.engines import ConfigError
+    from dataprep.errors import ConfigError
 
     try:
         CronSchedule(cron=cron, timezone=timezone)

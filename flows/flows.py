@@ -1,5 +1,5 @@
 """Prefect flows: caption -> rewrite -> batches (``prepare``), then the hand-off to
-``train`` and ``evaluate_edit`` through events (issue 8). Wiring only.
+``train`` and ``evaluate_edit`` through events. Wiring only.
 
 Parameters are plain JSON values so the UI and ``run_deployment`` can set
 them; the ``*_options`` dicts map one-to-one onto the stages' option
@@ -29,7 +29,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from dataprep.engines import ConfigError, EngineConfig
+from dataprep.engines import EngineConfig
+from dataprep.errors import ConfigError
 from dataprep.stage import StageSummary
 from dataprep.store import shard_paths
 from flows import artifacts
@@ -379,7 +380,7 @@ def train(
     artifacts.publish_views(f"{dataset}-train-{preset}-views", base, {"training curves": Path(out) / "curves.png"})
     from prefect.events import emit_event
 
-    evaluable = eval_options is not None and preset == "sd3"  # FlowEdit is defined on SD3 (issue 7)
+    evaluable = eval_options is not None and preset == "sd3"  # FlowEdit is defined on SD3
     emit_event(
         TOKENS_EVENT,
         resource={"prefect.resource.id": f"softrepa.tokens.{dataset}.{preset}", "softrepa.evaluate": str(evaluable).lower()},

@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 from prefect import flow
 
-from dataprep.engines import ConfigError
+from dataprep.errors import ConfigError
 
 SD3_MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
 

@@ -1,6 +1,6 @@
 """Prefect tasks: one call into a dataprep / softrepa stage each, nothing more.
 
-Three rules of the orchestration (issue 8) live here:
+Three rules of the orchestration live here:
 
 - **The store decides what is redone.** Model stages run per shard of inputs;
   each call skips keys that already have a good row. Prefect's cache is a
@@ -30,7 +30,8 @@ from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.tasks import exponential_backoff
 
-from dataprep.engines import ConfigError, Engine, EngineConfig, load_engine
+from dataprep.engines import Engine, EngineConfig, load_engine
+from dataprep.errors import ConfigError
 from dataprep.store import shard_paths
 
 GPU_LIMIT = "gpu"

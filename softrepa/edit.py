@@ -19,7 +19,7 @@ The core, :func:`flowedit`, is a pure function over latents and a velocity
 callable, so its algebra is testable without a model. :class:`SD3FlowEditor`
 binds it to a loaded ``StableDiffusion3Pipeline`` (prompt encoding, VAE with
 the pipeline's shift/scaling factors, scheduler sigmas) and to soft tokens
-(issue 6) through ``softrepa.tokens.wrap_model``.
+through ``softrepa.tokens.wrap_model``.
 
 torch and diffusers are imported lazily (``softrepa --help`` stays fast).
 """
@@ -31,7 +31,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from dataprep.engines import ConfigError
+from dataprep.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

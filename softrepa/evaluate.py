@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from dataprep.engines import ConfigError
+from dataprep.errors import ConfigError
 from softrepa import paper
 from softrepa.edit import EditConfig
 from softrepa.metrics import ALL_METRICS, LOWER_IS_BETTER, LPIPS_PACKAGE_NETS, TABLE_ORDER, MetricConfig

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from softrepa.backbone import ConfigError
+from dataprep.errors import ConfigError
 
 
 @dataclass

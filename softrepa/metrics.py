@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from dataprep.engines import ConfigError
+from dataprep.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

@@ -51,7 +51,8 @@ from typing import Any, Callable
 
 import torch
 
-from softrepa.backbone import ConfigError, Parts, PromptCache, PromptEmbeds, encode_images, grid_errors, load_image, load_parts
+from softrepa.backbone import Parts, PromptCache, PromptEmbeds, encode_images, grid_errors, load_image, load_parts
+from dataprep.errors import ConfigError
 from softrepa.loss import DEFAULT_SCALE, DEFAULT_TEMPERATURE, LossOutput, softrepa_loss
 from softrepa.tokens import BACKBONES, UNET_GROUPS, SoftTokens, TokenConfig, save_tokens, wrap_model
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from dataprep.engines import ConfigError
+from dataprep.errors import ConfigError
 from dataprep.store import check_run_shards
 from dataprep.report.views import REPORTS_INDEX  # RUN/reports.json: where reports of this run were written
 
