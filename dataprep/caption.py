@@ -25,7 +25,8 @@ from dataprep.executors import ExecutorConfig, LocalExecutor, make_executor
 from dataprep.images import DEFAULT_MAX_PIXELS, PrepOptions, prepare
 from dataprep.promptfile import load_prompt
 from dataprep.sources import ImageRef, read_bytes, stored_size
-from dataprep.stage import StageRun, StageSummary, model_identity, provenance
+from dataprep.runtime import StageSummary
+from dataprep.stage import StageRun, model_identity, provenance
 from dataprep.store import CAPTIONS_SCHEMA, content_key, done_keys, sha256_text
 
 DEFAULT_MODEL = "llava-hf/llava-1.5-13b-hf"

@@ -189,7 +189,7 @@ def _caption(refs_fn, out: Path, model: str, revision: Optional[str], engine_kw:
     from rich.console import Console
 
     from dataprep.caption import CaptionOptions, run_caption
-    from dataprep.stage import print_summary
+    from dataprep.runtime import print_summary
 
     strict = caption_kw.pop("strict")
     opts = CaptionOptions(**caption_kw)
@@ -342,7 +342,7 @@ def rewrite_cmd(
     from rich.console import Console
 
     from dataprep.rewrite import KEPT_FAILING, RewriteOptions, inputs_from_captions, inputs_from_file, run_rewrite
-    from dataprep.stage import print_summary
+    from dataprep.runtime import print_summary
 
     opts = RewriteOptions(rules_file=rules, max_attempts=max_attempts, temperature=temperature, retry_temperature=retry_temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, force=force, rows_per_shard=rows_per_shard, max_target_share=max_target_share, share_min_edits=share_min_edits, wait_lock=wait_lock)
     cfg = engine_config(model=model, revision=revision, **engine_kw)
@@ -601,7 +601,7 @@ def judge_cmd(
     from rich.console import Console
 
     from dataprep.judge import JudgeOptions, inputs_from_edits, run_judge
-    from dataprep.stage import print_summary
+    from dataprep.runtime import print_summary
 
     opts = JudgeOptions(prompt_file=prompt_file, all_edits=all_edits, guided=guided, max_attempts=max_attempts, temperature=temperature, retry_temperature=retry_temperature, max_new_tokens=max_new_tokens, seed=seed, force=force, rows_per_shard=rows_per_shard)
     cfg = engine_config(model=model, revision=revision, **engine_kw)
@@ -694,7 +694,7 @@ def pipeline_div2k(
     from dataprep.pipeline import run_pipeline
     from dataprep.rewrite import KEPT_FAILING, RewriteOptions
     from dataprep.sources import div2k
-    from dataprep.stage import print_summary
+    from dataprep.runtime import print_summary
 
     cfg = engine_config(**engine_kw)
     copts = CaptionOptions(crop=crop, max_new_tokens=caption_max_new_tokens, seed=seed, force=force, rows_per_shard=rows_per_shard, workers=workers)

@@ -35,6 +35,11 @@ class ConfigError(ValueError):
         parts = [message] + ([f"(flag {flag})"] if flag else []) + ([f"Fix: {fix}"] if fix else [])
         super().__init__(" ".join(parts))
 
+def reason_of(error: str) -> str:
+    """The reason of a row's ``error`` (``"reason: detail"``): what summaries, manifests and stats count by."""
+    return error.split(":", 1)[0].strip()
+
+
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = ("DATAPREP_DEBUG", "SOFTREPA_DEBUG")
 

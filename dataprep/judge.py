@@ -35,7 +35,8 @@ import pyarrow.parquet as pq
 from dataprep.engines import ChatRequest, ChatResult, Engine, EngineConfig, Sampling
 from dataprep.errors import ConfigError
 from dataprep.promptfile import load_prompt
-from dataprep.stage import StageRun, StageSummary, model_identity, provenance
+from dataprep.runtime import StageSummary
+from dataprep.stage import StageRun, model_identity, provenance
 from dataprep.store import EDITS_SCHEMA, JUDGE_SCHEMA, check_shards, content_key, done_keys, iter_rows, sha256_text, shard_paths
 
 DEFAULT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"

@@ -21,7 +21,7 @@ from typing import Iterable
 from dataprep.engines import Engine, EngineConfig, load_engine
 from dataprep.errors import ConfigError
 from dataprep.sources import ImageRef
-from dataprep.stage import StageSummary
+from dataprep.runtime import StageSummary
 
 
 @dataclass

@@ -46,7 +46,8 @@ from dataprep.errors import ConfigError
 from dataprep.executors import ExecutorConfig, LocalExecutor, make_executor
 from dataprep.promptfile import load_prompt
 from dataprep.rules import RULES, Verdict, check
-from dataprep.stage import StageRun, StageSummary, model_identity, provenance
+from dataprep.runtime import StageSummary
+from dataprep.stage import StageRun, model_identity, provenance
 from dataprep.store import CAPTIONS_SCHEMA, EDITS_SCHEMA, check_shards, content_key, iter_rows, sha256_text, shard_paths
 
 DEFAULT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"

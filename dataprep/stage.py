@@ -7,50 +7,12 @@ table printed at the end) lives here once.
 
 from __future__ import annotations
 
-import time
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dataprep.engines import ChatResult, Sampling
-from dataprep.runtime import progress_bar
+from dataprep.runtime import StageSummary, progress_bar
 from dataprep.store import Manifest, ShardWriter, StageLocked, check_shards, check_writable, compact, describe_holder, new_run_id, stage_lock, utcnow
-
-
-@dataclass
-class StageSummary:
-    stage: str
-    out_dir: Path
-    run_id: str
-    done: int = 0  # rows generated good in this run
-    skipped: int = 0  # already had a good row
-    failed: Counter = field(default_factory=Counter)  # reason -> rows
-    truncated: int = 0  # good rows that hit --max-new-tokens
-    wall_s: float = 0.0
-    shards: list[Path] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)  # stage-specific figures (e.g. pass rate)
-    _t0: float = field(default_factory=time.perf_counter, repr=False)
-
-    @property
-    def n_failed(self) -> int:
-        return sum(self.failed.values())
-
-    @property
-    def rate(self) -> float:
-        """Rows processed by the model or the decoder per second of wall time."""
-        n = self.done + self.n_failed
-        return n / self.wall_s if self.wall_s > 0 else 0.0
-
-    def fail(self, error: str) -> None:
-        self.failed[error.split(":", 1)[0]] += 1
-
-    def finish(self) -> "StageSummary":
-        self.wall_s = time.perf_counter() - self._t0
-        return self
-
-    def counts(self) -> dict[str, int]:
-        return {"done": self.done, "skipped": self.skipped, "failed": self.n_failed, "truncated": self.truncated}
 
 
 def model_identity(engine: Any, engine_cfg: Any = None) -> str:
@@ -203,26 +165,3 @@ def provenance(
         "created_at": utcnow(),
         "error": error if error is not None else r.error,
     }
-
-
-def print_summary(summary: StageSummary, console=None, title: str | None = None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console()
-    t = Table(title=title or f"{summary.stage}: summary", show_header=True, header_style="bold")
-    t.add_column("what")
-    t.add_column("value", justify="right")
-    t.add_row(f"{summary.stage} (this run)", str(summary.done))
-    t.add_row("skipped (already done)", str(summary.skipped))
-    t.add_row("failed", str(summary.n_failed))
-    for reason, n in sorted(summary.failed.items(), key=lambda kv: (-kv[1], kv[0])):
-        t.add_row(f"  failed: {reason}", str(n))
-    if summary.truncated:
-        t.add_row("hit --max-new-tokens (finish_reason=length)", str(summary.truncated))
-    for k, v in summary.extra.items():
-        t.add_row(k, v if isinstance(v, str) else f"{v:.3g}" if isinstance(v, float) else str(v))
-    t.add_row("wall time", f"{summary.wall_s:.1f} s")
-    t.add_row("rate", f"{summary.rate:.2f} rows/s")
-    t.add_row("shards", str(summary.out_dir))
-    console.print(t)

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 import pyarrow.parquet as pq
 
-from dataprep.stage import StageSummary
+from dataprep.runtime import StageSummary
 from dataprep.store import shard_paths
 
 

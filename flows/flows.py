@@ -31,7 +31,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from dataprep.engines import EngineConfig
 from dataprep.errors import ConfigError
-from dataprep.stage import StageSummary
+from dataprep.runtime import StageSummary
 from dataprep.store import shard_paths
 from flows import artifacts
 from flows.tasks import SHARD_TIMEOUT_S, build_batches_task, caption_shard, chunks, evaluate_task, gpu_slot, release_engines, rewrite_shard, train_task, uses_local_gpu

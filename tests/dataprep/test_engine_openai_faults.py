@@ -139,7 +139,7 @@ def test_no_secret_reaches_rows_manifest_logs_summary_or_artifacts(hostile, tmp_
 
     from dataprep import store
     from dataprep.rewrite import RewriteInput, RewriteOptions, run_rewrite
-    from dataprep.stage import print_summary
+    from dataprep.runtime import print_summary
     from flows.artifacts import counts_rows
 
     monkeypatch.setenv("LEAKY_KEY", KEY)

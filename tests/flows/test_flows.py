@@ -15,7 +15,7 @@ import pytest
 
 from dataprep.engines import EngineConfig
 from dataprep.errors import ConfigError
-from dataprep.stage import StageSummary
+from dataprep.runtime import StageSummary
 from dataprep.store import CAPTIONS_SCHEMA, EDITS_SCHEMA, shard_paths, write_table_atomic
 
 pytestmark = pytest.mark.timeout(900)
