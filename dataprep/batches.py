@@ -59,6 +59,7 @@ import pyarrow.parquet as pq
 
 from dataprep import clusters
 from dataprep.errors import ConfigError
+from dataprep.runtime import option
 from dataprep.store import BATCHES_SCHEMA, CAPTIONS_SCHEMA, EDITS_SCHEMA, Manifest, check_shards, run_record_path, shard_paths, utcnow, write_run_record, write_table_atomic
 
 # Paper, appendix Table 3: (images, prompts) per batch.
@@ -72,30 +73,32 @@ POSITIVE, HARD_NEGATIVE, NEGATIVE = "positive", "hard_negative", "negative"
 
 @dataclass(frozen=True)
 class BatchOptions:
-    """What to build. CLI flags map one-to-one to these fields.
+    """What to build; the fields are `dataprep batches`' flags. Invalid values cannot be built.
 
     ``images`` / ``prompts`` override the preset's grid (``preset="custom"``
     needs both). ``hard_negatives``: at most this many edits per batch; None
     means as many as fit (``min(images, prompts - images)``).
     """
 
-    preset: str = "sd3"
-    images: int | None = None
-    prompts: int | None = None
-    hard_negatives: int | None = None
-    epochs: int = 1
-    drop_last: bool = True
-    seed: int = 0
-    rows_per_shard: int = 1024
-    drop_image_flags: tuple[str, ...] = ()  # leave out images whose caption row has one of these image_flags
-    require_judge: bool = False  # hard negatives only from edits the judge graded good (OUT/judge)
-    dedup: str = "separate"  # dedup clusters (OUT/dedup): separate | keep-one | off
+    preset: str = option("sd3", "Grid of paper Table 3: sd3 = 4 images x 4 prompts (4 pos, 12 neg), sdxl = 1 x 16 (1, 15), sd1.5 = 4 x 8 (4, 28); or custom with --images/--prompts.", panel="Grid")
+    images: int | None = option(None, "Images per batch (overrides the preset's).", panel="Grid")
+    prompts: int | None = option(None, "Prompts per batch, positives included (overrides the preset's); must be >= --images.", panel="Grid")
+    hard_negatives: int | None = option(None, "At most K edits (hard negatives) per batch; default as many as fit: min(images, prompts - images).", panel="Grid")
+    epochs: int = option(1, "Passes over the images; each image once per epoch, reshuffled each epoch.", panel="Run")
+    drop_last: bool = option(True, "Drop the last partial batch of an epoch (fixed grid shape, default) or keep it with fewer images.", flag="--drop-last/--keep-last", panel="Run")
+    seed: int = option(0, "Shuffle and negative-sampling seed; same inputs + seed give byte-identical shards.", panel="Run")
+    rows_per_shard: int = option(1024, "Batches per Parquet shard (memory holds at most this many beyond the caption index).", panel="Run")
+    # leave out images whose caption row has one of these image_flags
+    drop_image_flags: tuple[str, ...] = option((), "Leave out images whose caption row has any of these image checks, comma-separated: small,blank,aspect (see `dataprep caption ... --min-side/--blank-std/--max-aspect`).", panel="Input")
+    # hard negatives only from edits the judge graded good (OUT/judge)
+    require_judge: bool = option(False, "Use only edits the judge graded good as hard negatives (run `dataprep judge` first).", panel="Quality")
+    dedup: str = option("separate", "Duplicate clusters of `dataprep dedup`: separate (never two members of a cluster in one batch; default, when records exist), keep-one (one image per cluster), off.", panel="Quality")
 
     @property
     def grid(self) -> tuple[int, int]:
         """(images per batch, prompts per batch)."""
         base = PRESETS.get(self.preset, (None, None))
-        # `is None`, not `or`: an explicit 0 must reach validate(), not become the preset's value
+        # `is None`, not `or`: an explicit 0 must reach __post_init__'s check, not become the preset's value
         return (base[0] if self.images is None else self.images, base[1] if self.prompts is None else self.prompts)  # type: ignore[return-value]
 
     @property
@@ -112,8 +115,7 @@ class BatchOptions:
         fit = min(n, m - n)
         return fit if self.hard_negatives is None else self.hard_negatives
 
-    def validate(self) -> "BatchOptions":
-        """Raise ConfigError naming the flag and the fix; return self."""
+    def __post_init__(self) -> None:
         if self.preset not in PRESETS and self.preset != "custom":
             raise ConfigError(f"unknown preset {self.preset!r}", "--preset", f"use one of {', '.join(PRESETS)} or custom with --images/--prompts")
         if self.preset == "custom" and (self.images is None or self.prompts is None):
@@ -141,7 +143,6 @@ class BatchOptions:
             parse_flags(",".join(self.drop_image_flags))
         if self.dedup not in clusters.DEDUP_MODES:
             raise ConfigError(f"unknown --dedup mode {self.dedup!r}", "--dedup", f"use one of {', '.join(clusters.DEDUP_MODES)}")
-        return self
 
 
 # ---------------------------------------------------------------- the index
@@ -415,7 +416,6 @@ def iter_batches(index: CaptionIndex, opts: BatchOptions, run_id: str = "run", c
     still comes once. Positive of image ``i`` in epoch ``e`` is caption
     ``e mod n_i`` (COCO's rotation; a single caption otherwise).
     """
-    opts.validate()
     n_img, n_prompt = opts.grid
     max_hard = opts.max_hard_negatives
     counts = counts if counts is not None else BuildCounts()
@@ -634,7 +634,6 @@ def write_batches(index: CaptionIndex, out_dir: Path | str, opts: BatchOptions, 
     from dataprep.stage import acquire_stage_lock
     from dataprep.store import check_writable
 
-    opts.validate()
     check_fillable(index, opts)
     out = check_writable(out_dir)
     lock = acquire_stage_lock(out, flag="--out", fix="wait for that run to finish, or build into another --out folder")  # a second build into the same folder stops (exit 2) naming this one
@@ -730,7 +729,6 @@ def build_batches(captions_dir: Path | str, out_dir: Path | str, opts: BatchOpti
     The judge and dedup stores default to ``judge/`` beside the edit store and
     ``dedup/`` beside the caption store (see :func:`apply_quality`).
     """
-    opts.validate()
     index = load_caption_index(captions_dir, opts.drop_image_flags)
     if edits_dir is not None:
         attach_edits(index, edits_dir)
@@ -760,7 +758,6 @@ def apply_quality(index: CaptionIndex, opts: BatchOptions, inputs: dict[str, Any
 
 def build_coco_batches(coco_captions: Path | str, coco_images: Path | str, out_dir: Path | str, opts: BatchOptions, edits_dir: Path | str | None = None, progress: Callable[[int, int], None] | None = None, *, judge_dir: Path | str | None = None, dedup_dir: Path | str | None = None) -> BatchSummary:
     """COCO captions json + image folder (+ optional edit store) -> batch shards."""
-    opts.validate()
     if opts.drop_image_flags:
         raise ConfigError("COCO captions carry no image checks", "--drop-image-flags", "use it with --captions OUT/captions (a `dataprep caption` run), or leave it out")
     index = load_coco_index(coco_captions, coco_images)

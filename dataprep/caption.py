@@ -25,7 +25,7 @@ from dataprep.executors import ExecutorConfig, LocalExecutor, make_executor
 from dataprep.images import DEFAULT_MAX_PIXELS, PrepOptions, prepare
 from dataprep.promptfile import load_prompt
 from dataprep.sources import ImageRef, read_bytes, stored_size
-from dataprep.runtime import StageSummary
+from dataprep.runtime import FORCE_HELP, MAX_NEW_TOKENS_HELP, ROWS_PER_SHARD_HELP, SEED_HELP, TOP_P_HELP, StageSummary, option, wait_lock_help
 from dataprep.stage import StageRun, model_identity, provenance
 from dataprep.store import CAPTIONS_SCHEMA, content_key, done_keys, sha256_text
 
@@ -37,24 +37,27 @@ STAGE = "caption"
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 
 
-@dataclass
+@dataclass(frozen=True)
 class CaptionOptions:
-    prompt_file: str = "caption.txt"
-    crop: bool = False  # center crop instead of LLaVA-1.5's pad-to-square
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_new_tokens: int = 256
-    seed: int = 0
-    force: bool = False
-    rows_per_shard: int = 256
-    workers: int = 2  # decode processes; 0 decodes in the main process
-    max_bytes: int = DEFAULT_MAX_BYTES  # larger files become too_large rows without being read
-    wait_lock: bool = False  # another run holds OUT/captions: wait for it instead of exit 2
+    """What to caption and how; the fields are the caption commands' flags. Invalid values cannot be built."""
+
+    prompt_file: str = option("caption.txt", "Caption prompt file; a bare name means the shipped prompts/ file.", panel="Caption")
+    crop: bool = option(False, "Center-crop to a square instead of padding with the CLIP mean colour (LLaVA-1.5's default; a crop drops up to a third of a DIV2K frame).", panel="Caption")
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, "Images with more pixels are rejected as error rows (decompression-bomb guard).", panel="Caption")
+    temperature: float = option(0.0, "0 = greedy (default); > 0 samples.", panel="Sampling")
+    top_p: float = option(1.0, TOP_P_HELP, panel="Sampling")
+    max_new_tokens: int = option(256, MAX_NEW_TOKENS_HELP, panel="Sampling")
+    seed: int = option(0, SEED_HELP, panel="Sampling")
+    force: bool = option(False, FORCE_HELP, panel="Run")
+    rows_per_shard: int = option(256, ROWS_PER_SHARD_HELP, panel="Run")
+    workers: int = option(2, "Decode processes (0 = decode in the main process).", panel="Run")
+    # larger files become too_large rows without being read
+    max_bytes: int = option(DEFAULT_MAX_BYTES, "Files larger than this many bytes become too_large error rows, decided from the file size without reading it (default 256 MiB).", panel="Caption")
+    wait_lock: bool = option(False, wait_lock_help("captions"), panel="Run")
     # image checks stored in image_flags (dataprep.imagecheck); not part of the key
-    min_side: int = 128
-    blank_std: float = 4.0
-    max_aspect: float = 4.0
+    min_side: int = option(128, "Image check: flag 'small' when the shorter side is below this many pixels (0 = off). Stored in image_flags; not part of the row key.", panel="Image checks")
+    blank_std: float = option(4.0, "Image check: flag 'blank' when the grey-level standard deviation (0-255) is below this (0 = off).", panel="Image checks")
+    max_aspect: float = option(4.0, "Image check: flag 'aspect' when long side / short side exceeds this.", panel="Image checks")
 
     def image_checks(self):
         """The thresholds as a validated :class:`dataprep.imagecheck.ImageChecks`."""
@@ -62,7 +65,7 @@ class CaptionOptions:
 
         return ImageChecks(min_side=self.min_side, blank_std=self.blank_std, max_aspect=self.max_aspect)
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         self.image_checks()  # raises ConfigError naming --min-side / --blank-std / --max-aspect
         if self.max_bytes < 1:
             raise ConfigError(f"--max-bytes {self.max_bytes} is not positive", "--max-bytes", f"default {DEFAULT_MAX_BYTES} (256 MiB)")
@@ -240,7 +243,6 @@ def run_caption(
     ``executor`` (default local) says where decoding and the model run; with
     Ray the replicas load the model and this process only writes the rows.
     """
-    opts.validate()
     prompt = load_prompt(opts.prompt_file)
     if not engine_cfg.model:
         engine_cfg.model = DEFAULT_MODEL

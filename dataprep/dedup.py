@@ -45,6 +45,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from dataprep.errors import ConfigError
+from dataprep.runtime import option
 from dataprep.stage import acquire_stage_lock
 from dataprep.store import DEDUP_SCHEMA, Manifest, ShardWriter, new_run_id, shard_paths, utcnow
 
@@ -55,26 +56,26 @@ INSTALL_FIX = 'pip install "softrepa-dataprep[quality]" (imagehash, datasketch)'
 
 @dataclass(frozen=True)
 class DedupOptions:
-    """CLI flags map one-to-one to these fields."""
+    """What to cluster; `dataprep dedup`'s flags are its fields. Invalid values cannot be built."""
 
-    images: bool = True
-    captions: bool = True
+    images: bool = option(True, "Cluster exact (sha256) and near-duplicate (perceptual hash) images.", flag="--images/--no-images")
+    captions: bool = option(True, "Cluster near-duplicate caption texts (MinHash LSH).", flag="--texts/--no-texts")
     # phash Hamming bits (of 64) that still count as the same picture: resizing and
     # JPEG at quality 40 move 0-2 bits, a 2 px shift of a 160 px picture 2-8, and
     # generated distinct pictures differ by 18 or more
-    image_distance: int = 8
+    image_distance: int = option(8, "Max Hamming distance (bits of a 64-bit phash) for two images to count as one.")
     # estimated Jaccard of word 3-grams: one changed word in a 75-word LLaVA caption
     # leaves ~0.92; two captions that share boilerplate but differ in object and
     # background fall to ~0.6 (and stay apart: they are each other's good negatives)
-    caption_threshold: float = 0.85
-    num_perm: int = 128  # MinHash permutations per caption
-    shingle: int = 3  # words per shingle
-    workers: int = 2  # hashing processes for images and caption signatures (0: in this process)
+    caption_threshold: float = option(0.85, "Min estimated Jaccard similarity (word shingles) for two captions to count as one.")
+    num_perm: int = option(128, "MinHash permutations per caption (memory: 4 bytes each).")
+    shingle: int = option(3, "Words per shingle.")
+    workers: int = option(2, "Hashing processes for images and caption signatures (0 = in this process).")
     max_pixels: int = 64_000_000  # larger images are error rows (decompression-bomb guard)
     seed: int = 1  # MinHash permutation seed (datasketch's default)
     rows_per_shard: int = 65536
 
-    def validate(self) -> "DedupOptions":
+    def __post_init__(self) -> None:
         if not (self.images or self.captions):
             raise ConfigError("nothing to deduplicate: --no-images and --no-texts both given", "--no-images/--no-texts", "drop one of them")
         if not 0 <= self.image_distance <= 32:
@@ -89,7 +90,6 @@ class DedupOptions:
             raise ConfigError(f"--workers {self.workers} is negative", "--workers", "0 hashes in this process; e.g. 2")
         if self.rows_per_shard < 1:
             raise ConfigError(f"--rows-per-shard {self.rows_per_shard} is less than 1", "--rows-per-shard", "e.g. 65536")
-        return self
 
 
 def require_libraries(opts: DedupOptions) -> None:
@@ -513,7 +513,6 @@ def run_dedup(
     """
     from dataprep.batches import load_caption_index, load_coco_index
 
-    opts.validate()
     require_libraries(opts)
     t0, started = time.perf_counter(), utcnow().isoformat()
     run = Path(run_dir)

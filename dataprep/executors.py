@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from dataprep.engines import EngineConfig
 from dataprep.errors import ConfigError
+from dataprep.runtime import option
 
 EXECUTORS = ("local", "ray")
 RAY_INSTALL = 'pip install "softrepa-dataprep[ray]"'
@@ -50,11 +51,12 @@ Infer = Callable[[Any, list], list]
 class ExecutorConfig:
     """``--executor`` and the Ray flags (one field per flag). Invalid values cannot be built."""
 
-    executor: str = "local"  # local | ray
-    ray_address: str | None = None  # None: start a local Ray; auto: join the running cluster; HOST:PORT
-    replicas: int = 1  # engine actors (model copies)
-    gpus_per_replica: float | None = None  # None: tensor-parallel size (vllm), 1 if the cluster has GPUs (transformers), 0 (openai)
-    cpus_per_replica: float = 1.0
+    executor: str = option("local", "local (this process, default) or ray (Ray Data: decoding in CPU tasks, --replicas engine actors; needs the ray extra).", panel="Executor")
+    # None: start a local Ray; auto: join the running cluster; HOST:PORT
+    ray_address: str | None = option(None, "ray: cluster to join: HOST:PORT of `ray start --head`, or auto (the cluster this machine belongs to); default: start a local Ray.", panel="Executor")
+    replicas: int = option(1, "ray: engine replicas (actors), each loading the model once.", panel="Executor")  # model copies
+    gpus_per_replica: float | None = option(None, "ray: GPUs per replica (default: the tensor-parallel size for vllm, 1 for transformers when the cluster has GPUs, 0 for openai).", panel="Executor")
+    cpus_per_replica: float = option(1.0, "ray: CPUs each replica reserves (and its torch threads on CPU).", panel="Executor")
 
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:
@@ -176,7 +178,7 @@ def describe_model(engine_cfg: EngineConfig) -> tuple[int | None, str | None]:
     Runs on a Ray worker, where the replicas will find the model.
     """
     try:
-        engine_cfg.validate()
+        engine_cfg.require_model()
         if engine_cfg.engine == "openai":
             return None, None  # the server resizes for its model
         from dataprep.engines.hf import load_config
@@ -324,7 +326,7 @@ class RayExecutor:
         import ray
 
         self.cfg, self.engine_cfg = cfg, engine_cfg
-        engine_cfg.validate()
+        engine_cfg.require_model()
         if cfg.ray_address is None and (missing := missing_local_model(engine_cfg)):
             raise ConfigError(missing)  # a local Ray sees this machine's files: say so before starting it
         self.own_ray = not ray.is_initialized()

@@ -35,11 +35,11 @@ import pyarrow.parquet as pq
 from dataprep.engines import ChatRequest, ChatResult, Engine, EngineConfig, Sampling
 from dataprep.errors import ConfigError
 from dataprep.promptfile import load_prompt
-from dataprep.runtime import StageSummary
+from dataprep.rewrite import DEFAULT_MODEL  # the judge is an instruction model, by default the rewriter's
+from dataprep.runtime import FORCE_HELP, MAX_NEW_TOKENS_HELP, RETRY_TEMPERATURE_HELP, ROWS_PER_SHARD_HELP, SEED_HELP, StageSummary, option
 from dataprep.stage import StageRun, model_identity, provenance
 from dataprep.store import EDITS_SCHEMA, JUDGE_SCHEMA, check_shards, content_key, done_keys, iter_rows, sha256_text, shard_paths
 
-DEFAULT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 STAGE = "judge"
 RULES = ("rule1", "rule2", "rule7")  # the numbers of prompts/edit.txt the judge grades
 GOOD, BAD = "good", "bad"
@@ -137,22 +137,24 @@ class JudgeInput:
     target: str
 
 
-@dataclass
+@dataclass(frozen=True)
 class JudgeOptions:
-    """What to grade and how. CLI flags map one-to-one to these fields."""
+    """What to grade and how; the fields are `dataprep judge`'s flags. Invalid values cannot be built."""
 
-    prompt_file: str = "judge.txt"
-    all_edits: bool = False  # also grade pairs the checker failed (the 2x2 agreement table)
-    guided: bool = True  # constrain decoding to the schema where the engine can
-    max_attempts: int = 3
-    temperature: float = 0.0  # attempt 1; 0 = greedy
-    retry_temperature: float = 0.7
-    max_new_tokens: int = 384  # three one-sentence reasons fit in ~150 tokens
-    seed: int = 0
-    force: bool = False
-    rows_per_shard: int = 256
+    prompt_file: str = option("judge.txt", "Judge instruction (system message); a bare name means the shipped prompts/ file.", panel="Judge")
+    # also grade pairs the checker failed (the 2x2 agreement table)
+    all_edits: bool = option(False, "Also grade pairs the rule checker failed (stats then shows the full checker x judge table).", flag="--all", panel="Input")
+    guided: bool = option(True, "Constrain decoding to the JSON schema where the engine can (vllm structured outputs, OpenAI response_format); turn off for a server that rejects response_format. Answers are always parsed and retried.", flag="--guided/--no-guided", panel="Judge")
+    max_attempts: int = option(3, "Answers per pair until one parses; then an error row (retried by the next run).", panel="Judge")
+    temperature: float = option(0.0, "Attempt 1: 0 = greedy (default).", panel="Sampling")
+    retry_temperature: float = option(0.7, RETRY_TEMPERATURE_HELP, panel="Sampling")
+    # three one-sentence reasons fit in ~150 tokens
+    max_new_tokens: int = option(384, MAX_NEW_TOKENS_HELP, panel="Sampling")
+    seed: int = option(0, SEED_HELP, panel="Sampling")
+    force: bool = option(False, FORCE_HELP, panel="Run")
+    rows_per_shard: int = option(256, ROWS_PER_SHARD_HELP, panel="Run")
 
-    def validate(self) -> "JudgeOptions":
+    def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ConfigError(f"--max-attempts {self.max_attempts} is less than 1", "--max-attempts", "use 1 or more; default 3")
         if self.temperature < 0:
@@ -163,7 +165,6 @@ class JudgeOptions:
             raise ConfigError(f"--max-new-tokens {self.max_new_tokens} cannot hold a judgement", "--max-new-tokens", "e.g. 384")
         if self.rows_per_shard < 1:
             raise ConfigError(f"--rows-per-shard {self.rows_per_shard} is less than 1", "--rows-per-shard", "e.g. 256")
-        return self
 
     def attempt_sampling(self, attempt: int) -> Sampling:
         if attempt == 1:
@@ -292,7 +293,6 @@ def run_judge(
     Options, prompt and model are checked (and the model loaded) before any
     row is written. Pass ``engine`` to reuse a loaded model.
     """
-    opts.validate()
     prompt = load_prompt(opts.prompt_file, flag="--prompt-file")
     if not engine_cfg.model:
         engine_cfg.model = DEFAULT_MODEL

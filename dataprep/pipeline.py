@@ -74,10 +74,8 @@ def run_pipeline(
     if rewrite_base_url and engine_cfg.engine != "openai":
         raise ConfigError("--rewrite-base-url is for the openai engine", "--rewrite-base-url", "drop it, or use --engine openai")
     cap_cfg, rew_cfg = stage_configs(engine_cfg, caption_model, rewrite_model, rewrite_base_url)
-    caption_opts.validate()
-    rewrite_opts.validate()
-    cap_cfg.validate()
-    rew_cfg.validate()
+    cap_cfg.require_model()
+    rew_cfg.require_model()
     load_prompt(caption_opts.prompt_file)
     load_prompt(rewrite_opts.rules_file, flag="--rules")
     refs = list(refs)

@@ -46,7 +46,7 @@ from dataprep.errors import ConfigError
 from dataprep.executors import ExecutorConfig, LocalExecutor, make_executor
 from dataprep.promptfile import load_prompt
 from dataprep.rules import RULES, Verdict, check
-from dataprep.runtime import StageSummary
+from dataprep.runtime import FORCE_HELP, MAX_NEW_TOKENS_HELP, RETRY_TEMPERATURE_HELP, ROWS_PER_SHARD_HELP, SEED_HELP, TOP_P_HELP, StageSummary, option, wait_lock_help
 from dataprep.stage import StageRun, model_identity, provenance
 from dataprep.store import CAPTIONS_SCHEMA, EDITS_SCHEMA, check_shards, content_key, iter_rows, sha256_text, shard_paths
 
@@ -65,22 +65,25 @@ class RewriteInput:
     error: str | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class RewriteOptions:
-    rules_file: str = "edit.txt"
-    max_attempts: int = 3
-    temperature: float = 0.0  # attempt 1; 0 = greedy
-    retry_temperature: float = 0.7  # attempts 2..max_attempts
-    top_p: float = 1.0
-    max_new_tokens: int = 512  # a DIV2K caption is ~100 tokens; its rewrite about the same
-    seed: int = 0
-    force: bool = False
-    rows_per_shard: int = 256
-    wait_lock: bool = False  # another run holds OUT/edits: wait for it instead of exit 2
-    max_target_share: float | None = None  # steer diversity: retry a passing rewrite whose target is over this share
-    share_min_edits: int = 20  # the share is judged once this many passing edits are counted
+    """How to rewrite; the fields are `dataprep rewrite`'s flags. Invalid values cannot be built."""
 
-    def validate(self) -> None:
+    rules_file: str = option("edit.txt", "Rewriting instruction (system message); a bare name means the shipped prompts/ file.", flag="--rules", panel="Rewrite")
+    max_attempts: int = option(3, "Generations per caption until one passes the rule checker; the last is kept (passed=false) if none does.", panel="Rewrite")
+    temperature: float = option(0.0, "Attempt 1: 0 = greedy (default); > 0 samples.", panel="Sampling")
+    retry_temperature: float = option(0.7, RETRY_TEMPERATURE_HELP, panel="Sampling")  # attempts 2..max_attempts
+    top_p: float = option(1.0, TOP_P_HELP, panel="Sampling")
+    # a DIV2K caption is ~100 tokens; its rewrite about the same
+    max_new_tokens: int = option(512, MAX_NEW_TOKENS_HELP, panel="Sampling")
+    seed: int = option(0, SEED_HELP, panel="Sampling")
+    force: bool = option(False, FORCE_HELP, panel="Run")
+    rows_per_shard: int = option(256, ROWS_PER_SHARD_HELP, panel="Run")
+    wait_lock: bool = option(False, wait_lock_help("edits"), panel="Run")
+    max_target_share: float | None = option(None, "Diversity steering: retry a passing rewrite whose target concept is already more than this share of the passing edits (e.g. 0.05); kept with a note if it stays over.", panel="Rewrite")
+    share_min_edits: int = option(20, "With --max-target-share: judge the share only once this many passing edits are counted.", panel="Rewrite")
+
+    def __post_init__(self) -> None:
         if self.max_target_share is not None and not 0 < self.max_target_share < 1:
             raise ConfigError(f"--max-target-share {self.max_target_share} is outside (0, 1)", "--max-target-share", "e.g. 0.05 (no target concept in more than 5% of the edits), or leave it out")
         if self.share_min_edits < 1:
@@ -388,7 +391,6 @@ def run_rewrite(
     ``executor`` (default local) says where the model runs; with Ray the
     replicas load it and this process only writes the rows.
     """
-    opts.validate()
     rules = load_prompt(opts.rules_file, flag="--rules")
     if not engine_cfg.model:
         engine_cfg.model = DEFAULT_MODEL

@@ -8,8 +8,9 @@ torch and rich are imported inside the functions, so ``--help`` never loads them
 from __future__ import annotations
 
 import time
+from contextvars import ContextVar
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -123,3 +124,223 @@ def print_summary(summary: StageSummary, console=None, title: str | None = None)
     t.add_row("rate", f"{summary.rate:.2f} rows/s")
     t.add_row("shards", str(summary.out_dir))
     console.print(t)
+
+
+# ------------------------------------------------------------ command-line flags from config dataclasses
+# A config dataclass is the one place a setting's default, help text and
+# validation live: ``option()`` puts the help (and, where it is not
+# ``--field-name``, the flag and its help panel) into the field's metadata, and
+# ``config_command`` turns the fields into typer options and the parsed values
+# back into the dataclass, whose ``__post_init__`` validates them. The
+# dataclass is named as "module:Class" and imported only when its command runs
+# or shows its --help, so ``dataprep --help`` never imports pyarrow or torch.
+
+CLI_META = "cli"
+_GROUPS_ATTR = "__config_flags__"
+_FLAG_VALUES: ContextVar[dict[str, Any]] = ContextVar("config_flag_values", default={})  # set while a command runs
+
+
+@dataclass(frozen=True)
+class CliFlag:
+    help: str
+    flag: str | tuple[str, ...] | None = None  # default: --field-name (a bool: the bare switch)
+    panel: str | None = None
+    hidden: bool = False
+
+
+def option(default: Any = MISSING, help: str = "", *, flag: str | tuple[str, ...] | None = None, panel: str | None = None,
+           factory: Any = MISSING, hidden: bool = False) -> Any:
+    """A dataclass field with its command-line flag beside its default."""
+    return field(default=default, default_factory=factory, metadata={CLI_META: CliFlag(help, flag, panel, hidden)})
+
+
+@dataclass(frozen=True)
+class Ref:
+    """``"module:attr"``, imported when needed (a default that lives in a heavy module)."""
+
+    target: str
+
+    def get(self) -> Any:
+        import importlib
+
+        module, _, attr = self.target.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+@dataclass(frozen=True)
+class Flags:
+    """The fields of one config dataclass that a command shows as flags, and how.
+
+    ``only``/``exclude`` pick fields; ``defaults``, ``helps``, ``names`` and
+    ``panel`` adjust them for this command; ``parse`` maps a field to
+    ``(flag type, function)`` where the flag's value is not the field's (a
+    comma list for a tuple); a ``None`` from such a flag keeps the field's
+    default. ``fixed`` are values the command sets itself.
+    """
+
+    cls: str | type
+    only: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+    defaults: dict[str, Any] = field(default_factory=dict)
+    helps: dict[str, str] = field(default_factory=dict)
+    names: dict[str, str | tuple[str, ...]] = field(default_factory=dict)
+    panel: str | None = None
+    parse: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    fixed: dict[str, Any] = field(default_factory=dict)
+
+    def resolve(self) -> type:
+        return Ref(self.cls).get() if isinstance(self.cls, str) else self.cls
+
+    def fields(self) -> list:
+        import dataclasses
+
+        picked = [f for f in dataclasses.fields(self.resolve()) if f.init and CLI_META in f.metadata and f.name not in self.exclude and f.name not in self.fixed]
+        if self.only is not None:
+            by_name = {f.name: f for f in dataclasses.fields(self.resolve())}
+            picked = [by_name[name] for name in self.only]  # in the command's order
+        return picked
+
+    def parameters(self, group: str) -> list[tuple[str, Any, Any]]:
+        """(parameter name, typer OptionInfo, type) per flag; names are ``group__field``."""
+        import typing
+
+        import typer
+
+        hints = typing.get_type_hints(self.resolve())
+        out = []
+        for f in self.fields():
+            meta: CliFlag = f.metadata.get(CLI_META) or CliFlag("")
+            if f.name in self.defaults:
+                default = self.defaults[f.name]
+                default = default.get() if isinstance(default, Ref) else default
+            else:
+                default = f.default if f.default is not MISSING else f.default_factory() if f.default_factory is not MISSING else ...
+            kind = hints[f.name]
+            if f.name in self.parse:
+                kind = self.parse[f.name][0]
+                default = None if f.name not in self.defaults else default
+            kind = _optional(kind)
+            decls = self.names.get(f.name) or meta.flag or "--" + f.name.replace("_", "-")
+            decls = (decls,) if isinstance(decls, str) else tuple(decls)
+            info = typer.Option(default, *decls, help=self.helps.get(f.name, meta.help), rich_help_panel=self.panel if meta.panel is None else meta.panel, hidden=meta.hidden)
+            out.append((f"{group}__{f.name}", info, kind))
+        return out
+
+    def build(self, values: dict[str, Any]) -> Any:
+        """The dataclass from the parsed flag values (it validates itself)."""
+        kw = dict(self.fixed)
+        for name, value in values.items():
+            if name in self.parse:
+                if value is None:
+                    continue
+                value = self.parse[name][1](value)
+            kw[name] = value
+        return self.resolve()(**kw)
+
+
+def _optional(kind: Any) -> Any:
+    """``X | None`` as ``Optional[X]``, the spelling typer reads."""
+    import types
+    import typing
+
+    args = typing.get_args(kind)
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        rest = [a for a in args if a is not type(None)]
+        return typing.Optional[rest[0]] if len(rest) == 1 else kind
+    return kind
+
+
+def config_exit(message: str, code: int = 2):
+    """Print a configuration error (its flag and fix are in the message); the typer.Exit to raise."""
+    import typer
+
+    from dataprep.errors import print_error
+
+    print_error(message)
+    return typer.Exit(code)
+
+
+def config_command(typer_app: Any, name: str, **groups: Flags):
+    """Register a typer command whose keyword arguments ``groups`` arrive as built config dataclasses.
+
+    The groups' flags join the command's own. A ConfigError, from a dataclass
+    or from the command, prints one line and exits 2 (``dataprep.errors``),
+    also where the app runs without ``run_cli`` (tests, ``python -m``).
+    """
+    import functools
+
+    from dataprep.errors import ConfigError
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def command(**kwargs):
+            values = _FLAG_VALUES.get()
+            try:
+                for group, flags in groups.items():
+                    prefix = group + "__"
+                    kwargs[group] = flags.build({k[len(prefix):]: v for k, v in values.items() if k.startswith(prefix)})
+                return fn(**kwargs)
+            except ConfigError as exc:
+                raise config_exit(str(exc)) from None
+
+        import inspect
+
+        sig = inspect.signature(fn, eval_str=True)  # typer needs real annotations, not strings
+        command.__signature__ = sig.replace(parameters=[p for p in sig.parameters.values() if p.name not in groups])
+        setattr(command, _GROUPS_ATTR, groups)
+        return typer_app.command(name, cls=_config_command_class())(command)
+
+    return decorate
+
+
+_COMMAND_CLASS: list = []
+
+
+def _config_command_class() -> type:
+    """typer's command class, with the groups' flags added when click first asks for the parameters."""
+    if _COMMAND_CLASS:
+        return _COMMAND_CLASS[0]
+    from typer.core import TyperCommand
+
+    class ConfigCommand(TyperCommand):
+        _added: list[str] | None = None
+
+        def _add_flags(self) -> list[str]:
+            if self._added is None:
+                from typer.main import _get_param  # the converter typer uses for a signature's parameters
+                from typer.models import ParamMeta
+
+                self._added = []
+                for group, flags in getattr(self.callback, _GROUPS_ATTR, {}).items():
+                    for name, info, kind in flags.parameters(group):
+                        self.params.append(_get_param(ParamMeta(name=name, default=info, annotation=kind)))
+                        self._added.append(name)
+            return self._added
+
+        def get_params(self, ctx):
+            self._add_flags()
+            return super().get_params(ctx)
+
+        def invoke(self, ctx):
+            # the groups' values travel beside the command's own arguments
+            token = _FLAG_VALUES.set({name: ctx.params.pop(name) for name in self._add_flags() if name in ctx.params})
+            try:
+                return super().invoke(ctx)
+            finally:
+                _FLAG_VALUES.reset(token)
+
+    _COMMAND_CLASS.append(ConfigCommand)
+    return ConfigCommand
+
+
+# help texts of the flags several stages share, written once
+SEED_HELP = "Random seed for sampling (part of the row key)."
+TOP_P_HELP = "Nucleus sampling when --temperature > 0."
+MAX_NEW_TOKENS_HELP = "Generation budget per request; rows that hit it get finish_reason=length."
+FORCE_HELP = "Recompute rows that already exist (default: skip keys with a good row, retry failed ones)."
+ROWS_PER_SHARD_HELP = "Rows per Parquet shard; a killed run loses at most one shard."
+RETRY_TEMPERATURE_HELP = "Sampling temperature of retries (attempt k uses seed --seed + k - 1)."
+
+
+def wait_lock_help(store: str) -> str:
+    return f"If another run is writing OUT/{store}, wait for it to finish (default: stop at once, exit 2, naming it)."

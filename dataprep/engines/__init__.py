@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from dataprep.errors import ConfigError
+from dataprep.runtime import option
 
 if TYPE_CHECKING:  # PIL is only needed for type hints here
     from PIL.Image import Image
@@ -98,32 +99,41 @@ class Engine(Protocol):
 
 @dataclass
 class EngineConfig:
-    """Flags shared by every stage that talks to a model (one field per flag)."""
+    """Flags shared by every stage that talks to a model (one field per flag). Invalid values cannot be built.
 
-    engine: str = "transformers"
-    model: str = ""
-    revision: str | None = None
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    batch_size: str = "auto"  # an integer, or auto (from free accelerator memory; 8 on CPU)
-    quantize: str | None = None  # None | 4bit | 8bit (bitsandbytes)
+    ``model`` may stay empty until a stage fills in its default
+    (:meth:`require_model` checks it before an engine loads).
+    """
+
+    engine: str = option("transformers", "Backend: transformers (embedded, default), vllm (in-process, CUDA), openai (any OpenAI-compatible server).", panel="Engine")
+    model: str = option("", "Model: hub id or local directory.", panel="Engine")
+    revision: str | None = option(None, "Model revision (branch, tag or commit) on the hub.", panel="Engine")
+    device: str = option("auto", "auto, cpu, cuda, cuda:N or mps.", panel="Engine")
+    dtype: str = option("auto", "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.", panel="Engine")
+    batch_size: str = option("auto", "Requests per generate call: an integer, or auto (from free GPU memory; 8 on CPU).", panel="Engine")
+    quantize: str | None = option(None, "Load weights with bitsandbytes: 4bit (NF4, like the paper's 4-bit LLaVA) or 8bit. Needs the quant extra and a CUDA GPU.", panel="Engine")
     trust_remote_code: bool = False
     # vllm
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.9
-    # openai
-    base_url: str | None = None  # one URL, or a comma-separated fleet (least-loaded first)
-    api_key_env: str | None = None
-    concurrency: int = 64
-    timeout_s: float = 120.0  # per attempt, a total deadline (connect + upload + whole answer)
-    max_retries: int = 5
-    max_inflight: int | None = None  # request payloads (encoded images) alive at once; None: concurrency
+    tensor_parallel_size: int = option(1, "vllm: GPUs to shard the model over.", panel="Engine")
+    gpu_memory_utilization: float = option(0.9, "vllm: fraction of GPU memory it may take.", panel="Engine")
+    # openai: one URL, or a comma-separated fleet (least-loaded first)
+    base_url: str | None = option(None, "openai: server URL, e.g. http://127.0.0.1:8000/v1. Repeat it (or give a comma list) for a fleet: each request goes to the least-loaded server, and a server that drops connections is set aside while the others take its work.", panel="Engine")
+    api_key_env: str | None = option(None, "openai: name of the environment variable holding the API key (the key itself is never logged).", panel="Engine")
+    concurrency: int = option(64, "openai: requests in flight at once.", panel="Engine")
+    max_retries: int = option(5, "openai: retries per request on 429, 5xx, timeouts and dropped connections (exponential backoff).", panel="Engine")
+    # per attempt, a total deadline (connect + upload + whole answer)
+    timeout_s: float = option(120.0, "openai: seconds per request attempt, a total deadline (connect, upload and the whole answer, also from a server that trickles bytes).", flag="--timeout", panel="Engine")
+    # request payloads (encoded images) alive at once; None: concurrency
+    max_inflight: int | None = option(None, "openai: requests whose payload (the encoded image) exists at once; bounds memory on large images. Default: --concurrency.", panel="Engine")
 
-    def validate(self) -> None:
-        if self.engine not in ENGINES:
-            raise ConfigError(f"unknown engine {self.engine!r}", "--engine", f"use one of {', '.join(ENGINES)}")
+    def require_model(self) -> "EngineConfig":
         if not self.model:
             raise ConfigError("no model given", "--model", "pass a hub id or a local model directory")
+        return self
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ConfigError(f"unknown engine {self.engine!r}", "--engine", f"use one of {', '.join(ENGINES)}")
         if self.batch_size != "auto":
             try:
                 if int(self.batch_size) < 1:
@@ -171,7 +181,7 @@ def split_base_urls(value: str | list[str] | tuple[str, ...] | None) -> list[str
 
 def load_engine(cfg: EngineConfig) -> Engine:
     """Build the engine named by ``cfg.engine``; raises ConfigError early."""
-    cfg.validate()
+    cfg.require_model()
     if cfg.engine == "transformers":
         from dataprep.engines.hf import TransformersEngine
 
@@ -184,4 +194,4 @@ def load_engine(cfg: EngineConfig) -> Engine:
         from dataprep.engines.openai_engine import OpenAIEngine
 
         return OpenAIEngine(cfg)
-    raise AssertionError(cfg.engine)  # validate() guards this
+    raise AssertionError(cfg.engine)  # __post_init__ guards this

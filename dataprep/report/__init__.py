@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dataprep.errors import ConfigError
+from dataprep.runtime import option
 from dataprep.store import check_run_shards
 from dataprep.report.views import REPORTS_INDEX  # RUN/reports.json: where reports of this run were written
 
@@ -35,15 +36,15 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 @dataclass
 class ReportOptions:
-    """Settings of one report; CLI flags map one-to-one onto these fields."""
+    """Settings of one report; `dataprep report`'s flags are its fields. Invalid values cannot be built."""
 
-    page_size: int = 48
-    chunk_size: int = 500
-    thumb_size: int = 256
-    thumbs: bool = True
-    workers: int = 0
-    limit: int | None = None
-    title: str | None = None
+    page_size: int = option(48, "Cards per page.")
+    chunk_size: int = option(500, "Cards per data file (data/chunk-NNNN.js); the page loads only the chunks it shows.")
+    thumb_size: int = option(256, "Longest side of the JPEG thumbnails, in pixels.")
+    thumbs: bool = option(True, "Write thumbnails (existing ones are reused).", flag="--thumbs/--no-thumbs")
+    workers: int = option(0, "Thumbnail processes (0 = this process).")
+    limit: int | None = option(None, "Only the first N images (by id).")
+    title: str | None = option(None, "Page title (default: the run folder's name).")
     max_pixels: int = 64_000_000
 
     def __post_init__(self) -> None:

@@ -205,11 +205,11 @@ def test_duplicate_captions_never_share_a_batch(tmp_path):
 def test_bad_configuration_fails_before_work(run):
     root, _ = run
     with pytest.raises(ConfigError, match="--hard-negatives"):
-        BatchOptions(preset="sd1.5", hard_negatives=5).validate()
+        BatchOptions(preset="sd1.5", hard_negatives=5)
     with pytest.raises(ConfigError, match="--prompts"):
-        BatchOptions(preset="custom", images=4, prompts=3).validate()
+        BatchOptions(preset="custom", images=4, prompts=3)
     with pytest.raises(ConfigError, match="--preset"):
-        BatchOptions(preset="sd2").validate()
+        BatchOptions(preset="sd2")
     with pytest.raises(ConfigError, match="--captions"):
         build_batches(root / "nothing", root / "b", BatchOptions())
     with pytest.raises(ConfigError, match="grid"):  # 41 images cannot fill 64 prompts
@@ -313,16 +313,16 @@ def test_cli_coco_and_source_flags(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "opts,flag",
+    "kw,flag",
     [
-        (BatchOptions(preset="custom", images=0, prompts=8), "--images"),  # was a TypeError traceback
-        (BatchOptions(preset="sd3", images=0), "--images"),  # was silently the preset's 4
-        (BatchOptions(preset="sd1.5", prompts=0), "--prompts"),  # was silently the preset's 8
+        ({"preset": "custom", "images": 0, "prompts": 8}, "--images"),  # was a TypeError traceback
+        ({"preset": "sd3", "images": 0}, "--images"),  # was silently the preset's 4
+        ({"preset": "sd1.5", "prompts": 0}, "--prompts"),  # was silently the preset's 8
     ],
 )
-def test_an_explicit_zero_grid_is_a_config_error(opts, flag):
+def test_an_explicit_zero_grid_is_a_config_error(kw, flag):
     with pytest.raises(ConfigError, match=flag):
-        opts.validate()
+        BatchOptions(**kw)
 
 
 def test_case_and_spacing_variants_are_the_same_prompt(tmp_path):

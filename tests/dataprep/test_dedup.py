@@ -236,13 +236,13 @@ def test_run_dedup_records_clusters_errors_and_replaces_the_previous_run(tmp_pat
 
 def test_options_and_inputs_fail_early(tmp_path):
     with pytest.raises(ConfigError, match="--no-images/--no-texts"):
-        DedupOptions(images=False, captions=False).validate()
+        DedupOptions(images=False, captions=False)
     with pytest.raises(ConfigError, match="--image-distance"):
-        DedupOptions(image_distance=40).validate()
+        DedupOptions(image_distance=40)
     with pytest.raises(ConfigError, match="no caption shards"):
         run_dedup(tmp_path)
     with pytest.raises(ConfigError, match="--dedup"):
-        BatchOptions(dedup="some").validate()
+        BatchOptions(dedup="some")
 
 
 # ------------------------------------------------------------ the batch rule

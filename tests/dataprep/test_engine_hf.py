@@ -201,4 +201,4 @@ def test_bad_device_is_a_config_error_before_the_model_loads(device):
 
 def test_device_forms_of_the_help_text_validate():
     for device in ("auto", "cpu", "cuda", "cuda:1", "mps"):
-        EngineConfig(model="m", device=device).validate()
+        EngineConfig(model="m", device=device)

@@ -415,5 +415,5 @@ def test_a_base_url_with_another_engine_is_a_config_error():
     from dataprep.errors import ConfigError
 
     with pytest.raises(ConfigError, match="--engine openai"):
-        EngineConfig(engine="transformers", model="m", base_url="http://127.0.0.1:9/v1").validate()
-    EngineConfig(engine="openai", model="m", base_url="http://127.0.0.1:9/v1").validate()
+        EngineConfig(engine="transformers", model="m", base_url="http://127.0.0.1:9/v1")
+    EngineConfig(engine="openai", model="m", base_url="http://127.0.0.1:9/v1")

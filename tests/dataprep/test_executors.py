@@ -79,7 +79,7 @@ def test_gpus_per_replica_defaults():
     from types import SimpleNamespace
 
     ex = SimpleNamespace(gpus_per_replica=None)
-    assert resolve_gpus(ex, EngineConfig(engine="openai", model="m"), cluster_gpus=8) == 0
+    assert resolve_gpus(ex, EngineConfig(engine="openai", model="m", base_url="http://127.0.0.1:9/v1"), cluster_gpus=8) == 0
     assert resolve_gpus(ex, EngineConfig(engine="vllm", model="m", tensor_parallel_size=4), cluster_gpus=8) == 4
     assert resolve_gpus(ex, EngineConfig(model="m"), cluster_gpus=8) == 1
     assert resolve_gpus(ex, EngineConfig(model="m"), cluster_gpus=0) == 0

@@ -308,7 +308,7 @@ def test_files_over_max_bytes_are_too_large_rows_and_never_read(tmp_path, monkey
     assert rows["imgs/small.png"]["error"] is None and rows["div2k/0001"]["error"] is None
     assert sorted(read) == ["div2k/0001", "imgs/small.png"] and s.failed["too_large"] == 2
     with pytest.raises(ConfigError):
-        CaptionOptions(max_bytes=0).validate()
+        CaptionOptions(max_bytes=0)
     assert CaptionOptions().max_bytes == 256 * 1024 * 1024
 
 

@@ -157,9 +157,9 @@ def test_engine_error_ends_the_attempts_of_that_pair_only():
 
 
 def test_options_fail_early_naming_the_flag():
-    for opts, flag in ((JudgeOptions(max_attempts=0), "--max-attempts"), (JudgeOptions(retry_temperature=0), "--retry-temperature"), (JudgeOptions(max_new_tokens=4), "--max-new-tokens")):
+    for kw, flag in (({"max_attempts": 0}, "--max-attempts"), ({"retry_temperature": 0}, "--retry-temperature"), ({"max_new_tokens": 4}, "--max-new-tokens")):
         with pytest.raises(ConfigError) as e:
-            opts.validate()
+            JudgeOptions(**kw)
         assert e.value.flag == flag
 
 

@@ -112,7 +112,7 @@ def test_one_attempt_means_greedy_only_and_engine_errors_stop_retries():
 )
 def test_bad_options_name_the_flag(kw, flag):
     with pytest.raises(ConfigError) as exc:
-        RewriteOptions(**kw).validate()
+        RewriteOptions(**kw)
     assert exc.value.flag == flag
 
 

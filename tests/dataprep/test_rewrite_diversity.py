@@ -112,7 +112,7 @@ def test_steering_off_changes_nothing(tmp_path):
 @pytest.mark.parametrize("kw,flag", [({"max_target_share": 0.0}, "--max-target-share"), ({"max_target_share": 1.5}, "--max-target-share"), ({"max_target_share": 0.2, "share_min_edits": 0}, "--share-min-edits")])
 def test_bad_share_options_name_the_flag(kw, flag):
     with pytest.raises(ConfigError) as exc:
-        RewriteOptions(**kw).validate()
+        RewriteOptions(**kw)
     assert exc.value.flag == flag
 
 
