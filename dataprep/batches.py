@@ -59,7 +59,7 @@ import pyarrow.parquet as pq
 
 from dataprep import clusters
 from dataprep.errors import ConfigError
-from dataprep.runtime import option
+from dataprep.runtime import at_least, option
 from dataprep.store import BATCHES_SCHEMA, CAPTIONS_SCHEMA, EDITS_SCHEMA, Manifest, check_shards, run_record_path, shard_paths, utcnow, write_run_record, write_table_atomic
 
 # Paper, appendix Table 3: (images, prompts) per batch.
@@ -133,10 +133,8 @@ class BatchOptions:
                     "--hard-negatives",
                     f"pass 0..{fit}, or a grid with more prompts than images (e.g. --images {n} --prompts {2 * n})",
                 )
-        if self.epochs < 1:
-            raise ConfigError(f"epochs must be >= 1, got {self.epochs}", "--epochs", "pass a positive number")
-        if self.rows_per_shard < 1:
-            raise ConfigError(f"rows per shard must be >= 1, got {self.rows_per_shard}", "--rows-per-shard", "pass a positive number")
+        at_least(self.epochs, 1, "--epochs", "pass a positive number")
+        at_least(self.rows_per_shard, 1, "--rows-per-shard", "pass a positive number")
         if self.drop_image_flags:
             from dataprep.imagecheck import parse_flags
 

@@ -25,7 +25,7 @@ from dataprep.executors import ExecutorConfig, LocalExecutor, make_executor
 from dataprep.images import DEFAULT_MAX_PIXELS, PrepOptions, prepare
 from dataprep.promptfile import load_prompt
 from dataprep.sources import ImageRef, read_bytes, stored_size
-from dataprep.runtime import FORCE_HELP, MAX_NEW_TOKENS_HELP, ROWS_PER_SHARD_HELP, SEED_HELP, TOP_P_HELP, StageSummary, option, wait_lock_help
+from dataprep.runtime import FORCE_HELP, MAX_NEW_TOKENS_HELP, ROWS_PER_SHARD_HELP, SEED_HELP, StageSummary, TOP_P_HELP, at_least, option, wait_lock_help
 from dataprep.stage import StageRun, model_identity, provenance
 from dataprep.store import CAPTIONS_SCHEMA, content_key, done_keys, sha256_text
 
@@ -67,16 +67,11 @@ class CaptionOptions:
 
     def __post_init__(self) -> None:
         self.image_checks()  # raises ConfigError naming --min-side / --blank-std / --max-aspect
-        if self.max_bytes < 1:
-            raise ConfigError(f"--max-bytes {self.max_bytes} is not positive", "--max-bytes", f"default {DEFAULT_MAX_BYTES} (256 MiB)")
-        if self.workers < 0:
-            raise ConfigError(f"--workers {self.workers} is negative", "--workers", "use 0 (in-process) or more")
-        if self.max_new_tokens < 1:
-            raise ConfigError("--max-new-tokens must be at least 1", "--max-new-tokens", "e.g. 256")
-        if self.temperature < 0:
-            raise ConfigError("--temperature must be >= 0", "--temperature", "0 for greedy")
-        if self.max_pixels < 1:
-            raise ConfigError("--max-pixels must be positive", "--max-pixels", f"default {DEFAULT_MAX_PIXELS}")
+        at_least(self.max_bytes, 1, "--max-bytes", f"default {DEFAULT_MAX_BYTES} (256 MiB)")
+        at_least(self.workers, 0, "--workers", "use 0 (in-process) or more")
+        at_least(self.max_new_tokens, 1, "--max-new-tokens", "e.g. 256")
+        at_least(self.temperature, 0, "--temperature", "0 for greedy")
+        at_least(self.max_pixels, 1, "--max-pixels", f"default {DEFAULT_MAX_PIXELS}")
         if not 0 < self.top_p <= 1:  # vllm/openai would fail every row with it, after the model loaded
             raise ConfigError(f"--top-p {self.top_p} is outside (0, 1]", "--top-p", "e.g. 1.0")
         if self.rows_per_shard < 1:  # else ShardWriter's ValueError, after the model loaded

@@ -45,7 +45,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from dataprep.errors import ConfigError
-from dataprep.runtime import option
+from dataprep.runtime import at_least, option
 from dataprep.stage import acquire_stage_lock
 from dataprep.store import DEDUP_SCHEMA, Manifest, ShardWriter, new_run_id, shard_paths, utcnow
 
@@ -84,12 +84,9 @@ class DedupOptions:
             raise ConfigError(f"--caption-threshold {self.caption_threshold} is outside (0, 1]", "--caption-threshold", "e.g. 0.8")
         if not 16 <= self.num_perm <= 1024:
             raise ConfigError(f"--num-perm {self.num_perm} is outside 16..1024", "--num-perm", "e.g. 128")
-        if self.shingle < 1:
-            raise ConfigError(f"--shingle {self.shingle} is less than 1", "--shingle", "e.g. 3 (words)")
-        if self.workers < 0:
-            raise ConfigError(f"--workers {self.workers} is negative", "--workers", "0 hashes in this process; e.g. 2")
-        if self.rows_per_shard < 1:
-            raise ConfigError(f"--rows-per-shard {self.rows_per_shard} is less than 1", "--rows-per-shard", "e.g. 65536")
+        at_least(self.shingle, 1, "--shingle", "e.g. 3 (words)")
+        at_least(self.workers, 0, "--workers", "0 hashes in this process; e.g. 2")
+        at_least(self.rows_per_shard, 1, "--rows-per-shard", "e.g. 65536")
 
 
 def require_libraries(opts: DedupOptions) -> None:

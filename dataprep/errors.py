@@ -31,7 +31,7 @@ class ConfigError(ValueError):
     """
 
     def __init__(self, message: str, flag: str | None = None, fix: str | None = None):
-        self.flag, self.fix = flag, fix
+        self.message, self.flag, self.fix = message, flag, fix
         parts = [message] + ([f"(flag {flag})"] if flag else []) + ([f"Fix: {fix}"] if fix else [])
         super().__init__(" ".join(parts))
 

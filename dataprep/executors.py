@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from dataprep.engines import EngineConfig
 from dataprep.errors import ConfigError
-from dataprep.runtime import option
+from dataprep.runtime import at_least, option
 
 EXECUTORS = ("local", "ray")
 RAY_INSTALL = 'pip install "softrepa-dataprep[ray]"'
@@ -61,8 +61,7 @@ class ExecutorConfig:
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:
             raise ConfigError(f"unknown executor {self.executor!r}", "--executor", f"use one of {', '.join(EXECUTORS)}")
-        if self.replicas < 1:
-            raise ConfigError(f"--replicas {self.replicas} is less than 1", "--replicas", "e.g. one per GPU")
+        at_least(self.replicas, 1, "--replicas", "e.g. one per GPU")
         if self.gpus_per_replica is not None and self.gpus_per_replica < 0:
             raise ConfigError(f"--gpus-per-replica {self.gpus_per_replica} is negative", "--gpus-per-replica", "0 for CPU or remote (openai) engines, else 1 or the tensor-parallel size")
         if self.cpus_per_replica <= 0:

@@ -36,7 +36,7 @@ from dataprep.engines import ChatRequest, ChatResult, Engine, EngineConfig, Samp
 from dataprep.errors import ConfigError
 from dataprep.promptfile import load_prompt
 from dataprep.rewrite import DEFAULT_MODEL  # the judge is an instruction model, by default the rewriter's
-from dataprep.runtime import FORCE_HELP, MAX_NEW_TOKENS_HELP, RETRY_TEMPERATURE_HELP, ROWS_PER_SHARD_HELP, SEED_HELP, StageSummary, option
+from dataprep.runtime import FORCE_HELP, MAX_NEW_TOKENS_HELP, RETRY_TEMPERATURE_HELP, ROWS_PER_SHARD_HELP, SEED_HELP, StageSummary, at_least, option
 from dataprep.stage import StageRun, model_identity, provenance
 from dataprep.store import EDITS_SCHEMA, JUDGE_SCHEMA, check_shards, content_key, done_keys, iter_rows, sha256_text, shard_paths
 
@@ -155,16 +155,12 @@ class JudgeOptions:
     rows_per_shard: int = option(256, ROWS_PER_SHARD_HELP, panel="Run")
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ConfigError(f"--max-attempts {self.max_attempts} is less than 1", "--max-attempts", "use 1 or more; default 3")
-        if self.temperature < 0:
-            raise ConfigError("--temperature must be >= 0", "--temperature", "0 for greedy")
+        at_least(self.max_attempts, 1, "--max-attempts", "use 1 or more; default 3")
+        at_least(self.temperature, 0, "--temperature", "0 for greedy")
         if self.max_attempts > 1 and self.retry_temperature <= 0:
             raise ConfigError("--retry-temperature must be > 0: a greedy retry repeats the unusable answer", "--retry-temperature", "e.g. 0.7 (the default), or --max-attempts 1")
-        if self.max_new_tokens < 16:
-            raise ConfigError(f"--max-new-tokens {self.max_new_tokens} cannot hold a judgement", "--max-new-tokens", "e.g. 384")
-        if self.rows_per_shard < 1:
-            raise ConfigError(f"--rows-per-shard {self.rows_per_shard} is less than 1", "--rows-per-shard", "e.g. 256")
+        at_least(self.max_new_tokens, 16, "--max-new-tokens", "e.g. 384")
+        at_least(self.rows_per_shard, 1, "--rows-per-shard", "e.g. 256")
 
     def attempt_sampling(self, attempt: int) -> Sampling:
         if attempt == 1:

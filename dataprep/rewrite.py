@@ -46,7 +46,7 @@ from dataprep.errors import ConfigError
 from dataprep.executors import ExecutorConfig, LocalExecutor, make_executor
 from dataprep.promptfile import load_prompt
 from dataprep.rules import RULES, Verdict, check
-from dataprep.runtime import FORCE_HELP, MAX_NEW_TOKENS_HELP, RETRY_TEMPERATURE_HELP, ROWS_PER_SHARD_HELP, SEED_HELP, TOP_P_HELP, StageSummary, option, wait_lock_help
+from dataprep.runtime import FORCE_HELP, MAX_NEW_TOKENS_HELP, RETRY_TEMPERATURE_HELP, ROWS_PER_SHARD_HELP, SEED_HELP, StageSummary, TOP_P_HELP, at_least, option, wait_lock_help
 from dataprep.stage import StageRun, model_identity, provenance
 from dataprep.store import CAPTIONS_SCHEMA, EDITS_SCHEMA, check_shards, content_key, iter_rows, sha256_text, shard_paths
 
@@ -86,20 +86,16 @@ class RewriteOptions:
     def __post_init__(self) -> None:
         if self.max_target_share is not None and not 0 < self.max_target_share < 1:
             raise ConfigError(f"--max-target-share {self.max_target_share} is outside (0, 1)", "--max-target-share", "e.g. 0.05 (no target concept in more than 5% of the edits), or leave it out")
-        if self.share_min_edits < 1:
-            raise ConfigError(f"--share-min-edits {self.share_min_edits} is less than 1", "--share-min-edits", "e.g. 20")
-        if self.max_attempts < 1:
-            raise ConfigError(f"--max-attempts {self.max_attempts} is less than 1", "--max-attempts", "use 1 (greedy only) or more; default 3")
-        if self.temperature < 0:
-            raise ConfigError("--temperature must be >= 0", "--temperature", "0 for greedy")
+        at_least(self.share_min_edits, 1, "--share-min-edits", "e.g. 20")
+        at_least(self.max_attempts, 1, "--max-attempts", "use 1 (greedy only) or more; default 3")
+        at_least(self.temperature, 0, "--temperature", "0 for greedy")
         if self.max_attempts > 1 and self.retry_temperature <= 0:
             raise ConfigError(
                 "--retry-temperature must be > 0: a greedy retry repeats the failed output",
                 "--retry-temperature",
                 "e.g. 0.7 (the default), or --max-attempts 1",
             )
-        if self.max_new_tokens < 1:
-            raise ConfigError("--max-new-tokens must be at least 1", "--max-new-tokens", "e.g. 512")
+        at_least(self.max_new_tokens, 1, "--max-new-tokens", "e.g. 512")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"--top-p {self.top_p} is outside (0, 1]", "--top-p", "e.g. 1.0")
         if self.rows_per_shard < 1:  # else ShardWriter's ValueError, after the model loaded

@@ -154,6 +154,12 @@ def option(default: Any = MISSING, help: str = "", *, flag: str | tuple[str, ...
     return field(default=default, default_factory=factory, metadata={CLI_META: CliFlag(help, flag, panel, hidden)})
 
 
+def at_least(value: float, minimum: float, flag: str, fix: str) -> None:
+    """The commonest check of a numeric field: ConfigError naming ``flag`` unless ``value >= minimum``."""
+    if value < minimum:
+        raise ConfigError(f"{flag} {value} is " + ("negative" if minimum == 0 else f"less than {minimum}"), flag, fix)
+
+
 @dataclass(frozen=True)
 class Ref:
     """``"module:attr"``, imported when needed (a default that lives in a heavy module)."""
@@ -172,7 +178,8 @@ class Flags:
     """The fields of one config dataclass that a command shows as flags, and how.
 
     ``only``/``exclude`` pick fields; ``defaults``, ``helps``, ``names`` and
-    ``panel`` adjust them for this command; ``parse`` maps a field to
+    ``panels`` and ``panel`` adjust them for this command (a field without
+    metadata is a flag when ``helps`` names it); ``parse`` maps a field to
     ``(flag type, function)`` where the flag's value is not the field's (a
     comma list for a tuple); a ``None`` from such a flag keeps the field's
     default. ``fixed`` are values the command sets itself.
@@ -183,6 +190,7 @@ class Flags:
     exclude: tuple[str, ...] = ()
     defaults: dict[str, Any] = field(default_factory=dict)
     helps: dict[str, str] = field(default_factory=dict)
+    panels: dict[str, str] = field(default_factory=dict)
     names: dict[str, str | tuple[str, ...]] = field(default_factory=dict)
     panel: str | None = None
     parse: dict[str, tuple[Any, Any]] = field(default_factory=dict)
@@ -194,7 +202,7 @@ class Flags:
     def fields(self) -> list:
         import dataclasses
 
-        picked = [f for f in dataclasses.fields(self.resolve()) if f.init and CLI_META in f.metadata and f.name not in self.exclude and f.name not in self.fixed]
+        picked = [f for f in dataclasses.fields(self.resolve()) if f.init and (CLI_META in f.metadata or f.name in self.helps) and f.name not in self.exclude and f.name not in self.fixed]
         if self.only is not None:
             by_name = {f.name: f for f in dataclasses.fields(self.resolve())}
             picked = [by_name[name] for name in self.only]  # in the command's order
@@ -218,11 +226,12 @@ class Flags:
             kind = hints[f.name]
             if f.name in self.parse:
                 kind = self.parse[f.name][0]
-                default = None if f.name not in self.defaults else default
+                if isinstance(default, tuple):  # a tuple's flag is a comma list; an empty one is the flag left out
+                    default = ",".join(map(str, default)) or None
             kind = _optional(kind)
             decls = self.names.get(f.name) or meta.flag or "--" + f.name.replace("_", "-")
             decls = (decls,) if isinstance(decls, str) else tuple(decls)
-            info = typer.Option(default, *decls, help=self.helps.get(f.name, meta.help), rich_help_panel=self.panel if meta.panel is None else meta.panel, hidden=meta.hidden)
+            info = typer.Option(default, *decls, help=self.helps.get(f.name, meta.help), rich_help_panel=self.panels.get(f.name, meta.panel or self.panel), hidden=meta.hidden)
             out.append((f"{group}__{f.name}", info, kind))
         return out
 
@@ -248,6 +257,13 @@ def _optional(kind: Any) -> Any:
         rest = [a for a in args if a is not type(None)]
         return typing.Optional[rest[0]] if len(rest) == 1 else kind
     return kind
+
+
+def typer_app(name: str, help: str):
+    """A command line's top-level typer app, the same for ``dataprep`` and ``softrepa``."""
+    import typer
+
+    return typer.Typer(name=name, help=help, no_args_is_help=True, rich_markup_mode="rich", pretty_exceptions_enable=False)
 
 
 def config_exit(message: str, code: int = 2):
@@ -286,7 +302,9 @@ def config_command(typer_app: Any, name: str, **groups: Flags):
         import inspect
 
         sig = inspect.signature(fn, eval_str=True)  # typer needs real annotations, not strings
-        command.__signature__ = sig.replace(parameters=[p for p in sig.parameters.values() if p.name not in groups])
+        # the groups are not the command's own flags (a **groups catch-all may take them)
+        own = [p for p in sig.parameters.values() if p.name not in groups and p.kind is not p.VAR_KEYWORD]
+        command.__signature__ = sig.replace(parameters=own)
         setattr(command, _GROUPS_ATTR, groups)
         return typer_app.command(name, cls=_config_command_class())(command)
 

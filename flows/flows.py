@@ -29,25 +29,27 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from dataprep.batches import BatchOptions
+from dataprep.caption import DEFAULT_MODEL as CAPTION_MODEL
 from dataprep.engines import EngineConfig
 from dataprep.errors import ConfigError
 from dataprep.runtime import StageSummary
+from dataprep.rewrite import DEFAULT_MODEL as REWRITE_MODEL
 from dataprep.store import shard_paths
 from flows import artifacts
 from flows.tasks import SHARD_TIMEOUT_S, build_batches_task, caption_shard, chunks, evaluate_task, gpu_slot, release_engines, rewrite_shard, train_task, uses_local_gpu
 from flows.tasks import dedup_task, judge_task
+from softrepa.paper import BACKBONE_MODELS, SD3_MODEL
 
 SHARDS_EVENT = "softrepa.shards.written"
 TOKENS_EVENT = "softrepa.tokens.written"
+# the flows' own defaults; the stages' defaults are their options dataclasses' and model constants
 DEFAULT_DATA = "data/DIV2K_train_HR"
 DEFAULT_OUT = "runs/div2k"
-CAPTION_MODEL = "llava-hf/llava-1.5-13b-hf"
-REWRITE_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
-TRAIN_MODELS = {  # the paper's backbones (Table 3), by preset
-    "sd3": "stabilityai/stable-diffusion-3-medium-diffusers",
-    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
-    "sd1.5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-}
+DATASET = "div2k"  # the dataset label of events, artifacts and training folders
+SOURCE, SPLIT = "div2k", "train"
+SHARD_SIZE = 256  # items per shard task
+PRESET = BatchOptions.preset  # the batch grid, and the backbone trained on it
 
 
 def build(cls: type, options: dict[str, Any] | None, flag: str, *, locked: str | None = None, **fixed: Any) -> Any:
@@ -121,6 +123,25 @@ def _shards(items: list, shard_size: int, executor: Any, timeout_s: float | None
     return shards, timeout_s
 
 
+def _stage_configs(model: str, engine: dict | None, options_cls: type, options: dict | None, options_flag: str, executor: dict | None) -> tuple[Any, Any, Any]:
+    """(EngineConfig, the stage's options, ExecutorConfig) of a model stage's flow parameters, each checked as built."""
+    from dataprep.executors import ExecutorConfig
+
+    return build(EngineConfig, engine, "engine", model=model), build(options_cls, options, options_flag), build(ExecutorConfig, executor, "executor")
+
+
+def _model_stage(dataset: str, stage: str, store: Path, shard_task: Any, items_arg: str, items: list, cfg: Any, opts: Any, ex: Any,
+                 shard_size: int, task_timeout_s: float | None, prompt_file: str, prompt_flag: str = "--prompt-file") -> StageSummary:
+    """A model stage as shard tasks: ``shard_task(<items_arg>=shard, ...)`` per ``shard_size`` items, gathered in order."""
+    from dataprep.promptfile import load_prompt
+
+    prompt_sha = load_prompt(prompt_file, flag=prompt_flag).sha256
+    shards, timeout_s = _shards(items, shard_size, ex, task_timeout_s)
+    run = store.parent
+    calls = [(shard_task, {items_arg: shard, "out": run, "engine_cfg": cfg, "opts": opts, "prompt_sha256": prompt_sha, **_ray(ex)}, len(shard)) for shard in shards]
+    return _run_shards(dataset, stage, store, cfg, calls, timeout_s, local_gpu=uses_local_gpu(cfg) and not ex.is_ray)
+
+
 # One shard at a time in the flow's process: shards share one loaded engine
 # (flows.tasks.engine_for), which is not thread-safe.
 SHARD_RUNNER = ThreadPoolTaskRunner(max_workers=1)
@@ -130,17 +151,15 @@ SHARD_RUNNER = ThreadPoolTaskRunner(max_workers=1)
 def caption(
     data: str = DEFAULT_DATA,
     out: str = DEFAULT_OUT,
-    dataset: str = "div2k",
-    source: str = "div2k",
-    split: str = "train",
+    dataset: str = DATASET,
+    source: str = SOURCE,
+    split: str = SPLIT,
     ids: str | None = None,
     limit: int | None = None,
     model: str = CAPTION_MODEL,
     engine: dict[str, Any] | None = None,
     caption_options: dict[str, Any] | None = None,
-    shard_size: int = 256,
-    executor: dict[str, Any] | None = None,
-    task_timeout_s: float | None = SHARD_TIMEOUT_S,
+    shard_size: int = SHARD_SIZE, executor: dict[str, Any] | None = None, task_timeout_s: float | None = SHARD_TIMEOUT_S,  # how the shards run
 ) -> StageSummary:
     """Caption the images of ``data`` into ``out/captions``, one task per ``shard_size`` images.
 
@@ -148,20 +167,11 @@ def caption(
     ``task_timeout_s``: seconds a shard task may run (None: no limit).
     """
     from dataprep.caption import CaptionOptions
-    from dataprep.executors import ExecutorConfig
-    from dataprep.promptfile import load_prompt
 
-    cfg = build(EngineConfig, engine, "engine", model=model)
-    opts = build(CaptionOptions, caption_options, "caption_options")
-    ex = build(ExecutorConfig, executor, "executor")
-    cfg.validate()
-    opts.validate()
+    cfg, opts, ex = _stage_configs(model, engine, CaptionOptions, caption_options, "caption_options", executor)
     refs = _refs(source, data, split, ids, limit)  # paths are checked before a model loads
     run = Path(out).resolve()
-    prompt_sha = load_prompt(opts.prompt_file).sha256
-    shards, timeout_s = _shards(refs, shard_size, ex, task_timeout_s)
-    calls = [(caption_shard, dict(refs=shard, out=run, engine_cfg=cfg, opts=opts, prompt_sha256=prompt_sha, **_ray(ex)), len(shard)) for shard in shards]
-    summary = _run_shards(dataset, "caption", run / "captions", cfg, calls, timeout_s, local_gpu=uses_local_gpu(cfg) and not ex.is_ray)
+    summary = _model_stage(dataset, "caption", run / "captions", caption_shard, "refs", refs, cfg, opts, ex, shard_size, task_timeout_s, opts.prompt_file)
     artifacts.publish_markdown(f"{dataset}-caption-shards", artifacts.links_markdown("caption", {"captions": run / "captions"}))
     return summary
 
@@ -169,33 +179,22 @@ def caption(
 @flow(name="rewrite", log_prints=True, task_runner=SHARD_RUNNER)
 def rewrite(
     out: str = DEFAULT_OUT,
-    dataset: str = "div2k",
+    dataset: str = DATASET,
     model: str = REWRITE_MODEL,
     engine: dict[str, Any] | None = None,
     rewrite_options: dict[str, Any] | None = None,
-    shard_size: int = 256,
-    executor: dict[str, Any] | None = None,
-    task_timeout_s: float | None = SHARD_TIMEOUT_S,
+    shard_size: int = SHARD_SIZE, executor: dict[str, Any] | None = None, task_timeout_s: float | None = SHARD_TIMEOUT_S,  # how the shards run
 ) -> StageSummary:
     """Rewrite every caption in ``out/captions`` into ``out/edits``, one task per ``shard_size`` captions.
 
     ``executor`` and ``task_timeout_s`` as in :func:`caption`.
     """
-    from dataprep.executors import ExecutorConfig
-    from dataprep.promptfile import load_prompt
     from dataprep.rewrite import RewriteOptions, inputs_from_captions
 
-    cfg = build(EngineConfig, engine, "engine", model=model)
-    opts = build(RewriteOptions, rewrite_options, "rewrite_options")
-    ex = build(ExecutorConfig, executor, "executor")
-    cfg.validate()
-    opts.validate()
+    cfg, opts, ex = _stage_configs(model, engine, RewriteOptions, rewrite_options, "rewrite_options", executor)
     run = Path(out).resolve()
     items = inputs_from_captions(run / "captions")  # caption error rows included: the stage counts them
-    prompt_sha = load_prompt(opts.rules_file, flag="--rules").sha256
-    shards, timeout_s = _shards(items, shard_size, ex, task_timeout_s)
-    calls = [(rewrite_shard, dict(items=shard, out=run, engine_cfg=cfg, opts=opts, prompt_sha256=prompt_sha, **_ray(ex)), len(shard)) for shard in shards]
-    summary = _run_shards(dataset, "rewrite", run / "edits", cfg, calls, timeout_s, local_gpu=uses_local_gpu(cfg) and not ex.is_ray)
+    summary = _model_stage(dataset, "rewrite", run / "edits", rewrite_shard, "items", items, cfg, opts, ex, shard_size, task_timeout_s, opts.rules_file, "--rules")
     artifacts.publish_rules(dataset, run / "edits")
     artifacts.publish_quality(dataset, run)
     artifacts.publish_markdown(f"{dataset}-rewrite-shards", artifacts.links_markdown("rewrite", {"captions": run / "captions", "edits": run / "edits"}))
@@ -212,8 +211,8 @@ def shards_event(dataset: str, preset: str, shards: list[Path], run_dir: Path, t
 @flow(name="batches", log_prints=True)
 def batches(
     out: str = DEFAULT_OUT,
-    dataset: str = "div2k",
-    preset: str = "sd3",
+    dataset: str = DATASET,
+    preset: str = PRESET,
     use_edits: bool = True,
     batch_options: dict[str, Any] | None = None,
     train_options: dict[str, Any] | None = None,
@@ -224,10 +223,7 @@ def batches(
     ``train_options`` and ``eval_options`` ride along in the event.
     Returns the summary, the new shards and the emitted event (None if none).
     """
-    from dataprep.batches import BatchOptions
-
     opts = build(BatchOptions, batch_options, "batch_options", preset=preset)
-    opts.validate()
     run = Path(out).resolve()
     folder = run / "batches" / preset
     edits = run / "edits" if use_edits and shard_paths(run / "edits") else None
@@ -284,27 +280,16 @@ def finished_batches(captions: Path, edits: Path | None, folder: Path, opts: Any
 
 @flow(name="prepare", log_prints=True)
 def prepare(
-    data: str = DEFAULT_DATA,
+    data: str = DEFAULT_DATA, source: str = SOURCE, split: str = SPLIT, ids: str | None = None, limit: int | None = None,  # the images
     out: str = DEFAULT_OUT,
-    dataset: str = "div2k",
-    source: str = "div2k",
-    split: str = "train",
-    ids: str | None = None,
-    limit: int | None = None,
-    caption_model: str = CAPTION_MODEL,
-    rewrite_model: str = REWRITE_MODEL,
-    engine: dict[str, Any] | None = None,
-    caption_options: dict[str, Any] | None = None,
-    rewrite_options: dict[str, Any] | None = None,
-    preset: str = "sd3",
-    batch_options: dict[str, Any] | None = None,
-    shard_size: int = 256,
-    train_options: dict[str, Any] | None = None,
-    eval_options: dict[str, Any] | None = None,
-    make_report: bool = True,
-    report_options: dict[str, Any] | None = None,
-    executor: dict[str, Any] | None = None,
-    task_timeout_s: float | None = SHARD_TIMEOUT_S,
+    dataset: str = DATASET,
+    engine: dict[str, Any] | None = None,  # both models
+    caption_model: str = CAPTION_MODEL, caption_options: dict[str, Any] | None = None,
+    rewrite_model: str = REWRITE_MODEL, rewrite_options: dict[str, Any] | None = None,
+    preset: str = PRESET, batch_options: dict[str, Any] | None = None,
+    train_options: dict[str, Any] | None = None, eval_options: dict[str, Any] | None = None,  # handed on to training
+    make_report: bool = True, report_options: dict[str, Any] | None = None,
+    shard_size: int = SHARD_SIZE, executor: dict[str, Any] | None = None, task_timeout_s: float | None = SHARD_TIMEOUT_S,  # how the shards run
 ) -> dict[str, Any]:
     """caption -> rewrite -> batches -> the HTML report; new shards are handed to training by event.
 
@@ -344,8 +329,8 @@ def shard_folder(shards: list[str], root: Path) -> Path:
 @flow(name="train", log_prints=True)
 def train(
     shards: list[str],
-    preset: str = "sd3",
-    dataset: str = "div2k",
+    preset: str = PRESET,
+    dataset: str = DATASET,
     run_dir: str | None = None,
     train_options: dict[str, Any] | None = None,
     eval_options: dict[str, Any] | None = None,
@@ -358,7 +343,7 @@ def train(
     from softrepa.train import TrainConfig
 
     options = dict(train_options or {})
-    model = options.pop("model", None) or TRAIN_MODELS.get(preset, "")
+    model = options.pop("model", None) or BACKBONE_MODELS.get(preset, "")
     base = Path(run_dir).resolve() if run_dir else Path(shards[0]).resolve().parent.parent.parent
     inputs = shard_folder(shards, base / "train" / "inputs")
     out = options.pop("out", None) or str(base / "train" / f"{preset}-{inputs.name.removeprefix('shards-')}")
@@ -390,7 +375,7 @@ def train(
 
 
 @flow(name="evaluate_edit", log_prints=True)
-def evaluate_edit(pairs: str, model: str = TRAIN_MODELS["sd3"], tokens: str | None = None, out: str | None = None, eval_options: dict[str, Any] | None = None) -> Any:
+def evaluate_edit(pairs: str, model: str = SD3_MODEL, tokens: str | None = None, out: str | None = None, eval_options: dict[str, Any] | None = None) -> Any:
     """FlowEdit with and without soft tokens on the caption/edit pairs of a run (softrepa.evaluate)."""
     from softrepa.evaluate import EvalConfig
     from softrepa.metrics import MetricConfig
@@ -410,7 +395,7 @@ def evaluate_edit(pairs: str, model: str = TRAIN_MODELS["sd3"], tokens: str | No
 
 
 @flow(name="report", log_prints=True)
-def report(out: str = DEFAULT_OUT, dataset: str = "div2k", report_options: dict[str, Any] | None = None) -> str:
+def report(out: str = DEFAULT_OUT, dataset: str = DATASET, report_options: dict[str, Any] | None = None) -> str:
     """The static HTML report of a run (dataprep.report) in OUT/report; returns its index.html path."""
     from dataprep.report import ReportOptions, build_report
 
@@ -424,7 +409,7 @@ def report(out: str = DEFAULT_OUT, dataset: str = "div2k", report_options: dict[
 
 
 @flow(name="judge", log_prints=True)
-def judge(out: str = DEFAULT_OUT, dataset: str = "div2k", model: str = REWRITE_MODEL, engine: dict[str, Any] | None = None, judge_options: dict[str, Any] | None = None) -> StageSummary:
+def judge(out: str = DEFAULT_OUT, dataset: str = DATASET, model: str = REWRITE_MODEL, engine: dict[str, Any] | None = None, judge_options: dict[str, Any] | None = None) -> StageSummary:
     """Grade ``out/edits`` with an instruction model into ``out/judge``; publishes the checker x judge table.
 
     Run it before ``batches`` with ``batch_options={"require_judge": true}`` to keep only judged-good edits.
@@ -433,8 +418,6 @@ def judge(out: str = DEFAULT_OUT, dataset: str = "div2k", model: str = REWRITE_M
 
     cfg = build(EngineConfig, engine, "engine", model=model)
     opts = build(JudgeOptions, judge_options, "judge_options")
-    cfg.validate()
-    opts.validate()
     run = Path(out).resolve()
     with gpu_slot(uses_local_gpu(cfg)):
         try:
@@ -447,12 +430,11 @@ def judge(out: str = DEFAULT_OUT, dataset: str = "div2k", model: str = REWRITE_M
 
 
 @flow(name="dedup", log_prints=True)
-def dedup(out: str = DEFAULT_OUT, dataset: str = "div2k", dedup_options: dict[str, Any] | None = None) -> Any:
+def dedup(out: str = DEFAULT_OUT, dataset: str = DATASET, dedup_options: dict[str, Any] | None = None) -> Any:
     """Duplicate clusters of ``out/captions`` into ``out/dedup``; ``batches`` then keeps cluster members apart."""
     from dataprep.dedup import DedupOptions
 
     opts = build(DedupOptions, dedup_options, "dedup_options")
-    opts.validate()
     run = Path(out).resolve()
     summary = dedup_task(run, opts)
     artifacts.publish_quality(dataset, run)

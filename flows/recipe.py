@@ -25,6 +25,7 @@ command line.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -32,29 +33,29 @@ from typing import Any, Callable
 from prefect import flow
 
 from dataprep.errors import ConfigError
-
-SD3_MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
+from dataprep.runtime import option
+from softrepa.paper import SD3_MODEL
 
 
 @dataclass
 class RecipeConfig:
-    """What the recipe needs; the ``*_options`` dicts map onto ``BatchOptions``,
+    """What the recipe needs (``softrepa recipe``'s flags and the flow's parameters); the ``*_options`` dicts map onto ``BatchOptions``,
     ``TrainConfig`` and ``EvalConfig`` fields (``eval_options["metrics"]`` onto
-    ``MetricConfig``), so every flag of the three commands is reachable."""
+    ``MetricConfig``), so every flag of the three commands is reachable. Paths that do not exist cannot be built."""
 
-    coco_captions: str  # annotations/captions_train2017.json
-    coco_images: str  # train2017/
-    pairs: str  # DIV2K run directory (RUN/edits) or a prompts_editing.json
-    out: str
-    model: str = SD3_MODEL
-    hard_negatives: str | None = None  # an edits store (RUN/edits) whose edits join the batches as hard negatives
-    rows: str = "table5"
+    coco_captions: str = option(help="COCO annotations/captions_train2017.json (the official trainer's data).")
+    coco_images: str = option(help="COCO train2017/ image folder.")
+    pairs: str = option(help="DIV2K caption/target pairs: a dataprep run directory (RUN/edits) or a prompts_editing.json.")
+    out: str = option("runs/paper", "Output folder: batches/, train/, eval/, paper_table.md.")
+    model: str = option(SD3_MODEL, "SD3 diffusers pipeline (hub id or folder).")
+    hard_negatives: str | None = option(None, "An edits store (RUN/edits) whose single-concept edits join the batches as hard negatives (optional; the official recipe has none).")
+    rows: str = option("table5", "table5 (DIV2K) or table6 (Cat2Dog rows).")
     batch_options: dict[str, Any] = field(default_factory=dict)
     train_options: dict[str, Any] = field(default_factory=dict)
     eval_options: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
 
-    def validate(self) -> "RecipeConfig":
+    def __post_init__(self) -> None:
         for value, flag, fix in ((self.coco_captions, "--coco-captions", "pass annotations/captions_train2017.json"),
                                  (self.coco_images, "--coco-images", "pass the train2017/ folder"),
                                  (self.pairs, "--pairs", "pass a DIV2K run directory (RUN/edits) or a prompts_editing.json")):
@@ -65,7 +66,6 @@ class RecipeConfig:
             raise ConfigError(f"{self.model} is not a diffusers pipeline folder (no model_index.json)", "--model", "pass an SD3 pipeline folder or hub id")
         if self.hard_negatives is not None and not Path(self.hard_negatives).is_dir():
             raise ConfigError(f"{self.hard_negatives} is not a folder", "--hard-negatives", "pass an edits store (RUN/edits) or omit it")
-        return self
 
 
 @dataclass
@@ -84,28 +84,69 @@ def _build(cls: type, options: dict[str, Any] | None, flag: str, **fixed: Any) -
     return build(cls, options, flag, locked="they are set by the recipe: drop them (use its own flags: --model, --pairs, --out)", **fixed)
 
 
-def recipe_configs(cfg: RecipeConfig) -> tuple[Any, Any, Path]:
-    """(BatchOptions, EvalConfig without tokens yet, OUT), both checked before any work."""
+def recipe_configs(cfg: RecipeConfig) -> tuple[Any, Any, Any, Path]:
+    """(BatchOptions, TrainConfig without its batch run yet, EvalConfig without tokens yet, OUT), all checked before any work."""
     from dataprep.batches import BatchOptions
     from softrepa.evaluate import EvalConfig
     from softrepa.metrics import MetricConfig
 
     out = Path(cfg.out)
-    batch_opts = _build(BatchOptions, {"preset": "sd3", **cfg.batch_options}, "batch_options")
+    with recipe_flags("batch_options"):
+        batch_opts = _build(BatchOptions, {"preset": "sd3", **cfg.batch_options}, "batch_options")
     if batch_opts.preset != "sd3":
         raise ConfigError("the recipe trains SD3 tokens (FlowEdit runs on SD3)", "batch_options.preset", "use preset sd3")
-    batch_opts.validate()
-    eval_opts = dict(cfg.eval_options)
-    metrics = _build(MetricConfig, eval_opts.pop("metrics", None), "eval_options.metrics")
-    eval_opts.setdefault("rows", cfg.rows)
-    eval_opts.setdefault("progress", cfg.progress)
-    # the tokens folder does not exist yet: validate with a placeholder, the real one is set after training
-    eval_cfg = _build(EvalConfig, eval_opts, "eval_options", pairs=cfg.pairs, model=cfg.model, out=str(out / "eval"), tokens=None,
-                      methods=("flowedit", "flowedit+tokens"), metrics=metrics)
+    with recipe_flags("eval_options"):
+        eval_opts = dict(cfg.eval_options)
+        metrics = _build(MetricConfig, eval_opts.pop("metrics", None), "eval_options.metrics")
+        eval_opts.setdefault("rows", cfg.rows)
+        eval_opts.setdefault("progress", cfg.progress)
+        # the tokens folder does not exist yet: validate with a placeholder, the real one is set after training
+        eval_cfg = _build(EvalConfig, eval_opts, "eval_options", pairs=cfg.pairs, model=cfg.model, out=str(out / "eval"), tokens=None,
+                          methods=("flowedit", "flowedit+tokens"), metrics=metrics)
+        from dataclasses import replace
+
+        replace(eval_cfg, methods=("flowedit",)).validate()
+    return batch_opts, train_config(cfg, out), eval_cfg, out
+
+
+def train_config(cfg: RecipeConfig, out: Path) -> Any:
+    """The training config, every value checked now, though its batches are written later.
+
+    An error names the recipe's flag (``--train-steps``, or ``--options``
+    with the field), not the trainer's: the trainer's flags are not on this
+    command line.
+    """
+    import tempfile
     from dataclasses import replace
 
-    replace(eval_cfg, methods=("flowedit",)).validate()
-    return batch_opts, eval_cfg, out
+    from softrepa.train import TrainConfig
+
+    options = dict(cfg.train_options)
+    options.setdefault("progress", cfg.progress)
+    with recipe_flags("train_options", {"--steps": "--train-steps"}):
+        train_cfg = _build(TrainConfig, options, "train_options", preset="sd3", batches=str(out / "batches"), model=cfg.model, out=str(out / "train"))
+        with tempfile.TemporaryDirectory() as empty:  # the batches folder does not exist yet; it is checked again before training
+            replace(train_cfg, batches=empty).validate()
+    return train_cfg
+
+
+RECIPE_FLAGS = ("--coco-captions", "--coco-images", "--pairs", "--out", "--model", "--hard-negatives", "--rows", "--train-steps")
+
+
+@contextmanager
+def recipe_flags(section: str, renamed: dict[str, str] | None = None):
+    """Re-raise a stage's ConfigError naming this command's flag: the stage's own flag, where the recipe
+    has it, else ``--options`` and the field of ``section`` (the stages' flags are not on this command line)."""
+    try:
+        yield
+    except ConfigError as exc:
+        flag = (renamed or {}).get(exc.flag, exc.flag)
+        if flag in RECIPE_FLAGS or not (flag or "").startswith("--"):
+            if flag == exc.flag:
+                raise
+            raise ConfigError(exc.message, flag, exc.fix) from None
+        fields = ", ".join(f.removeprefix("--").replace("-", "_") for f in flag.split("/"))
+        raise ConfigError(exc.message, f"--options ({section}: {fields})", exc.fix) from None
 
 
 def run_recipe(cfg: RecipeConfig, on_stage: Callable[[str], None] | None = None) -> RecipeResult:
@@ -115,17 +156,12 @@ def run_recipe(cfg: RecipeConfig, on_stage: Callable[[str], None] | None = None)
     from dataprep.batches import build_coco_batches
     from softrepa import paper
     from softrepa.evaluate import evaluate_edit
-    from softrepa.train import TrainConfig, train
+    from softrepa.train import train
 
     say = on_stage or (lambda msg: None)
-    cfg.validate()
-    batch_opts, eval_cfg, out = recipe_configs(cfg)
-    train_opts = dict(cfg.train_options)
-    train_opts.setdefault("progress", cfg.progress)
+    # the batch run id is known only after writing; every option is checked before any work
+    batch_opts, probe, eval_cfg, out = recipe_configs(cfg)
     batches_dir = out / "batches"
-    # the batch run id is known only after writing; build the config now so an
-    # unknown training option fails before any work (validate() needs the shards)
-    probe = _build(TrainConfig, train_opts, "train_options", preset="sd3", batches=str(batches_dir), model=cfg.model, out=str(out / "train"))
 
     say(f"batches: COCO {cfg.coco_captions} -> {batches_dir}")
     summary = build_coco_batches(cfg.coco_captions, cfg.coco_images, batches_dir, batch_opts, edits_dir=cfg.hard_negatives)
@@ -148,8 +184,8 @@ def run_recipe(cfg: RecipeConfig, on_stage: Callable[[str], None] | None = None)
 
 
 @flow(name="paper-recipe", log_prints=True)
-def paper_recipe(coco_captions: str, coco_images: str, pairs: str, out: str = "runs/paper", model: str = SD3_MODEL,
-                 hard_negatives: str | None = None, rows: str = "table5", batch_options: dict[str, Any] | None = None,
+def paper_recipe(coco_captions: str, coco_images: str, pairs: str, out: str = RecipeConfig.out, model: str = RecipeConfig.model,
+                 hard_negatives: str | None = None, rows: str = RecipeConfig.rows, batch_options: dict[str, Any] | None = None,
                  train_options: dict[str, Any] | None = None, eval_options: dict[str, Any] | None = None) -> Any:
     """The recipe as a Prefect flow; publishes the side-by-side table as an artifact."""
     from flows import artifacts

@@ -1,8 +1,11 @@
 """The ``softrepa`` command line: train soft tokens, import official tokens, sample.
 
-Commands only parse flags, call the library and print summaries; torch and
-diffusers are imported inside them so ``softrepa --help`` starts fast.
-Exit status: 0 on success, 2 for usage or configuration errors.
+Commands only parse flags, call the library and print summaries; the flags
+of a config dataclass (TrainConfig, EvalConfig, MetricConfig) are derived
+from its fields (:func:`dataprep.runtime.config_command`), which are
+imported, with torch, only when their command runs or shows its --help.
+Exit status: 0 on success, 2 for usage or configuration errors
+(:class:`dataprep.errors.ConfigError`, naming the flag and the fix).
 Any other failure prints one line and exits 1 (``--debug`` or DATAPREP_DEBUG=1
 shows the traceback); see :mod:`dataprep.errors`.
 """
@@ -14,97 +17,114 @@ from typing import Annotated, Optional
 
 import typer
 
-app = typer.Typer(
-    name="softrepa",
-    help="SoftREPA: train soft text tokens with the contrastive score-matching loss on a frozen diffusion model, "
+from dataprep.errors import ConfigError, run_cli
+from dataprep.runtime import Flags, config_command, typer_app
+from softrepa.paper import SD3_MODEL
+
+app = typer_app(
+    "softrepa",
+    "SoftREPA: train soft text tokens with the contrastive score-matching loss on a frozen diffusion model, "
     "import the official tokens, sample with and without them.",
-    no_args_is_help=True,
-    rich_markup_mode="rich",
-    pretty_exceptions_enable=False,
 )
 
 
-def fail(message: str, code: int = 2) -> typer.Exit:
-    from rich.console import Console
-    from rich.markup import escape
-
-    # escape: shapes such as [layers, tokens, dim] are text, not rich markup
-    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False)
-    return typer.Exit(code)
-
-
-def _split_apply(value: Optional[str]) -> Optional[tuple[str, ...]]:
-    if value is None:
-        return None
+def comma_list(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def float_list(flag: str):
+    """A parser of a comma list of numbers for ``flag``."""
+
+    def parse(value: str) -> tuple[float, ...]:
+        try:
+            out = tuple(float(v) for v in value.split(",") if v.strip())
+        except ValueError:
+            raise ConfigError(f"not a comma-separated list of numbers: {value!r}", flag=flag, fix="e.g. 9,11,13") from None
+        if not out:
+            raise ConfigError("empty list", flag=flag, fix="e.g. 9,11,13")
+        return out
+
+    return parse
+
+
+def writable_folder(path: Path, flag: str) -> None:
+    """ConfigError unless ``path`` is a folder or can become one (a file there is a typo, not a crash)."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path} is a file, not a folder", flag, "pass a folder (created if missing)")
 
 
 # ------------------------------------------------------------ train
 
 
-@app.command("train")
-def train_cmd(
-    preset: Annotated[str, typer.Option("--preset", help="Backbone preset: sd3, sdxl or sd1.5 (tokens, layers, loss weights, iterations per the paper's Table 3).")],
-    batches: Annotated[Path, typer.Option("--batches", help="Folder of contrastive batch shards (output of `dataprep batches`, e.g. OUT/batches).")],
-    model: Annotated[str, typer.Option("--model", help="Diffusers pipeline: hub id (e.g. stabilityai/stable-diffusion-3-medium-diffusers) or local folder.")],
-    out: Annotated[Path, typer.Option("--out", help="Run folder: tokens/, checkpoints/, train_log.jsonl, train_config.json.")],
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps (default: Table 3, 30000 sd3/sdxl, 26000 sd1.5). Batch rows are cycled in shard order.")] = None,
-    batch_run: Annotated[Optional[str], typer.Option("--batch-run", help="Which `dataprep batches` run to train on when --batches holds several (the id in part-<run>-NNNNN.parquet, e.g. sd3-s0-1a2b3c4d5e6f).")] = None,
-    allow_partial: Annotated[bool, typer.Option("--allow-partial", help="Train on a batch run that did not finish (no completion record from `dataprep batches`); by default such a run is refused.")] = False,
-    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Save tokens + optimizer/scheduler/RNG state every N steps (and at the end).")] = 500,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out (same trajectory as an uninterrupted run).")] = False,
-    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate (paper: 1e-3).", rich_help_panel="Optimizer")] = 1e-3,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay (paper: 1e-4).", rich_help_panel="Optimizer")] = 1e-4,
-    restart_every: Annotated[int, typer.Option("--restart-every", help="CosineAnnealingWarmRestarts period T_0 in steps.", rich_help_panel="Optimizer")] = 5000,
-    min_lr: Annotated[float, typer.Option("--min-lr", help="CosineAnnealingWarmRestarts eta_min.", rich_help_panel="Optimizer")] = 1e-5,
-    n_tokens: Annotated[Optional[int], typer.Option("--n-tokens", help="Soft tokens per layer (default: 4 sd3/sd1.5, 8 sdxl).", rich_help_panel="Tokens")] = None,
-    n_layers: Annotated[Optional[int], typer.Option("--n-layers", help="sd3: first N transformer blocks get tokens (default 5).", rich_help_panel="Tokens")] = None,
-    apply: Annotated[Optional[str], typer.Option("--apply", help="UNet block groups that get tokens, comma-separated from down,mid,up (default: down for sd1.5, down,mid for sdxl).", rich_help_panel="Tokens")] = None,
-    t_dependent: Annotated[Optional[bool], typer.Option("--t-dependent/--no-t-dependent", help="Add timestep-dependent tokens, Embedding(100, dim x layers) at t // 10 (default: on for sd3/sd1.5, off for sdxl).", rich_help_panel="Tokens")] = None,
-    denoise_weight: Annotated[Optional[float], typer.Option("--denoise-weight", help="Weight of the positives' denoising error added to the loss (default: 0 sd3; 10 sd1.5/sdxl as the official scripts).", rich_help_panel="Loss")] = None,
-    scale: Annotated[float, typer.Option("--scale", help="Logit scale in scale * exp(-E / temperature).", rich_help_panel="Loss")] = 4.0,
-    temperature: Annotated[float, typer.Option("--temperature", help="Temperature in scale * exp(-E / temperature).", rich_help_panel="Loss")] = 0.07,
-    min_t: Annotated[int, typer.Option("--min-t", help="Smallest training timestep (0..999).", rich_help_panel="Loss")] = 0,
-    max_t: Annotated[int, typer.Option("--max-t", help="Timesteps are drawn from [min-t, max-t).", rich_help_panel="Loss")] = 1000,
-    resolution: Annotated[str, typer.Option("--resolution", help="Training image size in pixels (shortest side resized, center crop), as the official training script (512 for all three backbones); 'native' = the model's own size (1024 sd3/sdxl, 512 sd1.5).", rich_help_panel="Run")] = "512",
-    precision: Annotated[str, typer.Option("--precision", help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16, fp16.", rich_help_panel="Run")] = "auto",
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.", rich_help_panel="Run")] = "auto",
-    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute the frozen denoiser's blocks during backward: much less activation memory (SD3 at 1024 px with a 4 x 4 grid), slower steps.", rich_help_panel="Run")] = False,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of token init, timesteps, noise and VAE samples.", rich_help_panel="Run")] = 0,
-    shuffle: Annotated[bool, typer.Option("--shuffle/--no-shuffle", help="Visit the batch rows in a new seeded order every pass (as the official trainer reshuffles every epoch); --no-shuffle keeps shard order.", rich_help_panel="Run")] = True,
-    accumulate: Annotated[int, typer.Option("--accumulate", help="Batch rows per process per optimizer step (gradients averaged). Under torchrun/accelerate launch a step trains processes x N rows.", rich_help_panel="Run")] = 1,
-    best_by: Annotated[str, typer.Option("--best-by", help="clip: every --eval-every steps sample the held-out prompts with the tokens, CLIP-score them and keep the best tokens in OUT/best (as the official trainer); none: off.", rich_help_panel="Best checkpoint")] = "clip",
-    eval_prompts: Annotated[Optional[Path], typer.Option("--eval-prompts", help="Held-out prompts, one per line. Default: the captions of --eval-holdout images taken out of training.", rich_help_panel="Best checkpoint")] = None,
-    eval_holdout: Annotated[int, typer.Option("--eval-holdout", help="Images held out of training whose captions are the evaluation prompts (official: 50 prompts).", rich_help_panel="Best checkpoint")] = 50,
-    eval_every: Annotated[int, typer.Option("--eval-every", help="Evaluate (and checkpoint) every N steps and at the end (official: every 2500 iterations).", rich_help_panel="Best checkpoint")] = 2500,
-    eval_steps: Annotated[Optional[int], typer.Option("--eval-steps", help="Sampling steps per evaluation image (default: the official sampler's 28 sd3, 30 sdxl/sd1.5).", rich_help_panel="Best checkpoint")] = None,
-    eval_guidance: Annotated[Optional[float], typer.Option("--eval-guidance", help="Guidance scale of the evaluation samples (default: 4 sd3, 7 sdxl/sd1.5).", rich_help_panel="Best checkpoint")] = None,
-    eval_size: Annotated[Optional[int], typer.Option("--eval-size", help="Evaluation image size (default: the model's native size, as the official sampler).", rich_help_panel="Best checkpoint")] = None,
-    eval_batch_size: Annotated[int, typer.Option("--eval-batch-size", help="Prompts sampled together.", rich_help_panel="Best checkpoint")] = 4,
-    eval_clip_model: Annotated[str, typer.Option("--eval-clip-model", help="CLIP that scores the evaluation samples (hub id or folder).", rich_help_panel="Best checkpoint")] = "openai/clip-vit-large-patch14",
-) -> None:
+# What each TrainConfig field means on the command line (its default is the field's).
+TRAIN_HELP = {
+    "preset": "Backbone preset: sd3, sdxl or sd1.5 (tokens, layers, loss weights, iterations per the paper's Table 3).",
+    "batches": "Folder of contrastive batch shards (output of `dataprep batches`, e.g. OUT/batches).",
+    "model": "Diffusers pipeline: hub id (e.g. stabilityai/stable-diffusion-3-medium-diffusers) or local folder.",
+    "out": "Run folder: tokens/, checkpoints/, train_log.jsonl, train_config.json.",
+    "steps": "Optimizer steps (default: Table 3, 30000 sd3/sdxl, 26000 sd1.5). Batch rows are cycled in shard order.",
+    "batch_run": "Which `dataprep batches` run to train on when --batches holds several (the id in part-<run>-NNNNN.parquet, e.g. sd3-s0-1a2b3c4d5e6f).",
+    "allow_partial": "Train on a batch run that did not finish (no completion record from `dataprep batches`); by default such a run is refused.",
+    "checkpoint_every": "Save tokens + optimizer/scheduler/RNG state every N steps (and at the end).",
+    "resume": "Continue from the newest checkpoint in --out (same trajectory as an uninterrupted run).",
+    "lr": "AdamW learning rate (paper: 1e-3).",
+    "weight_decay": "AdamW weight decay (paper: 1e-4).",
+    "restart_every": "CosineAnnealingWarmRestarts period T_0 in steps.",
+    "min_lr": "CosineAnnealingWarmRestarts eta_min.",
+    "n_tokens": "Soft tokens per layer (default: 4 sd3/sd1.5, 8 sdxl).",
+    "n_layers": "sd3: first N transformer blocks get tokens (default 5).",
+    "apply": "UNet block groups that get tokens, comma-separated from down,mid,up (default: down for sd1.5, down,mid for sdxl).",
+    "t_dependent": "Add timestep-dependent tokens, Embedding(100, dim x layers) at t // 10 (default: on for sd3/sd1.5, off for sdxl).",
+    "denoise_weight": "Weight of the positives' denoising error added to the loss (default: 0 sd3; 10 sd1.5/sdxl as the official scripts).",
+    "scale": "Logit scale in scale * exp(-E / temperature).",
+    "temperature": "Temperature in scale * exp(-E / temperature).",
+    "min_t": "Smallest training timestep (0..999).",
+    "max_t": "Timesteps are drawn from [min-t, max-t).",
+    "resolution": "Training image size in pixels (shortest side resized, center crop), as the official training script (512 for all three backbones); 'native' = the model's own size (1024 sd3/sdxl, 512 sd1.5).",
+    "precision": "auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16, fp16.",
+    "dtype": "auto (bfloat16 autocast on CUDA, float32 on CPU), float32, bfloat16, float16.",
+    "device": "auto, cpu, cuda or cuda:N.",
+    "gradient_checkpointing": "Recompute the frozen denoiser's blocks during backward: much less activation memory (SD3 at 1024 px with a 4 x 4 grid), slower steps.",
+    "seed": "Seed of token init, timesteps, noise and VAE samples.",
+    "shuffle": "Visit the batch rows in a new seeded order every pass (as the official trainer reshuffles every epoch); --no-shuffle keeps shard order.",
+    "accumulate": "Batch rows per process per optimizer step (gradients averaged). Under torchrun/accelerate launch a step trains processes x N rows.",
+    "best_by": "clip: every --eval-every steps sample the held-out prompts with the tokens, CLIP-score them and keep the best tokens in OUT/best (as the official trainer); none: off.",
+    "eval_prompts": "Held-out prompts, one per line. Default: the captions of --eval-holdout images taken out of training.",
+    "eval_holdout": "Images held out of training whose captions are the evaluation prompts (official: 50 prompts).",
+    "eval_every": "Evaluate (and checkpoint) every N steps and at the end (official: every 2500 iterations).",
+    "eval_steps": "Sampling steps per evaluation image (default: the official sampler's 28 sd3, 30 sdxl/sd1.5).",
+    "eval_guidance": "Guidance scale of the evaluation samples (default: 4 sd3, 7 sdxl/sd1.5).",
+    "eval_size": "Evaluation image size (default: the model's native size, as the official sampler).",
+    "eval_batch_size": "Prompts sampled together.",
+    "eval_clip_model": "CLIP that scores the evaluation samples (hub id or folder).",
+}
+TRAIN_PANELS = {
+    **dict.fromkeys(("lr", "weight_decay", "restart_every", "min_lr"), "Optimizer"),
+    **dict.fromkeys(("n_tokens", "n_layers", "apply", "t_dependent"), "Tokens"),
+    **dict.fromkeys(("denoise_weight", "scale", "temperature", "min_t", "max_t"), "Loss"),
+    **dict.fromkeys(("resolution", "precision", "dtype", "device", "gradient_checkpointing", "seed", "shuffle", "accumulate"), "Run"),
+    **{name: "Best checkpoint" for name in TRAIN_HELP if name == "best_by" or name.startswith("eval_")},
+}
+TRAIN = Flags(
+    "softrepa.train:TrainConfig",
+    helps=TRAIN_HELP,
+    panels=TRAIN_PANELS,
+    names={"t_dependent": "--t-dependent/--no-t-dependent", "shuffle": "--shuffle/--no-shuffle"},
+    parse={"batches": (Path, str), "out": (Path, str), "eval_prompts": (Optional[Path], str), "apply": (Optional[str], comma_list), "resolution": (str, str)},
+)
+
+
+@config_command(app, "train", cfg=TRAIN)
+def train_cmd(cfg=None) -> None:
     """Train soft tokens on contrastive batch shards with the frozen diffusion model; write OUT/tokens.
 
     Data parallel: torchrun --nproc-per-node N -m softrepa.cli train ... (or accelerate launch -m softrepa.cli train ...)."""
     from rich.console import Console
     from rich.markup import escape
 
-    from softrepa.train import TrainConfig, train
-    from dataprep.errors import ConfigError
+    from softrepa.train import train
 
-    cfg = TrainConfig(
-        preset=preset, batches=str(batches), batch_run=batch_run, allow_partial=allow_partial, model=model, out=str(out), steps=steps, checkpoint_every=checkpoint_every,
-        resume=resume, lr=lr, weight_decay=weight_decay, restart_every=restart_every, min_lr=min_lr, n_tokens=n_tokens,
-        n_layers=n_layers, apply=_split_apply(apply), t_dependent=t_dependent, denoise_weight=denoise_weight, scale=scale,
-        temperature=temperature, min_t=min_t, max_t=max_t, resolution=resolution, precision=precision, device=device,
-        gradient_checkpointing=gradient_checkpointing, seed=seed, shuffle=shuffle, accumulate=accumulate, best_by=best_by,
-        eval_prompts=None if eval_prompts is None else str(eval_prompts), eval_holdout=eval_holdout, eval_every=eval_every, eval_steps=eval_steps,
-        eval_guidance=eval_guidance, eval_size=eval_size, eval_batch_size=eval_batch_size, eval_clip_model=eval_clip_model,
-    )
-    try:
-        result = train(cfg)
-    except ConfigError as exc:
-        raise fail(str(exc))
+    result = train(cfg)
     if not result.main:  # data parallel: the first process reports
         return
     console = Console()
@@ -125,7 +145,7 @@ def train_cmd(
 # ------------------------------------------------------------ import-tokens
 
 
-@app.command("import-tokens")
+@config_command(app, "import-tokens")
 def import_tokens_cmd(
     src_dir: Annotated[Path, typer.Argument(help="Folder with the official dc_tokens.pth (and dc_t_tokens.pth), as released with the paper's code (one backbone's folder).")],
     out_dir: Annotated[Path, typer.Argument(help="Where to write tokens.safetensors + tokens.json.")],
@@ -135,27 +155,30 @@ def import_tokens_cmd(
     """Convert official SoftREPA .pth token files (safe loading only: weights_only + an allow-list) to our format."""
     from softrepa.token_files import NeedsContextEmbedder, UnsafeTokenFile, import_official, load_context_embedder
 
+    writable_folder(out_dir, "OUT_DIR")
+    embedder = None
+    if model is not None:
+        if backbone != "sd3":
+            raise ConfigError(f"--model is only needed for sd3 tokens (their context_embedder), not {backbone}", "--model", "drop it")
+        try:
+            embedder = load_context_embedder(model)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot load the SD3 transformer of {model}: {exc}", "--model", "pass an SD3 pipeline folder or hub id") from exc
     try:
-        embedder = None
-        if model is not None:
-            if backbone != "sd3":
-                raise fail("--model is only needed for sd3 tokens (their context_embedder); drop it for " + backbone)
-            try:
-                embedder = load_context_embedder(model)
-            except (OSError, ValueError) as exc:
-                raise fail(f"cannot load the SD3 transformer of {model}: {exc} (flag --model; fix: pass an SD3 pipeline folder or hub id)")
         module = import_official(src_dir, out_dir, backbone, embedder)
     except NeedsContextEmbedder as exc:
-        raise fail(f"{exc} (flag --model)")
+        raise ConfigError(str(exc), "--model") from exc
     except (FileNotFoundError, ValueError, UnsafeTokenFile) as exc:
-        raise fail(str(exc))
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(str(exc)) from exc
     c = module.config
     t_shape = None if module.t_embedding is None else list(module.t_embedding.weight.shape)
     typer.echo(f"imported {backbone}: tokens {list(module.tokens.shape)}, t_embedding {t_shape}, "
                f"apply {list(c.apply) or '-'} -> {out_dir}")
 
 
-@app.command("export-tokens")
+@config_command(app, "export-tokens")
 def export_tokens_cmd(
     tokens_dir: Annotated[Path, typer.Argument(help="Our token folder (tokens.json + tokens.safetensors), e.g. RUN/tokens.")],
     out_dir: Annotated[Path, typer.Argument(help="Where to write dc_tokens.pth (and dc_t_tokens.pth).")],
@@ -165,11 +188,12 @@ def export_tokens_cmd(
     from softrepa.token_files import export_official, load_tokens
 
     if format != "official":
-        raise fail(f"unknown format {format!r} (flag --format; fix: use --format official)", code=2)
+        raise ConfigError(f"unknown format {format!r}", "--format", "use --format official")
+    writable_folder(out_dir, "OUT_DIR")
     try:
         module = load_tokens(tokens_dir)
     except (FileNotFoundError, ValueError, KeyError) as exc:
-        raise fail(f"{exc} (argument TOKENS_DIR; fix: pass a folder written by softrepa train or import-tokens)", code=2)
+        raise ConfigError(str(exc), "TOKENS_DIR", "pass a folder written by softrepa train or import-tokens") from exc
     written = export_official(module, out_dir)
     c = module.config
     flags = f"--n_dc_tokens {c.n_tokens}" + (f" --n_dc_layers {c.n_layers}" if c.backbone == "sd3" else "") + (" --use_dc_t" if c.t_dependent else "")
@@ -179,7 +203,7 @@ def export_tokens_cmd(
 # ------------------------------------------------------------ sample
 
 
-@app.command("sample")
+@config_command(app, "sample")
 def sample_cmd(
     model: Annotated[str, typer.Option("--model", help="Diffusers pipeline (hub id or folder) the tokens were trained for.")],
     tokens: Annotated[Path, typer.Option("--tokens", help="Token folder (tokens.json + tokens.safetensors), e.g. RUN/tokens.")],
@@ -197,91 +221,84 @@ def sample_cmd(
     try:
         res = sample_pair(model, tokens, prompt, out, seed=seed, steps=steps, guidance=guidance, device=device, height=size, width=size)
     except (FileNotFoundError, ValueError) as exc:
-        raise fail(str(exc))
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(str(exc)) from exc
     typer.echo(f"without tokens: {res.base}\nwith tokens:    {res.with_tokens}\nside by side:   {res.side_by_side}")
 
 
 # --- evaluate-edit ---
 
 
-def _eval_float_list(value: str | None, flag: str) -> "tuple[float, ...] | None":
-    from dataprep.errors import ConfigError
+EVAL_HELP = {
+    "pairs": "A run directory (RUN/edits Parquet shards; passed, error-free edits only) or an official prompts_editing.json (img_path relative to the JSON).",
+    "out": "Output folder: images/<setting>/<pair>.png, scores.parquet, summary.md, summary.csv, config.json, manifest. Rerunning reuses edited images already there.",
+    "model": "SD3 diffusers pipeline: hub id or local folder.",
+    "tokens": "Soft tokens folder (softrepa train output, or the official tokens/sd3 with dc_tokens.pth); adds the method flowedit+tokens.",
+    "methods": "Comma list of flowedit, flowedit+tokens. Default: flowedit, plus flowedit+tokens with --tokens.",
+    "tgt_cfgs": "Target guidance scales, comma list (e.g. 9,11,13); applies to every method. Default: the --rows table's, per method.",
+    "rows": "Which paper table's rows to run: table5 (DIV2K: FlowEdit NMAX 33 at CFG 13.5/16.5/19.5, with tokens NMAX 30 at 9/11/13) or table6 (Cat2Dog: tokens also at 7).",
+    "n_max": "Edit over the last N of --steps steps; applies to every method. Default per method: 33 (flowedit), 30 (flowedit+tokens).",
+    "steps": "Sampling steps of the flow-matching schedule.",
+    "n_min": "Finish the last N steps with plain sampling of the target (paper: 0).",
+    "src_cfg": "Source guidance scale.",
+    "seed": "Seed of the per-step FlowEdit noise (same seed -> same edits).",
+    "size": "Edit at SIZE x SIZE pixels (the official script uses 1024); 0 keeps each source's size.",
+    "cfg_rule": "Target-branch guidance. official: c + w(c - u), the SoftREPA editing script the paper's numbers come from (effective scale w + 1); flowedit: u + w(c - u), FlowEdit's own code. The source branch is u + w(c - u) either way.",
+    "limit": "Edit only the first N pairs.",
+    "passed_only": "Edit only pairs that passed the rule checker. Default: every pair with a target, as the paper; the verdict is the column 'passed' of scores.parquet.",
+    "device": "auto, cpu, cuda, cuda:N or mps (editing and metrics).",
+    "dtype": "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.",
+    "revision": "Revision of --model on the hub.",
+}
+EVAL = Flags(
+    "softrepa.evaluate:EvalConfig",
+    helps=EVAL_HELP,
+    panels={**dict.fromkeys(("methods", "tgt_cfgs", "rows", "n_max", "steps", "n_min", "src_cfg", "seed", "size", "cfg_rule"), "FlowEdit"),
+            **dict.fromkeys(("limit", "passed_only", "device", "dtype", "revision"), "Run")},
+    names={"tgt_cfgs": "--tgt-cfg", "cfg_rule": ("--guidance-rule", "--cfg-rule")},
+    defaults={"model": SD3_MODEL},
+    parse={"pairs": (Path, str), "out": (Path, str), "tokens": (Optional[Path], str), "methods": (Optional[str], comma_list), "tgt_cfgs": (Optional[str], float_list("--tgt-cfg"))},
+)
+METRICS = Flags(
+    "softrepa.metrics:MetricConfig",
+    helps={
+        "metrics": "Comma list of clip, pickscore, lpips, imagereward, hpsv2, fid. Missing optional packages are reported with their install command.",
+        "clip_model": "CLIP for the CLIP score (hub id or folder).",
+        "pickscore_model": "PickScore CLIP (hub id or folder).",
+        "pickscore_processor": "Processor for --pickscore-model: the LAION ViT-H/14 one PickScore was trained with; 'model' = the model's own.",
+        "lpips_model": "vgg (default, as SoftREPA eval.py), alex or squeeze (the lpips package; paper-comparable), or a transformers vision backbone id/folder (uncalibrated LPIPS form).",
+        "batch_size": "Images per metric forward pass.",
+    },
+    names={"batch_size": "--metric-batch-size"},
+    panel="Metrics",
+    parse={"metrics": (str, comma_list), "pickscore_processor": (Optional[str], lambda v: None if v == "model" else v)},
+)
 
-    if value is None:
-        return None
-    try:
-        out = tuple(float(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise ConfigError(f"not a comma-separated list of numbers: {value!r}", flag=flag, fix="e.g. 9,11,13") from None
-    if not out:
-        raise ConfigError("empty list", flag=flag, fix="e.g. 9,11,13")
-    return out
 
-
-@app.command("evaluate-edit")
+@config_command(app, "evaluate-edit", cfg=EVAL, metrics=METRICS)
 def evaluate_edit_cmd(
-    pairs: Annotated[Path, typer.Option("--pairs", help="A run directory (RUN/edits Parquet shards; passed, error-free edits only) or an official prompts_editing.json (img_path relative to the JSON).")],
-    out: Annotated[Path, typer.Option("--out", help="Output folder: images/<setting>/<pair>.png, scores.parquet, summary.md, summary.csv, config.json, manifest. Rerunning reuses edited images already there.")],
-    model: Annotated[str, typer.Option("--model", help="SD3 diffusers pipeline: hub id or local folder.")] = "stabilityai/stable-diffusion-3-medium-diffusers",
-    tokens: Annotated[Optional[Path], typer.Option("--tokens", help="Soft tokens folder (softrepa train output, or the official tokens/sd3 with dc_tokens.pth); adds the method flowedit+tokens.")] = None,
-    methods: Annotated[Optional[str], typer.Option("--methods", help="Comma list of flowedit, flowedit+tokens. Default: flowedit, plus flowedit+tokens with --tokens.", rich_help_panel="FlowEdit")] = None,
-    tgt_cfg: Annotated[Optional[str], typer.Option("--tgt-cfg", help="Target guidance scales, comma list (e.g. 9,11,13); applies to every method. Default: the --rows table's, per method.", rich_help_panel="FlowEdit")] = None,
-    rows: Annotated[str, typer.Option("--rows", help="Which paper table's rows to run: table5 (DIV2K: FlowEdit NMAX 33 at CFG 13.5/16.5/19.5, with tokens NMAX 30 at 9/11/13) or table6 (Cat2Dog: tokens also at 7).", rich_help_panel="FlowEdit")] = "table5",
-    n_max: Annotated[Optional[int], typer.Option("--n-max", help="Edit over the last N of --steps steps; applies to every method. Default per method: 33 (flowedit), 30 (flowedit+tokens).", rich_help_panel="FlowEdit")] = None,
-    steps: Annotated[int, typer.Option("--steps", help="Sampling steps of the flow-matching schedule.", rich_help_panel="FlowEdit")] = 50,
-    n_min: Annotated[int, typer.Option("--n-min", help="Finish the last N steps with plain sampling of the target (paper: 0).", rich_help_panel="FlowEdit")] = 0,
-    src_cfg: Annotated[float, typer.Option("--src-cfg", help="Source guidance scale.", rich_help_panel="FlowEdit")] = 3.5,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the per-step FlowEdit noise (same seed -> same edits).", rich_help_panel="FlowEdit")] = 0,
-    size: Annotated[int, typer.Option("--size", help="Edit at SIZE x SIZE pixels (the official script uses 1024); 0 keeps each source's size.", rich_help_panel="FlowEdit")] = 1024,
-    cfg_rule: Annotated[str, typer.Option("--guidance-rule", "--cfg-rule", help="Target-branch guidance. official: c + w(c - u), the SoftREPA editing script the paper's numbers come from (effective scale w + 1); flowedit: u + w(c - u), FlowEdit's own code. The source branch is u + w(c - u) either way.", rich_help_panel="FlowEdit")] = "official",
-    limit: Annotated[Optional[int], typer.Option("--limit", help="Edit only the first N pairs.", rich_help_panel="Run")] = None,
-    passed_only: Annotated[bool, typer.Option("--passed-only", help="Edit only pairs that passed the rule checker. Default: every pair with a target, as the paper; the verdict is the column 'passed' of scores.parquet.", rich_help_panel="Run")] = False,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps (editing and metrics).", rich_help_panel="Run")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.", rich_help_panel="Run")] = "auto",
-    revision: Annotated[Optional[str], typer.Option("--revision", help="Revision of --model on the hub.", rich_help_panel="Run")] = None,
-    metrics: Annotated[str, typer.Option("--metrics", help="Comma list of clip, pickscore, lpips, imagereward, hpsv2, fid. Missing optional packages are reported with their install command.", rich_help_panel="Metrics")] = "clip,pickscore,lpips,imagereward,hpsv2,fid",
-    clip_model: Annotated[str, typer.Option("--clip-model", help="CLIP for the CLIP score (hub id or folder).", rich_help_panel="Metrics")] = "openai/clip-vit-large-patch14",
-    pickscore_model: Annotated[str, typer.Option("--pickscore-model", help="PickScore CLIP (hub id or folder).", rich_help_panel="Metrics")] = "yuvalkirstain/PickScore_v1",
-    pickscore_processor: Annotated[Optional[str], typer.Option("--pickscore-processor", help="Processor for --pickscore-model; default the LAION ViT-H/14 one PickScore was trained with; 'model' = the model's own.", rich_help_panel="Metrics")] = None,
-    lpips_model: Annotated[str, typer.Option("--lpips-model", help="vgg (default, as SoftREPA eval.py), alex or squeeze (the lpips package; paper-comparable), or a transformers vision backbone id/folder (uncalibrated LPIPS form).", rich_help_panel="Metrics")] = "vgg",
-    metric_batch_size: Annotated[int, typer.Option("--metric-batch-size", help="Images per metric forward pass.", rich_help_panel="Metrics")] = 8,
     tiny_metrics: Annotated[bool, typer.Option("--tiny-metrics", help="Offline demo: write tiny random CLIP and LPIPS networks under OUT/tiny-metrics and use them for clip, pickscore and lpips (scores are meaningless).", rich_help_panel="Metrics")] = False,
+    cfg=None,
+    metrics=None,
 ) -> None:
     """Edit caption/target pairs with FlowEdit on SD3 (with and without soft tokens) and score them (paper, Tables 5 and 6)."""
+    from dataclasses import replace
+
     from rich.console import Console
     from rich.markup import escape
 
-    from dataprep.errors import ConfigError
-    from softrepa.evaluate import EvalConfig, evaluate_edit
-    from softrepa.metrics import MetricConfig
+    from softrepa.evaluate import evaluate_edit
 
     console = Console()
-    try:
-        mcfg = MetricConfig(
-            metrics=tuple(m.strip() for m in metrics.split(",") if m.strip()), clip_model=clip_model, pickscore_model=pickscore_model,
-            lpips_model=lpips_model, batch_size=metric_batch_size, device=device,
-        )
-        if pickscore_processor == "model":
-            mcfg.pickscore_processor = None
-        elif pickscore_processor is not None:
-            mcfg.pickscore_processor = pickscore_processor
-        if tiny_metrics:
-            from softrepa.metrics import write_tiny_metric_models
+    cfg = replace(cfg, metrics=replace(metrics, device=cfg.device))  # metrics run where the edits run
+    cfg.validate()  # every argument, before the tiny metric models are written
+    if tiny_metrics:
+        from softrepa.metrics import write_tiny_metric_models
 
-            tiny = write_tiny_metric_models(out / "tiny-metrics")
-            mcfg.clip_model = mcfg.pickscore_model = str(tiny["clip"])
-            mcfg.pickscore_processor = None
-            mcfg.lpips_model = str(tiny["lpips"])
-        cfg = EvalConfig(
-            pairs=str(pairs), model=model, out=str(out), tokens=str(tokens) if tokens else None,
-            methods=tuple(m.strip() for m in methods.split(",") if m.strip()) if methods else None,
-            tgt_cfgs=_eval_float_list(tgt_cfg, "--tgt-cfg"), n_max=n_max, steps=steps, n_min=n_min, src_cfg=src_cfg, seed=seed, size=size,
-            cfg_rule=cfg_rule, limit=limit, device=device, dtype=dtype, revision=revision, metrics=mcfg, rows=rows,
-            passed_only=passed_only,
-        )
-        res = evaluate_edit(cfg)
-    except ConfigError as exc:
-        raise fail(str(exc))
+        tiny = write_tiny_metric_models(Path(cfg.out) / "tiny-metrics")
+        cfg = replace(cfg, metrics=replace(cfg.metrics, clip_model=str(tiny["clip"]), pickscore_model=str(tiny["clip"]), pickscore_processor=None, lpips_model=str(tiny["lpips"])))
+    res = evaluate_edit(cfg)
     # the Markdown table (= summary.md) reads at any terminal width and pastes into a paper draft
     typer.echo(res.markdown)
     console.print(f"pairs {res.n_pairs}; edited {res.n_edited}, reused {res.n_reused}, failed {res.n_failed} (pair x setting)", highlight=False, markup=False)
@@ -292,53 +309,38 @@ def evaluate_edit_cmd(
         console.print(f"[bold yellow]warning, leakage:[/] {escape(res.leakage.message())}", highlight=False)
 
 
-@app.command("recipe")
+@config_command(app, "recipe", cfg=Flags("flows.recipe:RecipeConfig", parse={name: (Path, str) for name in ("coco_captions", "coco_images", "pairs", "out")} | {"hard_negatives": (Optional[Path], str)}))
 def recipe_cmd(
-    coco_captions: Annotated[Path, typer.Option("--coco-captions", help="COCO annotations/captions_train2017.json (the official trainer's data).")],
-    coco_images: Annotated[Path, typer.Option("--coco-images", help="COCO train2017/ image folder.")],
-    pairs: Annotated[Path, typer.Option("--pairs", help="DIV2K caption/target pairs: a dataprep run directory (RUN/edits) or a prompts_editing.json.")],
-    out: Annotated[Path, typer.Option("--out", help="Output folder: batches/, train/, eval/, paper_table.md.")] = Path("runs/paper"),
-    model: Annotated[str, typer.Option("--model", help="SD3 diffusers pipeline (hub id or folder).")] = "stabilityai/stable-diffusion-3-medium-diffusers",
-    hard_negatives: Annotated[Optional[Path], typer.Option("--hard-negatives", help="An edits store (RUN/edits) whose single-concept edits join the batches as hard negatives (optional; the official recipe has none).")] = None,
-    rows: Annotated[str, typer.Option("--rows", help="table5 (DIV2K) or table6 (Cat2Dog rows).")] = "table5",
     train_steps: Annotated[Optional[int], typer.Option("--train-steps", help="Training steps (default: the trainer's Table 3 value).")] = None,
     options: Annotated[Optional[Path], typer.Option("--options", help='JSON file {"batch_options": {...}, "train_options": {...}, "eval_options": {...}} with BatchOptions / TrainConfig / EvalConfig fields (eval_options.metrics: MetricConfig fields).')] = None,
+    cfg=None,
 ) -> None:
     """The paper's recipe in one command: COCO batches -> train SD3 tokens -> FlowEdit on DIV2K pairs, Table 5 with the paper's numbers beside ours."""
     import json
+    from dataclasses import replace
 
-    from dataprep.errors import ConfigError
+    from flows.recipe import run_recipe
 
     extra: dict = {}
     if options is not None:
         try:
             extra = json.loads(options.read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise fail(f"cannot read {options}: {exc} (flag --options; fix: pass a JSON object)")
+            raise ConfigError(f"cannot read {options}: {exc}", "--options", "pass a JSON object") from None
         unknown = sorted(set(extra) - {"batch_options", "train_options", "eval_options"})
         if unknown:
-            raise fail(f"unknown keys {unknown} in {options} (flag --options; fix: use batch_options, train_options, eval_options)")
-    from flows.recipe import RecipeConfig, run_recipe
-
+            raise ConfigError(f"unknown keys {unknown} in {options}", "--options", "use batch_options, train_options, eval_options")
     train_options = dict(extra.get("train_options", {}))
     if train_steps is not None:
         train_options["steps"] = train_steps
-    cfg = RecipeConfig(str(coco_captions), str(coco_images), str(pairs), str(out), model,
-                       None if hard_negatives is None else str(hard_negatives), rows, dict(extra.get("batch_options", {})),
-                       train_options, dict(extra.get("eval_options", {})))
-
-    try:
-        res = run_recipe(cfg, on_stage=lambda msg: typer.echo(f"== {msg}"))
-    except ConfigError as exc:
-        raise fail(str(exc))
+    cfg = replace(cfg, batch_options=dict(extra.get("batch_options", {})), train_options=train_options, eval_options=dict(extra.get("eval_options", {})))
+    res = run_recipe(cfg, on_stage=lambda msg: typer.echo(f"== {msg}"))
     typer.echo(res.markdown)
     typer.echo(f"tokens: {res.train.tokens_dir}\nscores: {res.evaluation.scores_path}\ntable: {res.table_md}")
 
 
 def main() -> None:
     """Entry point: exit 0 / 1 / 2 as :mod:`dataprep.errors` describes; --debug shows tracebacks."""
-    from dataprep.errors import run_cli
-
     run_cli(app, "softrepa")
 
 

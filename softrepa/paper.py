@@ -15,6 +15,14 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+#: the paper's backbones (Table 3) by preset: the default model of evaluate-edit, the recipe and the flows' training
+BACKBONE_MODELS = {
+    "sd3": "stabilityai/stable-diffusion-3-medium-diffusers",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+    "sd1.5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+}
+SD3_MODEL = BACKBONE_MODELS["sd3"]  # FlowEdit (evaluate-edit, the recipe) runs on SD3
+
 #: summary-table column order (as in the paper)
 COLUMNS = ("imagereward", "pickscore", "clip", "hpsv2", "fid", "lpips")
 LABELS = {"imagereward": "ImageReward", "pickscore": "PickScore", "clip": "CLIP", "hpsv2": "HPS", "fid": "FID", "lpips": "LPIPS"}

@@ -26,6 +26,7 @@ OutOpt = Annotated[Path, typer.Option("--out", help="Run directory; captions go 
 
 
 def _caption(refs: Callable[[], Any], out: Path, strict: bool, engine, options, executor) -> None:
+    """Caption ``refs()`` with the flag groups of :data:`CAPTION` (engine, options, executor)."""
     from dataprep.caption import run_caption
 
     summary = run_caption(refs(), out, engine, options, executor=executor)  # sources check their paths before the model loads
@@ -40,14 +41,12 @@ def caption_div2k(
     ids: IdsOpt = None,
     limit: LimitOpt = None,
     strict: StrictOpt = False,
-    engine=None,
-    options=None,
-    executor=None,
+    **configs,
 ) -> None:
     """Caption DIV2K (ids div2k/0001..0800) with LLaVA-1.5 and "Describe the object and background in the image"."""
     from dataprep.sources import div2k
 
-    _caption(lambda: div2k(data, split=split, ids=ids, limit=limit), out, strict, engine, options, executor)
+    _caption(lambda: div2k(data, split=split, ids=ids, limit=limit), out, strict, **configs)
 
 
 @config_command(caption_app, "folder", **CAPTION)
@@ -57,14 +56,12 @@ def caption_folder(
     name: Annotated[Optional[str], typer.Option("--name", help="Id prefix (default: the folder's name); ids are NAME/relative/path.png.")] = None,
     limit: LimitOpt = None,
     strict: StrictOpt = False,
-    engine=None,
-    options=None,
-    executor=None,
+    **configs,
 ) -> None:
     """Caption every image under a folder."""
     from dataprep.sources import folder
 
-    _caption(lambda: folder(path, name=name, limit=limit), out, strict, engine, options, executor)
+    _caption(lambda: folder(path, name=name, limit=limit), out, strict, **configs)
 
 
 @config_command(caption_app, "hf", **CAPTION)
@@ -76,14 +73,12 @@ def caption_hf(
     id_column: Annotated[Optional[str], typer.Option("--id-column", help="Column with a stable id (default: row number).")] = None,
     limit: LimitOpt = None,
     strict: StrictOpt = False,
-    engine=None,
-    options=None,
-    executor=None,
+    **configs,
 ) -> None:
     """Caption the images of a Hugging Face dataset (through `datasets`)."""
     from dataprep.sources import hf_dataset
 
-    _caption(lambda: list(hf_dataset(name_or_path, split=split, image_column=image_column, id_column=id_column, limit=limit)), out, strict, engine, options, executor)
+    _caption(lambda: list(hf_dataset(name_or_path, split=split, image_column=image_column, id_column=id_column, limit=limit)), out, strict, **configs)
 
 
 # ------------------------------------------------------------ pipeline
@@ -100,7 +95,7 @@ app.add_typer(pipeline_app, name="pipeline")
     engine=engine_flags(None),
     caption_options=Flags("dataprep.caption:CaptionOptions", only=("crop", "max_new_tokens", "seed", "force", "rows_per_shard", "workers"),
                           names={"max_new_tokens": "--caption-max-new-tokens"}, helps={"max_new_tokens": "Caption generation budget per image."}),
-    rewrite_options=Flags("dataprep.rewrite:RewriteOptions", only=("max_new_tokens", "max_attempts"), names={"max_new_tokens": "--rewrite-max-new-tokens"},
+    rewrite_options=Flags("dataprep.rewrite:RewriteOptions", only=("max_new_tokens", "max_attempts"), names={"max_new_tokens": "--rewrite-max-new-tokens"}, panels={"max_attempts": "Sampling"},
                           helps={"max_new_tokens": "Rewrite generation budget per attempt.", "max_attempts": "Rewrite generations per caption until one passes the rule checker."}),
     executor=EXECUTOR,
 )

@@ -13,16 +13,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from dataprep.runtime import Flags, Ref
+from dataprep.runtime import Flags, Ref, typer_app
 
-app = typer.Typer(
-    name="dataprep",
-    help="Data preparation for SoftREPA: caption images, rewrite captions into single-concept edits, "
-    "build contrastive batches, export pairs.",
-    no_args_is_help=True,
-    rich_markup_mode="rich",
-    pretty_exceptions_enable=False,
-)
+app = typer_app("dataprep", "Data preparation for SoftREPA: caption images, rewrite captions into single-concept edits, build contrastive batches, export pairs.")
 
 ENGINE_CONFIG = "dataprep.engines:EngineConfig"
 CAPTION_MODEL = Ref("dataprep.caption:DEFAULT_MODEL")

@@ -54,3 +54,30 @@ def test_strict_exits_1_on_row_errors_and_0_without(tmp_path, tiny_models):
     assert lenient.exit_code == 0 and "too_large" in lenient.output
     strict = runner.invoke(app, base + ["--out", str(tmp_path / "c"), "--strict"])
     assert strict.exit_code == 1
+
+
+def test_every_caption_option_is_a_flag_with_the_dataclass_default():
+    """The flags are the CaptionOptions fields: a new field is a new flag, its default shown once."""
+    from dataclasses import fields
+
+    from dataprep.caption import CaptionOptions
+
+    out = " ".join(runner.invoke(app, ["caption", "folder", "--help"], env={"COLUMNS": "400"}).output.split())
+    for f in fields(CaptionOptions):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in out, flag
+    assert f"[default: {CaptionOptions().max_new_tokens}]" in out
+
+
+def test_report_out_that_is_a_file_exits_2_naming_out(tmp_path):
+    """Before: the writer's FileExistsError, exit 1 with a one-line traceback summary."""
+    import shutil
+    from pathlib import Path
+
+    run = tmp_path / "run"
+    shutil.copytree(Path(__file__).parents[1] / "fixtures" / "stored_run" / "run", run)
+    target = tmp_path / "report.html"
+    target.write_text("not a folder")
+    result = runner.invoke(app, ["report", str(run), "--out", str(target), "--no-thumbs"], env={"COLUMNS": "300"})
+    assert result.exit_code == 2, result.output
+    assert "--out" in result.output and "Fix:" in result.output

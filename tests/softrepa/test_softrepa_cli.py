@@ -1,0 +1,54 @@
+"""The softrepa command line: configuration errors exit 2 naming the flag, before any work."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from softrepa.cli import app
+
+runner = CliRunner()
+
+
+def _tokens(folder):
+    from softrepa.tokens import SoftTokens, TokenConfig, save_tokens
+
+    save_tokens(SoftTokens(TokenConfig("sd1.5", n_tokens=4, n_layers=1, dim=8, t_dependent=True, apply=("down",))), folder)
+    return folder
+
+
+@pytest.mark.parametrize("command", ["export-tokens", "import-tokens"])
+def test_out_dir_that_is_a_file_exits_2_naming_it(tmp_path, command):
+    """Before: the writer's NotADirectoryError / FileExistsError, exit 1."""
+    ours = _tokens(tmp_path / "ours")
+    official = tmp_path / "official"
+    assert runner.invoke(app, ["export-tokens", str(ours), str(official)]).exit_code == 0
+    target = tmp_path / "file"
+    target.write_text("x")
+    args = ["export-tokens", str(ours), str(target)] if command == "export-tokens" else ["import-tokens", str(official), str(target), "--backbone", "sd1.5"]
+    res = runner.invoke(app, args, env={"COLUMNS": "300"})
+    assert res.exit_code == 2, (res.output, res.exception)
+    assert "OUT_DIR" in res.output and "Fix:" in res.output
+
+
+def test_tiny_metrics_are_written_only_after_the_arguments_are_checked(tmp_path):
+    """Before: --tiny-metrics built the metric models, then a bad --pairs stopped the run."""
+    out = tmp_path / "eval"
+    res = runner.invoke(app, ["evaluate-edit", "--pairs", str(tmp_path / "missing"), "--out", str(out), "--tiny-metrics"], env={"COLUMNS": "300"})
+    assert res.exit_code == 2, (res.output, res.exception)
+    assert "--pairs" in res.output
+    assert not (out / "tiny-metrics").exists()
+
+
+def test_train_flags_are_the_train_config_fields_with_its_defaults():
+    from dataclasses import MISSING, fields
+
+    from softrepa.train import TrainConfig
+
+    out = " ".join(runner.invoke(app, ["train", "--help"], env={"COLUMNS": "400"}).output.split())
+    for f in fields(TrainConfig):
+        if f.name == "progress":  # not a flag: the command line always shows progress
+            continue
+        assert "--" + f.name.replace("_", "-") in out, f.name
+        if f.default not in (MISSING, None) and not isinstance(f.default, bool):
+            assert f"[default: {f.default}]" in out, f.name
