@@ -1,4 +1,6 @@
-"""What every command of the project shares at run time: device, dtype, progress bar, summary.
+"""What every command of the project shares at run time: device, dtype, progress bar, summary,
+and the command-line flags derived from config dataclasses (:func:`option`, :class:`Flags`,
+:func:`config_command`).
 
 One vocabulary across ``dataprep`` and ``softrepa``: ``--device`` is
 ``auto|cpu|cuda|cuda:N|mps`` and ``--dtype`` is ``auto|float32|bfloat16|float16``.
@@ -7,14 +9,20 @@ torch and rich are imported inside the functions, so ``--help`` never loads them
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import importlib
+import inspect
 import time
+import types
+import typing
 from contextvars import ContextVar
 from collections import Counter
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dataprep.errors import ConfigError, reason_of
+from dataprep.errors import ConfigError, print_error, reason_of
 
 DEVICES = "auto, cpu, cuda, cuda:N or mps"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -167,8 +175,6 @@ class Ref:
     target: str
 
     def get(self) -> Any:
-        import importlib
-
         module, _, attr = self.target.partition(":")
         return getattr(importlib.import_module(module), attr)
 
@@ -182,7 +188,7 @@ class Flags:
     metadata is a flag when ``helps`` names it); ``parse`` maps a field to
     ``(flag type, function)`` where the flag's value is not the field's (a
     comma list for a tuple); a ``None`` from such a flag keeps the field's
-    default. ``fixed`` are values the command sets itself.
+    default.
     """
 
     cls: str | type
@@ -194,15 +200,12 @@ class Flags:
     names: dict[str, str | tuple[str, ...]] = field(default_factory=dict)
     panel: str | None = None
     parse: dict[str, tuple[Any, Any]] = field(default_factory=dict)
-    fixed: dict[str, Any] = field(default_factory=dict)
 
     def resolve(self) -> type:
         return Ref(self.cls).get() if isinstance(self.cls, str) else self.cls
 
     def fields(self) -> list:
-        import dataclasses
-
-        picked = [f for f in dataclasses.fields(self.resolve()) if f.init and (CLI_META in f.metadata or f.name in self.helps) and f.name not in self.exclude and f.name not in self.fixed]
+        picked = [f for f in dataclasses.fields(self.resolve()) if f.init and (CLI_META in f.metadata or f.name in self.helps) and f.name not in self.exclude]
         if self.only is not None:
             by_name = {f.name: f for f in dataclasses.fields(self.resolve())}
             picked = [by_name[name] for name in self.only]  # in the command's order
@@ -210,8 +213,6 @@ class Flags:
 
     def parameters(self, group: str) -> list[tuple[str, Any, Any]]:
         """(parameter name, typer OptionInfo, type) per flag; names are ``group__field``."""
-        import typing
-
         import typer
 
         hints = typing.get_type_hints(self.resolve())
@@ -237,7 +238,7 @@ class Flags:
 
     def build(self, values: dict[str, Any]) -> Any:
         """The dataclass from the parsed flag values (it validates itself)."""
-        kw = dict(self.fixed)
+        kw = {}
         for name, value in values.items():
             if name in self.parse:
                 if value is None:
@@ -249,9 +250,6 @@ class Flags:
 
 def _optional(kind: Any) -> Any:
     """``X | None`` as ``Optional[X]``, the spelling typer reads."""
-    import types
-    import typing
-
     args = typing.get_args(kind)
     if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
         rest = [a for a in args if a is not type(None)]
@@ -270,8 +268,6 @@ def config_exit(message: str, code: int = 2):
     """Print a configuration error (its flag and fix are in the message); the typer.Exit to raise."""
     import typer
 
-    from dataprep.errors import print_error
-
     print_error(message)
     return typer.Exit(code)
 
@@ -283,10 +279,6 @@ def config_command(typer_app: Any, name: str, **groups: Flags):
     or from the command, prints one line and exits 2 (``dataprep.errors``),
     also where the app runs without ``run_cli`` (tests, ``python -m``).
     """
-    import functools
-
-    from dataprep.errors import ConfigError
-
     def decorate(fn):
         @functools.wraps(fn)
         def command(**kwargs):
@@ -298,8 +290,6 @@ def config_command(typer_app: Any, name: str, **groups: Flags):
                 return fn(**kwargs)
             except ConfigError as exc:
                 raise config_exit(str(exc)) from None
-
-        import inspect
 
         sig = inspect.signature(fn, eval_str=True)  # typer needs real annotations, not strings
         # the groups are not the command's own flags (a **groups catch-all may take them)

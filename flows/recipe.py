@@ -25,8 +25,9 @@ command line.
 
 from __future__ import annotations
 
+import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -103,8 +104,6 @@ def recipe_configs(cfg: RecipeConfig) -> tuple[Any, Any, Any, Path]:
         # the tokens folder does not exist yet: validate with a placeholder, the real one is set after training
         eval_cfg = _build(EvalConfig, eval_opts, "eval_options", pairs=cfg.pairs, model=cfg.model, out=str(out / "eval"), tokens=None,
                           methods=("flowedit", "flowedit+tokens"), metrics=metrics)
-        from dataclasses import replace
-
         replace(eval_cfg, methods=("flowedit",)).validate()
     return batch_opts, train_config(cfg, out), eval_cfg, out
 
@@ -116,9 +115,6 @@ def train_config(cfg: RecipeConfig, out: Path) -> Any:
     with the field), not the trainer's: the trainer's flags are not on this
     command line.
     """
-    import tempfile
-    from dataclasses import replace
-
     from softrepa.train import TrainConfig
 
     options = dict(cfg.train_options)
@@ -151,8 +147,6 @@ def recipe_flags(section: str, renamed: dict[str, str] | None = None):
 
 def run_recipe(cfg: RecipeConfig, on_stage: Callable[[str], None] | None = None) -> RecipeResult:
     """Batches, training, evaluation, and the side-by-side table. ConfigError before any work for a bad option."""
-    from dataclasses import replace
-
     from dataprep.batches import build_coco_batches
     from softrepa import paper
     from softrepa.evaluate import evaluate_edit

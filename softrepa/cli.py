@@ -12,6 +12,8 @@ shows the traceback); see :mod:`dataprep.errors`.
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -81,7 +83,6 @@ TRAIN_HELP = {
     "min_t": "Smallest training timestep (0..999).",
     "max_t": "Timesteps are drawn from [min-t, max-t).",
     "resolution": "Training image size in pixels (shortest side resized, center crop), as the official training script (512 for all three backbones); 'native' = the model's own size (1024 sd3/sdxl, 512 sd1.5).",
-    "precision": "auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16, fp16.",
     "dtype": "auto (bfloat16 autocast on CUDA, float32 on CPU), float32, bfloat16, float16.",
     "device": "auto, cpu, cuda or cuda:N.",
     "gradient_checkpointing": "Recompute the frozen denoiser's blocks during backward: much less activation memory (SD3 at 1024 px with a 4 x 4 grid), slower steps.",
@@ -102,7 +103,7 @@ TRAIN_PANELS = {
     **dict.fromkeys(("lr", "weight_decay", "restart_every", "min_lr"), "Optimizer"),
     **dict.fromkeys(("n_tokens", "n_layers", "apply", "t_dependent"), "Tokens"),
     **dict.fromkeys(("denoise_weight", "scale", "temperature", "min_t", "max_t"), "Loss"),
-    **dict.fromkeys(("resolution", "precision", "dtype", "device", "gradient_checkpointing", "seed", "shuffle", "accumulate"), "Run"),
+    **dict.fromkeys(("resolution", "dtype", "device", "gradient_checkpointing", "seed", "shuffle", "accumulate"), "Run"),
     **{name: "Best checkpoint" for name in TRAIN_HELP if name == "best_by" or name.startswith("eval_")},
 }
 TRAIN = Flags(
@@ -110,12 +111,16 @@ TRAIN = Flags(
     helps=TRAIN_HELP,
     panels=TRAIN_PANELS,
     names={"t_dependent": "--t-dependent/--no-t-dependent", "shuffle": "--shuffle/--no-shuffle"},
+    exclude=("precision",),  # the earlier name of dtype: the hidden --precision below
     parse={"batches": (Path, str), "out": (Path, str), "eval_prompts": (Optional[Path], str), "apply": (Optional[str], comma_list), "resolution": (str, str)},
 )
 
 
 @config_command(app, "train", cfg=TRAIN)
-def train_cmd(cfg=None) -> None:
+def train_cmd(
+    precision: Annotated[Optional[str], typer.Option("--precision", hidden=True, help="Deprecated: --dtype (fp32, bf16, fp16 are float32, bfloat16, float16).")] = None,
+    cfg=None,
+) -> None:
     """Train soft tokens on contrastive batch shards with the frozen diffusion model; write OUT/tokens.
 
     Data parallel: torchrun --nproc-per-node N -m softrepa.cli train ... (or accelerate launch -m softrepa.cli train ...)."""
@@ -124,6 +129,8 @@ def train_cmd(cfg=None) -> None:
 
     from softrepa.train import train
 
+    if precision is not None:  # TrainConfig maps the earlier vocabulary (bf16 -> bfloat16)
+        cfg = replace(cfg, precision=precision)
     result = train(cfg)
     if not result.main:  # data parallel: the first process reports
         return
@@ -283,8 +290,6 @@ def evaluate_edit_cmd(
     metrics=None,
 ) -> None:
     """Edit caption/target pairs with FlowEdit on SD3 (with and without soft tokens) and score them (paper, Tables 5 and 6)."""
-    from dataclasses import replace
-
     from rich.console import Console
     from rich.markup import escape
 
@@ -316,9 +321,6 @@ def recipe_cmd(
     cfg=None,
 ) -> None:
     """The paper's recipe in one command: COCO batches -> train SD3 tokens -> FlowEdit on DIV2K pairs, Table 5 with the paper's numbers beside ours."""
-    import json
-    from dataclasses import replace
-
     from flows.recipe import run_recipe
 
     extra: dict = {}

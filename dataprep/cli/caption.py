@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import typer
 
 from dataprep.cli.common import CAPTION_MODEL, EXECUTOR, REWRITE_MODEL, DataOpt, IdsOpt, LimitOpt, SplitOpt, StrictOpt, app, engine_flags, model_flag, print_stage
-from dataprep.runtime import Flags, config_command
+from dataprep.runtime import Flags, config_command, print_summary
 
 caption_app = typer.Typer(
     help="Caption images with a vision-language model (default LLaVA-1.5-13B) using prompts/caption.txt. "
@@ -115,13 +116,10 @@ def pipeline_div2k(
     executor=None,
 ) -> None:
     """Caption DIV2K with LLaVA-1.5, then rewrite every caption with Llama-3.1 (greedy captions; rule-checked rewrites with retries)."""
-    from dataclasses import replace
-
     from rich.console import Console
 
     from dataprep.pipeline import run_pipeline
     from dataprep.rewrite import KEPT_FAILING
-    from dataprep.runtime import print_summary
     from dataprep.sources import div2k
 
     # --seed, --force and --rows-per-shard apply to both stages

@@ -13,7 +13,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from dataprep.runtime import Flags, Ref, typer_app
+from dataprep.errors import ConfigError
+from dataprep.runtime import Flags, Ref, print_summary, typer_app
 
 app = typer_app("dataprep", "Data preparation for SoftREPA: caption images, rewrite captions into single-concept edits, build contrastive batches, export pairs.")
 
@@ -53,8 +54,6 @@ IdsOpt = Annotated[Optional[str], typer.Option("--ids", help="Only these image n
 
 
 def positive_limit(limit: int | None) -> None:
-    from dataprep.errors import ConfigError
-
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit {limit} is less than 1", "--limit", "use a positive number, or leave it out")
 
@@ -76,7 +75,6 @@ def print_stage(summary, strict_failed: bool) -> None:
     """A model stage's summary table; with --strict, exit 1 when ``strict_failed``."""
     from rich.console import Console
 
-    from dataprep.runtime import print_summary
 
     print_summary(summary, Console())
     if strict_failed:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from dataprep.cli.common import app, progress
-from dataprep.errors import ConfigError
+from dataprep.errors import ConfigError, print_error
 from dataprep.runtime import Flags, config_command
 
 
@@ -154,8 +155,6 @@ def export_hf_cmd(
         if s.push["ok"]:
             print(f"pushed to {s.push['url']}{' (private)' if private else ''}")
         else:
-            from dataprep.errors import print_error
-
             print_error(f"push to {s.push['repo']} failed: {s.push['error']} (the local export is kept at {s.out} and listed in {run / 'exports.json'})")
             raise typer.Exit(1)
 
@@ -166,8 +165,6 @@ def stats_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print the counts as JSON instead of a table.")] = False,
 ) -> None:
     """One table of what a run directory holds: captions, edits (pass rate, violations by rule), batches, exports."""
-    import json
-
     from rich.console import Console
 
     from dataprep import stats

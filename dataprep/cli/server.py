@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -79,8 +80,6 @@ def serve(
 
     Uses PREFECT_API_URL when set, else the server `dataprep server start --home HOME` runs.
     """
-    import os
-
     from dataprep import server
 
     if not os.environ.get("PREFECT_API_URL"):

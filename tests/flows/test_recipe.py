@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +17,20 @@ from tests.softrepa_fixtures import tiny_pipelines
 pytestmark = pytest.mark.slow
 
 WORDS = ["cat", "dog", "fox", "car", "boat", "tree", "house", "cup"]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def softrepa_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``softrepa ARGS`` in a child process. In this one, prefect's logging would keep the
+    stream a CliRunner captured and fail later flow tests with 'I/O operation on closed file'."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", COLUMNS="300")
+    return subprocess.run([sys.executable, "-m", "softrepa.cli", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _recipe(tmp_path, *extra: str) -> subprocess.CompletedProcess:
+    cap, imgs = _coco(tmp_path / "coco")
+    pairs = _div2k_pairs(tmp_path / "div2k")
+    return softrepa_cli("recipe", "--coco-captions", str(cap), "--coco-images", str(imgs), "--pairs", str(pairs), "--out", str(tmp_path / "out"), *extra)
 
 
 def _coco(root):
@@ -48,9 +66,6 @@ def _div2k_pairs(root):
 
 
 def test_recipe_runs_end_to_end_and_prints_the_paper_numbers_beside_ours(tmp_path):
-    from typer.testing import CliRunner
-
-    from softrepa.cli import app
     from softrepa.metrics import write_tiny_metric_models
 
     model = tiny_pipelines()["sd3"]
@@ -68,9 +83,10 @@ def test_recipe_runs_end_to_end_and_prints_the_paper_numbers_beside_ours(tmp_pat
     }
     (tmp_path / "options.json").write_text(json.dumps(options))
     out = tmp_path / "paper"
-    res = CliRunner().invoke(app, ["recipe", "--coco-captions", str(cap), "--coco-images", str(imgs), "--pairs", str(pairs),
-                                   "--model", str(model), "--out", str(out), "--train-steps", "1", "--options", str(tmp_path / "options.json")])
-    assert res.exit_code == 0, res.output
+    res = softrepa_cli("recipe", "--coco-captions", str(cap), "--coco-images", str(imgs), "--pairs", str(pairs),
+                       "--model", str(model), "--out", str(out), "--train-steps", "1", "--options", str(tmp_path / "options.json"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    res.output = res.stdout
 
     # trained on COCO: the tokens record COCO images; the batches hold COCO ids only
     assert (out / "train" / "tokens" / "tokens.json").exists()
@@ -96,23 +112,29 @@ def test_recipe_runs_end_to_end_and_prints_the_paper_numbers_beside_ours(tmp_pat
 
 
 def test_recipe_bad_option_fails_before_any_work(tmp_path):
-    from typer.testing import CliRunner
-
-    from softrepa.cli import app
-
-    cap, imgs = _coco(tmp_path / "coco")
-    pairs = _div2k_pairs(tmp_path / "div2k")
     (tmp_path / "o.json").write_text(json.dumps({"eval_options": {"nmax": 3}}))
-    res = CliRunner().invoke(app, ["recipe", "--coco-captions", str(cap), "--coco-images", str(imgs), "--pairs", str(pairs),
-                                   "--out", str(tmp_path / "out"), "--options", str(tmp_path / "o.json")])
-    assert res.exit_code == 2 and "eval_options" in res.output and "nmax" in res.output
+    res = _recipe(tmp_path, "--options", str(tmp_path / "o.json"))
+    assert res.returncode == 2 and "eval_options" in res.stderr and "nmax" in res.stderr
     assert not (tmp_path / "out" / "batches").exists()
     # a field the recipe sets itself is refused, not silently overridden
     (tmp_path / "o.json").write_text(json.dumps({"eval_options": {"methods": ["flowedit"]}}))
-    res = CliRunner().invoke(app, ["recipe", "--coco-captions", str(cap), "--coco-images", str(imgs), "--pairs", str(pairs),
-                                   "--out", str(tmp_path / "out"), "--options", str(tmp_path / "o.json")])
-    assert res.exit_code == 2 and "set by the recipe" in res.output
-    res = CliRunner().invoke(app, ["recipe", "--coco-captions", str(cap), "--coco-images", str(imgs), "--pairs", str(pairs),
-                                   "--out", str(tmp_path / "out"), "--model", str(tmp_path)])
-    assert res.exit_code == 2 and "--model" in res.output
+    res = _recipe(tmp_path / "2", "--options", str(tmp_path / "o.json"))
+    assert res.returncode == 2 and "set by the recipe" in res.stderr
+    res = _recipe(tmp_path / "3", "--model", str(tmp_path))
+    assert res.returncode == 2 and "--model" in res.stderr
+    assert not (tmp_path / "3" / "out" / "batches").exists()
+
+
+@pytest.mark.parametrize("extra,flag", [
+    (["--train-steps", "0"], "--train-steps"),
+    ({"train_options": {"min_t": 500, "max_t": 100}}, "--options (train_options: min_t, max_t)"),
+])
+def test_recipe_checks_the_training_options_before_the_batches_and_names_its_own_flags(tmp_path, extra, flag):
+    """Before: the batches were built first, then the trainer's error named --steps / --min-t/--max-t, flags this command does not have."""
+    if isinstance(extra, dict):
+        (tmp_path / "o.json").write_text(json.dumps(extra))
+        extra = ["--options", str(tmp_path / "o.json")]
+    res = _recipe(tmp_path, *extra)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert f"(flag {flag})" in " ".join(res.stderr.split())
     assert not (tmp_path / "out" / "batches").exists()

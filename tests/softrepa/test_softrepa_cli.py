@@ -47,8 +47,25 @@ def test_train_flags_are_the_train_config_fields_with_its_defaults():
 
     out = " ".join(runner.invoke(app, ["train", "--help"], env={"COLUMNS": "400"}).output.split())
     for f in fields(TrainConfig):
-        if f.name == "progress":  # not a flag: the command line always shows progress
+        if f.name in ("progress", "precision"):  # progress: always on here; precision: the hidden alias of --dtype
             continue
         assert "--" + f.name.replace("_", "-") in out, f.name
         if f.default not in (MISSING, None) and not isinstance(f.default, bool):
             assert f"[default: {f.default}]" in out, f.name
+
+
+def test_precision_is_a_hidden_alias_that_still_reaches_the_config(tmp_path, monkeypatch):
+    import softrepa.train as tr
+
+    seen = []
+
+    def fake_train(cfg):
+        seen.append(cfg)
+        raise tr.ConfigError("stopped by the test", "--x")
+
+    monkeypatch.setattr(tr, "train", fake_train)
+    assert "--precision" not in runner.invoke(app, ["train", "--help"], env={"COLUMNS": "300"}).output
+    res = runner.invoke(app, ["train", "--preset", "sd3", "--batches", str(tmp_path), "--model", "m", "--out", str(tmp_path / "o"), "--precision", "bf16"])
+    assert res.exit_code == 2 and seen, res.output
+    # TrainConfig.precision (bf16) becomes dtype (bfloat16) with the one-vocabulary rename
+    assert getattr(seen[0], "dtype", getattr(seen[0], "precision", None)) in ("bf16", "bfloat16")
