@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from dataprep.errors import ConfigError
+from dataprep.runtime import resolve_device
+from softrepa.tiny import build_clip_tokenizer
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -169,19 +171,13 @@ def frechet_distance(feats_a: "torch.Tensor", feats_b: "torch.Tensor") -> float:
 # ------------------------------------------------------------------ model-backed scorers
 
 
-def _device(device: str) -> str:
-    from softrepa.edit import resolve_device
-
-    return resolve_device(device)
-
-
 class ClipScorer:
     """CLIP-family image-text score. ``scaled=False``: cosine (CLIP score); True: PickScore."""
 
     def __init__(self, model: str, processor: str | None = None, scaled: bool = False, device: str = "auto"):
         from transformers import AutoProcessor, CLIPModel
 
-        self.device = _device(device)
+        self.device = resolve_device(device)
         self.model = CLIPModel.from_pretrained(model).to(self.device).eval().requires_grad_(False)
         self.processor = AutoProcessor.from_pretrained(processor or model)
         self.scaled = scaled
@@ -217,7 +213,7 @@ class FeatureNet:
         import torch
         from transformers import AutoModel
 
-        self.device = _device(device)
+        self.device = resolve_device(device)
         self.model = AutoModel.from_pretrained(model).to(self.device).eval().requires_grad_(False)
         mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
         try:
@@ -245,7 +241,7 @@ class LpipsScorer:
     """LPIPS(source, edited): the lpips package for alex/vgg/squeeze, else the uncalibrated form."""
 
     def __init__(self, model: str = "alex", device: str = "auto"):
-        self.device = _device(device)
+        self.device = resolve_device(device)
         self.calibrated = model in LPIPS_PACKAGE_NETS
         if self.calibrated:
             import lpips
@@ -279,7 +275,7 @@ class ImageRewardScorer:
     def __init__(self, device: str = "auto"):
         import ImageReward
 
-        self.model = ImageReward.load("ImageReward-v1.0", device=_device(device))
+        self.model = ImageReward.load("ImageReward-v1.0", device=resolve_device(device))
 
     def __call__(self, paths: Sequence[str], prompts: Sequence[str]) -> list[float]:
         import torch
@@ -314,7 +310,7 @@ class InceptionFeatures:
     def __init__(self, device: str = "auto"):
         from pytorch_fid.inception import InceptionV3
 
-        self.device = _device(device)
+        self.device = resolve_device(device)
         self.net = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).to(self.device).eval()
 
     def __call__(self, images: Sequence["Image"]) -> "torch.Tensor":
@@ -384,8 +380,6 @@ def write_tiny_metric_models(root: Path | str) -> dict[str, Path]:
     """
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, ResNetConfig, ResNetModel
-
-    from softrepa.tiny import build_clip_tokenizer
 
     root = Path(root)
     out = {"clip": root / "clip", "lpips": root / "lpips"}
