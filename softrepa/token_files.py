@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 # our format lives with the module it stores; re-exported here for the importers of token files
-from softrepa.tokens import BACKBONES, CONFIG_FILE, FORMAT, N_TIME_BUCKETS, TENSORS_FILE, VERSION, SoftTokens, TokenConfig, load_tokens, save_tokens
+from softrepa.tokens import BACKBONES, CONFIG_FILE, FORMAT, N_TIME_BUCKETS, TENSORS_FILE, VERSION, SoftTokens, TokenConfig, load_tokens, save_tokens  # noqa: F401
 
 if TYPE_CHECKING:
     import torch
