@@ -87,6 +87,9 @@ class EditConfig:
     size: int = 1024
     cfg_rule: str = "official"  # sampler.py SD3EulerFE.sample (see CFG_RULES)
 
+    def __post_init__(self) -> None:
+        self.validate()  # an EditConfig that exists is valid
+
     def validate(self) -> "EditConfig":
         if self.steps < 1:
             raise ConfigError(f"steps must be >= 1, got {self.steps}", flag="--steps", fix="use e.g. --steps 50")

@@ -70,12 +70,21 @@ class MetricConfig:
     batch_size: int = 8
     device: str = "auto"
 
-    def validate(self) -> "MetricConfig":
+    def __post_init__(self) -> None:
+        self.metrics = tuple(self.metrics)
+        self.check_values()
+
+    def check_values(self) -> None:
+        """The checks that need only the values (run when the config is built)."""
         unknown = [m for m in self.metrics if m not in ALL_METRICS]
         if unknown:
             raise ConfigError(f"unknown metric(s) {unknown}", flag="--metrics", fix=f"choose from {', '.join(ALL_METRICS)}")
         if self.batch_size < 1:
             raise ConfigError("metric batch size must be >= 1", flag="--metric-batch-size", fix="e.g. 8")
+
+    def validate(self) -> "MetricConfig":
+        """The value checks plus the model folders given as local paths: they must exist when the run starts."""
+        self.check_values()
         for flag, value, wanted in (
             ("--clip-model", self.clip_model, "clip"),
             ("--pickscore-model", self.pickscore_model, "pickscore"),
