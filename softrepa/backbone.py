@@ -4,7 +4,11 @@ Loading and freezing the pipeline (:func:`load_parts`), encoding each distinct
 prompt once (:class:`PromptCache`), VAE-encoding images, and the grid forward
 pass that gives the error matrix ``E`` ``[B, P]`` (:func:`grid_errors`):
 SD3 flow matching (velocity target) and SD1.5/SDXL DDPM (noise or velocity
-target). The training loop itself lives in :mod:`softrepa.train`.
+target). The training loop itself lives in :mod:`softrepa.train`; the
+pipeline is loaded by :func:`softrepa.pipelines.load_pipeline`, the loader
+sampling and editing use too. torch is imported at the top: nothing here
+runs without it, and the command line imports this module only inside the
+commands that train.
 """
 
 from __future__ import annotations
