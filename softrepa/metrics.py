@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from dataprep.errors import ConfigError
 from dataprep.runtime import resolve_device
+from softrepa.paper import COLUMNS, LOWER_IS_BETTER  # noqa: F401 - the paper's table layout, declared once there
 from softrepa.tiny import build_clip_tokenizer
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -45,9 +46,8 @@ if TYPE_CHECKING:  # pragma: no cover
 PER_IMAGE = ("clip", "pickscore", "lpips", "imagereward", "hpsv2")
 PER_SET = ("fid",)
 ALL_METRICS = PER_IMAGE + PER_SET
-#: column order of the summary table, as in the paper (higher is better unless marked)
-TABLE_ORDER = ("imagereward", "pickscore", "clip", "hpsv2", "fid", "lpips")
-LOWER_IS_BETTER = {"fid", "lpips"}
+#: column order of the summary table, as in the paper (higher is better unless in LOWER_IS_BETTER)
+TABLE_ORDER = COLUMNS
 LPIPS_PACKAGE_NETS = ("alex", "vgg", "squeeze")
 
 #: metric -> (python module to import, install hint)
