@@ -36,7 +36,15 @@ process x 2 rows (``--accumulate 2``) follow the same trajectory. Only the
 first process writes tokens, logs, curves and checkpoints; a checkpoint
 carries every slot's generator state (gathered from all processes) with the
 optimizer, scheduler, step and stream position, so a resumed run follows the
-same trajectory as an uninterrupted one.
+same trajectory as an uninterrupted one. A resume that would change the
+trajectory's shape is refused: another number of rows per step
+(``--accumulate`` x processes) or another ``--resolution``.
+
+Modules: this one holds :class:`TrainConfig` and :func:`train`;
+:mod:`softrepa.train_data` reads the rows and orders them,
+:mod:`softrepa.train_step` is one step (and the precision decision),
+:mod:`softrepa.train_loop` the loop and its report, :mod:`softrepa.checkpoints`
+what a run leaves on disk.
 """
 
 from __future__ import annotations
@@ -233,8 +241,10 @@ def train(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = N
     ``checkpoint_every`` steps, at each evaluation and at the end, ``tokens/`` (final
     :func:`~softrepa.tokens.save_tokens` + ``trained_images.json``),
     ``best/`` (the tokens with the best held-out CLIP score, unless
-    ``best_by="none"``) and ``curves.png`` (when matplotlib is
-    installed). ``cfg.resume`` continues from the newest checkpoint with the
+    ``best_by="none"``), ``curves.png`` (when matplotlib is installed) and
+    ``_manifest.json`` (:class:`dataprep.store.Manifest`, as every stage
+    writes; the result's ``summary`` is the stage summary to print with
+    :func:`dataprep.runtime.print_summary`). ``cfg.resume`` continues from the newest checkpoint with the
     same trajectory. Under ``torchrun``/``accelerate launch`` every process
     calls this; see the module docstring for how they share the work.
     """
