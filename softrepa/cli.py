@@ -92,16 +92,16 @@ def train_cmd(
     from softrepa.train import TrainConfig, train
     from dataprep.errors import ConfigError
 
-    cfg = TrainConfig(
-        preset=preset, batches=str(batches), batch_run=batch_run, allow_partial=allow_partial, model=model, out=str(out), steps=steps, checkpoint_every=checkpoint_every,
-        resume=resume, lr=lr, weight_decay=weight_decay, restart_every=restart_every, min_lr=min_lr, n_tokens=n_tokens,
-        n_layers=n_layers, apply=_split_apply(apply), t_dependent=t_dependent, denoise_weight=denoise_weight, scale=scale,
-        temperature=temperature, min_t=min_t, max_t=max_t, resolution=resolution, precision=precision, device=device,
-        gradient_checkpointing=gradient_checkpointing, seed=seed, shuffle=shuffle, accumulate=accumulate, best_by=best_by,
-        eval_prompts=None if eval_prompts is None else str(eval_prompts), eval_holdout=eval_holdout, eval_every=eval_every, eval_steps=eval_steps,
-        eval_guidance=eval_guidance, eval_size=eval_size, eval_batch_size=eval_batch_size, eval_clip_model=eval_clip_model,
-    )
     try:
+        cfg = TrainConfig(
+            preset=preset, batches=str(batches), batch_run=batch_run, allow_partial=allow_partial, model=model, out=str(out), steps=steps, checkpoint_every=checkpoint_every,
+            resume=resume, lr=lr, weight_decay=weight_decay, restart_every=restart_every, min_lr=min_lr, n_tokens=n_tokens,
+            n_layers=n_layers, apply=_split_apply(apply), t_dependent=t_dependent, denoise_weight=denoise_weight, scale=scale,
+            temperature=temperature, min_t=min_t, max_t=max_t, resolution=resolution, precision=precision, device=device,
+            gradient_checkpointing=gradient_checkpointing, seed=seed, shuffle=shuffle, accumulate=accumulate, best_by=best_by,
+            eval_prompts=None if eval_prompts is None else str(eval_prompts), eval_holdout=eval_holdout, eval_every=eval_every, eval_steps=eval_steps,
+            eval_guidance=eval_guidance, eval_size=eval_size, eval_batch_size=eval_batch_size, eval_clip_model=eval_clip_model,
+        )
         result = train(cfg)
     except ConfigError as exc:
         raise fail(str(exc))

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from softrepa.images import open_image
+
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 #: per-image metrics shown under a tile, in the paper's table order
 SHOWN_METRICS = (("imagereward", "ImageReward"), ("pickscore", "PickScore"), ("clip", "CLIP"), ("hpsv2", "HPS"), ("lpips", "LPIPS"))
@@ -128,8 +130,6 @@ def _wrap(draw: Any, text: str, font: Any, width: int, max_lines: int = 3) -> li
 def draw_grid(pair: dict[str, Any], tile: int) -> Any:
     """One pair as a PIL image: a header with both prompts, then source | tiles, each labelled and scored."""
     from PIL import Image, ImageDraw
-
-    from softrepa.evaluate import open_image
 
     cols = 1 + len(pair["tiles"])
     pad, fs = 6, max(10, tile // 18)

@@ -130,6 +130,67 @@ def test_resume_continues_the_same_trajectory(shards):
     assert not torch.equal(load_tokens(fresh.tokens_dir).tokens, a.tokens)
 
 
+def test_resume_refuses_a_changed_resolution(shards):
+    """The checkpoint's steps ran at one size; resuming at another would mix two trainings under one config."""
+    root, model = shards["root"], str(tiny_pipelines()["sd1.5"])
+    common = dict(preset="sd1.5", batches=str(shards["sd1.5"]), model=model, checkpoint_every=2, lr=0.05, progress=False, best_by="none")
+    train(TrainConfig(out=str(root / "native"), steps=2, resolution="native", **common))  # the tiny model's own 32 px
+    with pytest.raises(ConfigError) as err:  # a number: refused before the model loads
+        train(TrainConfig(out=str(root / "native"), steps=3, resume=True, resolution=64, **common))
+    assert err.value.flag == "--resolution" and "32" in str(err.value)
+    train(TrainConfig(out=str(root / "px64"), steps=2, resolution=64, **common))
+    with pytest.raises(ConfigError) as err:  # native is known once the model is loaded
+        train(TrainConfig(out=str(root / "px64"), steps=3, resume=True, resolution="native", **common))
+    assert err.value.flag == "--resolution" and "64" in str(err.value)
+    assert _log_steps(root / "px64" / "train_log.jsonl")[-1]["step"] == 2  # nothing was trained or rewritten
+    done = train(TrainConfig(out=str(root / "px64"), steps=3, resume=True, resolution=64, **common))
+    assert done.steps == 3
+
+
+def test_train_reports_like_the_data_stages(shards):
+    """The same manifest shape (dataprep.store.Manifest) and summary (StageSummary) as every stage."""
+    from dataprep.runtime import StageSummary
+    from dataprep.store import read_manifest
+
+    out = shards["root"] / "reported"
+    res = train(TrainConfig(preset="sd1.5", batches=str(shards["sd1.5"]), model=str(tiny_pipelines()["sd1.5"]), out=str(out), steps=3,
+                            checkpoint_every=2, resolution="native", best_by="none", progress=False))
+    man = read_manifest(out)
+    assert man["stage"] == "train" and man["run_id"] and man["finished_at"] and man["config"]["dtype"] == "auto"
+    assert man["counts"]["steps"] == 3 and man["counts"]["rows_skipped"] == sum(res.skipped.values()) > 0
+    assert man["failures"] == res.skipped and res.manifest_path == out / "_manifest.json"
+    assert isinstance(res.summary, StageSummary) and res.summary.stage == "train" and res.summary.done == 3
+    assert res.summary.failed["image_unreadable"] == res.skipped["image_unreadable"]
+
+
+def test_dtype_is_the_dataprep_vocabulary_and_precision_still_reads(tmp_path):
+    """--precision bf16 became --dtype bfloat16; configs and run folders written with precision still load."""
+    from softrepa.checkpoints import read_train_config
+
+    assert TrainConfig("sd3", ".", "m", "o").dtype == "auto"
+    assert TrainConfig("sd3", ".", "m", "o", precision="bf16").dtype == "bfloat16"
+    assert TrainConfig("sd3", ".", "m", "o", precision="fp32").dtype == "float32"
+    with pytest.raises(ConfigError) as err:
+        TrainConfig("sd3", ".", "m", "o", dtype="bf16")
+    assert err.value.flag == "--dtype" and "bfloat16" in str(err.value)
+    (tmp_path / "train_config.json").write_text(json.dumps({"preset": "sd3", "precision": "fp16", "resolution": 512}))
+    assert read_train_config(tmp_path)["dtype"] == "float16"
+    with pytest.raises(ConfigError, match="--dtype"):  # autocast in half precision is CUDA only
+        from softrepa.train import training_precision
+
+        training_precision("bfloat16", "cpu")
+
+
+def test_invalid_values_cannot_be_built():
+    """TrainConfig checks its values when built (files are checked when the run starts)."""
+    for kwargs, flag in (({"steps": 0}, "--steps"), ({"resolution": "huge"}, "--resolution"), ({"resolution": 30}, "--resolution"),
+                         ({"preset": "sd4"}, "--preset"), ({"best_by": "lpips"}, "--best-by"), ({"accumulate": 0}, "--accumulate")):
+        with pytest.raises(ConfigError) as err:
+            TrainConfig(**{"preset": "sd3", "batches": "/missing", "model": "m", "out": "o", **kwargs})
+        assert err.value.flag == flag and "Fix:" in str(err.value)
+    TrainConfig("sd3", "/not/yet/built", "m", "o")  # a recipe builds its config before the batches exist
+
+
 def test_softrepa_train_cli_three_steps_writes_tokens(shards):
     from typer.testing import CliRunner
 

@@ -1,0 +1,32 @@
+"""Opening and saving the evaluator's images (sources, edits): any fsspec URL in, PNG out, never a half-written file."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+
+def open_image(path: str) -> "Any":
+    """Open a local path or any fsspec URL as an RGB PIL image."""
+    from PIL import Image
+
+    if "://" in path:
+        import fsspec
+
+        with fsspec.open(path, "rb") as fh:
+            return Image.open(fh).convert("RGB")
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def save_image_atomic(image: "Any", path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
