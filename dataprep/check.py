@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from dataprep.errors import ConfigError
+from dataprep.errors import ConfigError, Reason, failure, reason_of
 from dataprep.rules import RULES, check
 
 # Column pairs recognised without flags, in order of preference.
@@ -72,9 +72,9 @@ def _read_file(p: Path, flag: str) -> list[dict[str, Any]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                rows.append({"error": f"bad_json: line {n}: {exc.msg}"})
+                rows.append({"error": failure(Reason.BAD_JSON, f"line {n}: {exc.msg}")})
                 continue
-            rows.append(obj if isinstance(obj, dict) else {"error": f"bad_json: line {n} is not an object"})
+            rows.append(obj if isinstance(obj, dict) else {"error": failure(Reason.BAD_JSON, f"line {n} is not an object")})
         return rows
     if suffix == ".json":
         text = _read_utf8(p, flag)
@@ -88,7 +88,7 @@ def _read_file(p: Path, flag: str) -> list[dict[str, Any]]:
             data = next(iter(data.values()))  # {"data": [...]}
         if not isinstance(data, list):
             raise ConfigError(f"{p} holds a JSON {type(data).__name__}, not a list of objects", flag, "write a list of {source, target} objects")
-        return [d if isinstance(d, dict) else {"error": f"bad_json: item {i} is not an object"} for i, d in enumerate(data)]
+        return [d if isinstance(d, dict) else {"error": failure(Reason.BAD_JSON, f"item {i} is not an object")} for i, d in enumerate(data)]
     raise ConfigError(f"unknown file type {p.suffix!r}: {p}", flag, "use .jsonl, .json or .parquet")
 
 
@@ -139,9 +139,9 @@ def check_row(row: dict[str, Any], source_column: str, target_column: str) -> di
     error = row.get("error") if set(row) == {"error"} else None  # a bad input line
     if error is None:
         if not isinstance(source, str):
-            error = f"missing_source: column {source_column!r} is {'absent' if source is None else type(source).__name__}"
+            error = failure(Reason.MISSING_SOURCE, f"column {source_column!r} is {'absent' if source is None else type(source).__name__}")
         elif not isinstance(target, str):
-            error = f"missing_target: column {target_column!r} is {'absent' if target is None else type(target).__name__}"
+            error = failure(Reason.MISSING_TARGET, f"column {target_column!r} is {'absent' if target is None else type(target).__name__}")
     if error is not None:
         return out | {"passed": False, "violations": [], "source_span": None, "target_span": None, "source_spans": [], "target_spans": [], "error": error}
     v = check(source, target)
@@ -174,7 +174,7 @@ class CheckSummary:
     def add(self, report_row: dict[str, Any]) -> None:
         self.total += 1
         if report_row["error"] is not None:
-            self.errors[report_row["error"].split(":", 1)[0]] += 1
+            self.errors[reason_of(report_row["error"])] += 1
             return
         self.passed += bool(report_row["passed"])
         self.by_rule.update(report_row["violations"])

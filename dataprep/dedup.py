@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from dataprep.errors import ConfigError
+from dataprep.errors import ConfigError, Reason, failure, read_failure, reason_of
 from dataprep.stage import acquire_stage_lock
 from dataprep.store import DEDUP_SCHEMA, Manifest, ShardWriter, new_run_id, shard_paths, utcnow
 
@@ -190,8 +190,7 @@ def _hash_chunk(items: list[tuple[int, str, bytes | None]], max_pixels: int) -> 
         try:
             raw = data if data is not None else read_bytes(ImageRef(image_id="", source="", uri=uri))
         except Exception as exc:  # a missing file or a bad zip member is one error row, not a dead run
-            reason = "missing_file" if isinstance(exc, (FileNotFoundError, KeyError)) else "read_error"
-            out.append((pos, None, 0, 0, f"{reason}: {exc}"))
+            out.append((pos, None, 0, 0, read_failure(exc)))
             continue
         try:
             sha, ph, px = image_fingerprint(raw, max_pixels)
@@ -199,7 +198,7 @@ def _hash_chunk(items: list[tuple[int, str, bytes | None]], max_pixels: int) -> 
         except ValueError as exc:
             out.append((pos, None, 0, 0, str(exc)))
         except Exception as exc:  # an image Pillow chokes on in an unexpected way
-            out.append((pos, None, 0, 0, f"corrupt_image: {type(exc).__name__}: {exc}"))
+            out.append((pos, None, 0, 0, failure(Reason.CORRUPT_IMAGE, f"{type(exc).__name__}: {exc}")))
     return out
 
 
@@ -561,7 +560,7 @@ def run_dedup(
                 summary.images = len(ids)
                 for i, e in enumerate(errors):
                     if e is not None:
-                        summary.image_errors[e.split(":", 1)[0]] += 1
+                        summary.image_errors[reason_of(e)] += 1
                         writer.add({"kind": IMAGE, "item_id": ids[i], "run_id": run_id, "created_at": utcnow(), "error": e})
                 for c in image_clusters(ids, hashes, shas, pixels, errors, opts.image_distance):
                     rows = cluster_rows(c, ids, run_id, hashes=hashes, shas=shas)

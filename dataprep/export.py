@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dataprep.errors import ConfigError
+from dataprep.errors import ConfigError, Reason, failure
 from dataprep.store import atomic_write_text, read_json_record, shard_paths, utcnow
 
 EXPORT_KINDS = ("softrepa", "piebench", "hf")
@@ -184,7 +184,7 @@ def place_image(uri: str, dest: Path, link: bool) -> None:
     local = Path(uri)
     data = read_bytes(ImageRef("export", "export", uri))  # zip members cannot be linked: copied
     if not data:
-        raise NotAnImage("empty_file: zero bytes")
+        raise NotAnImage(failure(Reason.EMPTY_FILE, "zero bytes"))
     try:
         decode(data)
     except ValueError as exc:

@@ -31,6 +31,8 @@ from typing import Any, Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dataprep.errors import Reason, failure, reason_of
+
 # ---------------------------------------------------------------- schemas
 
 PROVENANCE_FIELDS: list[pa.Field] = [
@@ -272,7 +274,7 @@ def _fit_row(row: dict[str, Any], schema: pa.Schema) -> dict[str, Any]:
         bad.append(f"column {f.name!r} got {type(value).__name__}")
         out[f.name] = str(value) if not f.nullable and pa.types.is_string(f.type) else None
     if bad and "error" in schema.names and out.get("error") is None:
-        out["error"] = "bad_type: " + "; ".join(bad)
+        out["error"] = failure(Reason.BAD_TYPE, "; ".join(bad))
         if "finish_reason" in schema.names:
             out["finish_reason"] = "error"
     return out
@@ -421,7 +423,7 @@ def failure_counts(folder: Path | str) -> dict[str, int]:
     for path in shard_paths(folder):
         for e in pq.read_table(path, columns=["error"]).column("error").to_pylist():
             if e is not None:
-                counts[e.split(":", 1)[0]] += 1
+                counts[reason_of(e)] += 1
     return dict(counts)
 
 

@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from dataprep.errors import ConfigError
+from dataprep.errors import ConfigError, Reason, failure, reason_of
 from softrepa import paper
 from softrepa.edit import EditConfig
 from softrepa.metrics import ALL_METRICS, LOWER_IS_BETTER, LPIPS_PACKAGE_NETS, TABLE_ORDER, MetricConfig
@@ -222,7 +222,7 @@ def pairs_from_json(path: Path) -> list[Pair]:
     for i, it in enumerate(items):
         bad = _bad_item(it)
         if bad is not None:  # str(None) would edit towards the prompt "None"
-            out.append(Pair(f"item{i}-{_short_hash(repr(it))}", f"item{i}", "", "", "", error=f"bad_type: item {i}: {bad}"))
+            out.append(Pair(f"item{i}-{_short_hash(repr(it))}", f"item{i}", "", "", "", error=failure(Reason.BAD_TYPE, f"item {i}: {bad}")))
             continue
         img = it["img_path"]
         src, tgt = it["prompt"], it["tgt_prompt"]
@@ -516,7 +516,7 @@ def edit_all(cfg: EvalConfig, pairs: Sequence[Pair], out: Path) -> tuple[dict[tu
                 image = open_image(p.image_path)
             except Exception as exc:  # noqa: BLE001 -- bad input is a per-row error (corrupt, missing, unreadable)
                 for s in settings:
-                    errors[(p.pair_id, s.setting_id)] = f"image: {type(exc).__name__}: {exc}"
+                    errors[(p.pair_id, s.setting_id)] = failure(Reason.IMAGE, f"{type(exc).__name__}: {exc}")
                 bar.advance(task, len(wanted))
                 continue
             w, h = editor.target_size(*image.size, cfg.size)
@@ -528,7 +528,7 @@ def edit_all(cfg: EvalConfig, pairs: Sequence[Pair], out: Path) -> tuple[dict[tu
                 x_src = editor.encode_image(image, cfg.size)
             except (RuntimeError, ValueError) as exc:  # e.g. out of memory at size 0 on a huge image
                 for s in wanted:
-                    errors[(p.pair_id, s.setting_id)] = f"encode: {type(exc).__name__}: {exc}"
+                    errors[(p.pair_id, s.setting_id)] = failure(Reason.ENCODE, f"{type(exc).__name__}: {exc}")
                 bar.advance(task, len(wanted))
                 continue
             for s in wanted:
@@ -537,7 +537,7 @@ def edit_all(cfg: EvalConfig, pairs: Sequence[Pair], out: Path) -> tuple[dict[tu
                     save_image_atomic(editor.decode(z)[0], out / "images" / s.setting_id / f"{p.pair_id}.png")
                     n_edited += 1
                 except (RuntimeError, ValueError) as exc:  # e.g. out of memory on one huge image: record, go on
-                    errors[(p.pair_id, s.setting_id)] = f"edit: {type(exc).__name__}: {exc}"
+                    errors[(p.pair_id, s.setting_id)] = failure(Reason.EDIT, f"{type(exc).__name__}: {exc}")
                 bar.advance(task)
     del editor, pipe
     if torch.cuda.is_available():
@@ -587,7 +587,7 @@ def score_all(cfg: EvalConfig, pairs: Sequence[Pair], out: Path, errors: dict[tu
                         ready.append(r)
                     except Exception as exc:  # noqa: BLE001 -- a missing/corrupt file is this row's error
                         del eds[len(ready):], srcs[len(ready):]
-                        r["error"] = f"image: {type(exc).__name__}: {exc}"
+                        r["error"] = failure(Reason.IMAGE, f"{type(exc).__name__}: {exc}")
                 for m in per_image if ready else []:
                     try:
                         prompts = [r["target_prompt"] for r in ready]
@@ -676,7 +676,7 @@ def evaluate_edit(cfg: EvalConfig) -> EvalResult:
     failures: dict[str, int] = {}
     for r in rows:
         if r["error"] is not None:
-            reason = r["error"].split(":", 1)[0]
+            reason = reason_of(r["error"])
             failures[reason] = failures.get(reason, 0) + 1
     manifest.counts = {"pairs": len(pairs), "settings": len(cfg.settings()), "edited": n_edited, "reused": n_reused, "failed": n_failed}
     if leakage is not None:

@@ -52,7 +52,7 @@ from typing import Any, Callable
 import torch
 
 from softrepa.backbone import Parts, PromptCache, PromptEmbeds, encode_images, grid_errors, load_image, load_parts
-from dataprep.errors import ConfigError
+from dataprep.errors import ConfigError, Reason, failure, reason_of
 from softrepa.loss import DEFAULT_SCALE, DEFAULT_TEMPERATURE, LossOutput, softrepa_loss
 from softrepa.tokens import BACKBONES, UNET_GROUPS, SoftTokens, TokenConfig, save_tokens, wrap_model
 
@@ -277,13 +277,13 @@ def check_row(row: dict[str, Any]) -> str | None:
     """The reason a batch row cannot be trained on, or None."""
     uris, prompts, pos = row.get("image_uris") or [], row.get("prompts") or [], row.get("positive_index") or []
     if not uris or not prompts:
-        return "empty_batch"
+        return Reason.EMPTY_BATCH.value
     if len(pos) != len(uris):
-        return "positive_index_length"
+        return Reason.POSITIVE_INDEX_LENGTH.value
     if any(p is None or not 0 <= p < len(prompts) for p in pos):
-        return "positive_index_range"
+        return Reason.POSITIVE_INDEX_RANGE.value
     if any(not isinstance(p, str) for p in prompts):
-        return "null_prompt"
+        return Reason.NULL_PROMPT.value
     return None
 
 
@@ -712,7 +712,7 @@ def _train(cfg: TrainConfig, group: Any, on_step: Callable[[dict[str, Any]], Non
                     try:
                         pixels = torch.stack([load_image(u, parts.resolution) for u in row["image_uris"]])
                     except Exception as e:  # bad input: record and go on with the next row
-                        reason = f"image_unreadable: {type(e).__name__}"
+                        reason = failure(Reason.IMAGE_UNREADABLE, type(e).__name__)
                 if reason is not None:
                     reasons[k] = reason
                     continue
@@ -734,7 +734,7 @@ def _train(cfg: TrainConfig, group: Any, on_step: Callable[[dict[str, Any]], Non
                 for part in group.all_gather_object(reasons):
                     merged.update(part)
                 for k in sorted(merged):
-                    key = merged[k].split(":")[0]
+                    key = reason_of(merged[k])
                     skipped[key] = skipped.get(key, 0) + 1
                     write({"skipped": rows[slot_rows[k]].get("batch_id"), "reason": merged[k]})
             if not good:

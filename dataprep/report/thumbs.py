@@ -18,6 +18,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Iterable
 
+from dataprep.errors import Reason, failure
+
 JPEG_QUALITY = 82
 
 
@@ -37,7 +39,7 @@ def make_thumb(uri: str, dest: str, size: int, max_pixels: int) -> tuple[str, in
         data = read_bytes(ImageRef(image_id="", source="", uri=path))
         with Image.open(io.BytesIO(data)) as im:
             if im.width * im.height > max_pixels:
-                return f"too_large: {im.width}x{im.height}"
+                return failure(Reason.TOO_LARGE, f"{im.width}x{im.height}")
             im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, far faster
             im = ImageOps.exif_transpose(to_rgb(im))
             im.thumbnail((size, size), Image.Resampling.LANCZOS)
