@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from dataprep.errors import ConfigError, Reason, failure, reason_of
+from dataprep.store import SCORES_SCHEMA
 from softrepa import paper
 from softrepa.edit import EditConfig
 from softrepa.metrics import ALL_METRICS, LOWER_IS_BETTER, LPIPS_PACKAGE_NETS, TABLE_ORDER, MetricConfig
@@ -691,28 +692,3 @@ def evaluate_edit(cfg: EvalConfig) -> EvalResult:
     write_grids(out, rows, cfg.settings())
     return EvalResult(out, out / "scores.parquet", out / "summary.md", out / "summary.csv", table, unavailable,
                       len(pairs), n_edited, n_reused, n_failed, md, manifest_path, leakage)
-
-
-def _scores_schema():
-    import pyarrow as pa
-
-    return pa.schema(
-        [
-            pa.field("pair_id", pa.string()),
-            pa.field("image_id", pa.string()),
-            pa.field("passed", pa.bool_()),  # rule checker verdict; null when the pairs carry none
-            pa.field("setting", pa.string()),
-            pa.field("method", pa.string()),
-            pa.field("n_max", pa.int32()),
-            pa.field("tgt_cfg", pa.float64()),
-            pa.field("source_prompt", pa.string()),
-            pa.field("target_prompt", pa.string()),
-            pa.field("source_image", pa.string()),
-            pa.field("edited_image", pa.string()),
-            *[pa.field(m, pa.float64()) for m in ("clip", "pickscore", "lpips", "imagereward", "hpsv2")],
-            pa.field("error", pa.string()),
-        ]
-    )
-
-
-SCORES_SCHEMA = _scores_schema()
