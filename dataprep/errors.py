@@ -82,6 +82,20 @@ class Reason(str, Enum):
     EDIT_ERROR_ROWS = "edit_error_rows"
     EDIT_FAILED_ROWS = "edit_failed_rows"
     EDIT_EMPTY_ROWS = "edit_empty_rows"
+    SUPERSEDED_ROWS = "superseded_rows"  # export: an image's other, older or failing edit
+    # what the batch index leaves out (besides the rows above); an image left
+    # out for an image check counts as image_flagged and as image_flag_<check>
+    IMAGES_WITHOUT_CAPTION = "images_without_caption"
+    ANNOTATION_WITHOUT_IMAGE = "annotation_without_image"
+    IMAGE_MISSING = "image_missing"
+    IMAGE_FLAGGED = "image_flagged"
+    EDIT_WITHOUT_CAPTION = "edit_without_caption"
+    EDIT_STALE = "edit_stale"
+    EDIT_NOT_JUDGED_GOOD = "edit_not_judged_good"
+    DEDUP_DUPLICATE = "dedup_duplicate"
+    # export: pairs whose image cannot be copied
+    IMAGE_URI_MISSING = "image_uri_missing"
+    IMAGE_NOT_DECODABLE = "image_not_decodable"
     # evaluate (softrepa): the step of an edit that failed
     IMAGE = "image"
     ENCODE = "encode"
@@ -91,7 +105,7 @@ class Reason(str, Enum):
     POSITIVE_INDEX_LENGTH = "positive_index_length"
     POSITIVE_INDEX_RANGE = "positive_index_range"
     NULL_PROMPT = "null_prompt"
-    IMAGE_UNREADABLE = "image_unreadable"
+    IMAGE_UNREADABLE = "image_unreadable"  # and export's image that cannot be read
 
     def __str__(self) -> str:  # f"{Reason.X}" is the stored text on every Python version
         return self.value
