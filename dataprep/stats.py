@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dataprep.store import failure_counts, shard_paths
+from dataprep.store import edit_skip, failure_counts, shard_paths
 
 
 def _columns(folder: Path, columns: list[str]) -> pa.Table | None:
@@ -61,11 +61,14 @@ def _captions(run: Path) -> dict[str, Any] | None:
 
 
 def _edits(run: Path) -> dict[str, Any] | None:
-    t = _columns(run / "edits", ["image_id", "passed", "violations", "error"])
+    t = _columns(run / "edits", ["image_id", "source", "target", "passed", "violations", "error"])
     if t is None:
         return None
     checked = t.filter(pc.is_null(t["error"]))
     passed = checked.filter(pc.fill_null(checked["passed"], False))
+    # the edits batches and exports would use: dataprep.store.edit_skip decides
+    usable = [edit_skip(r) is None for r in checked.select(["source", "target", "passed", "error"]).to_pylist()]
+    usable_ids = checked.filter(pa.array(usable, pa.bool_()))["image_id"]
     violations: Counter = Counter()
     if checked.num_rows:
         flat = pc.list_flatten(checked["violations"])
@@ -76,7 +79,7 @@ def _edits(run: Path) -> dict[str, Any] | None:
         "checked": checked.num_rows,
         "passed": passed.num_rows,
         "pass_rate": (passed.num_rows / checked.num_rows) if checked.num_rows else None,
-        "images_with_passing_edit": len(pc.unique(passed["image_id"])),
+        "images_with_passing_edit": len(pc.unique(usable_ids)),
         "violations": dict(violations.most_common()),
         "failures": failure_counts(run / "edits"),
     }

@@ -244,15 +244,15 @@ def _bad_item(item: Any) -> str | None:
 
 
 def pairs_from_run(run_dir: Path, passed_only: bool = False) -> list[Pair]:
-    """``RUN/edits`` (or the edits folder itself) -> error-free pairs with a target, one per
+    """``RUN/edits`` (or the edits folder itself) -> usable pairs (dataprep.store.edit_skip), one per
     (image, source, target), each with the checker's verdict; ``passed_only`` keeps passed ones."""
-    from dataprep.store import EDITS_SCHEMA, iter_rows
+    from dataprep.store import EDITS_SCHEMA, edit_skip, iter_rows
 
     folder = run_dir / "edits" if (run_dir / "edits").is_dir() else run_dir
     seen: dict[str, Pair] = {}
     cols = ["key", "image_id", "image_uri", "source", "target", "passed", "error"]
     for row in iter_rows(folder, EDITS_SCHEMA, columns=cols):
-        if row["error"] is not None or not row["target"]:
+        if edit_skip(row, require_passed=False) is not None:  # the verdict is kept as a column, not a filter
             continue
         uri = row["image_uri"] or ""
         path = uri[len("file://"):] if uri.startswith("file://") else uri
