@@ -19,6 +19,7 @@ from typing import Any, Iterable
 
 from dataprep.errors import ConfigError, Reason, failure, reason_of
 from dataprep.rules import RULES, check
+from dataprep.store import atomic_file, write_table_atomic
 
 # Column pairs recognised without flags, in order of preference.
 KNOWN_COLUMNS = (("source", "target"), ("prompt", "tgt_prompt"))
@@ -196,24 +197,17 @@ def check_rows(rows: Iterable[dict[str, Any]], source_column: str, target_column
 
 def write_report(report: list[dict[str, Any]], out: Path | str) -> Path:
     """Parquet (``.parquet``) or JSONL (``.jsonl``/``.json``) by extension, written atomically."""
-    import os
-    import uuid
-
     out = Path(out)
     suffix = out.suffix.lower()
     if suffix not in (".parquet", ".jsonl", ".json"):
         raise ConfigError(f"unknown report type {out.suffix!r}", "--out", "end the path in .parquet or .jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".parquet":
-        from dataprep.store import write_table_atomic
-
         write_table_atomic(_report_table(report), out)
         return out
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_file(out) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         for r in report:
             fh.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
-    os.replace(tmp, out)
     return out
 
 

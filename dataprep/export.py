@@ -31,7 +31,6 @@ import json
 import os
 import re
 import tempfile
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -41,7 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dataprep.errors import ConfigError, Reason, failure
-from dataprep.store import atomic_write_text, edit_skip, read_json_record, shard_paths, utcnow
+from dataprep.store import atomic_write_bytes, atomic_write_text, edit_skip, read_json_record, shard_paths, utcnow
 
 EXPORT_KINDS = ("softrepa", "piebench", "hf")
 
@@ -190,12 +189,7 @@ def place_image(uri: str, dest: Path, link: bool) -> None:
     if link and not uri.startswith("zip://") and local.is_file():
         os.symlink(local.resolve(), dest)
         return
-    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_bytes(dest, data, fsync=False)  # one of many copies, cheap to redo
 
 
 def _with_images(pairs: list[ExportEdit], image_dir: Path, link: bool, skipped: Counter, progress: Callable[[int, int], None] | None) -> Iterator[tuple[ExportEdit, str]]:

@@ -42,13 +42,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from dataprep.errors import ConfigError, Reason, failure, reason_of
-from dataprep.store import SCORES_SCHEMA
+from dataprep.store import SCORES_SCHEMA, atomic_file
 from softrepa import paper
 from softrepa.edit import EditConfig
 from softrepa.metrics import ALL_METRICS, LOWER_IS_BETTER, LPIPS_PACKAGE_NETS, TABLE_ORDER, MetricConfig
@@ -380,14 +379,8 @@ def open_image(path: str) -> "Any":
 
 
 def save_image_atomic(image: "Any", path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    with atomic_file(path, fsync=False) as tmp:
         image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 # ------------------------------------------------------------------ summary (pure)

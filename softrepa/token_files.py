@@ -35,10 +35,11 @@ once instead of in every step.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from dataprep.store import atomic_file, atomic_write_text
 
 if TYPE_CHECKING:
     from softrepa.tokens import SoftTokens
@@ -73,12 +74,9 @@ def save_tokens(tokens: "SoftTokens", out_dir: Path | str, extra: dict[str, Any]
         "shapes": {k: list(v.shape) for k, v in tensors.items()},
         **(extra or {}),
     }
-    tmp = out_dir / f".{TENSORS_FILE}.tmp"
-    save_file(tensors, str(tmp), metadata={"format": FORMAT, "version": str(VERSION)})
-    os.replace(tmp, out_dir / TENSORS_FILE)
-    tmp = out_dir / f".{CONFIG_FILE}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, out_dir / CONFIG_FILE)
+    with atomic_file(out_dir / TENSORS_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, "version": str(VERSION)})
+    atomic_write_text(out_dir / CONFIG_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return out_dir
 
 
@@ -288,9 +286,8 @@ def export_official(tokens: "SoftTokens | Path | str", out_dir: Path | str) -> l
         objects.append(("dc_t_tokens.pth", emb))
     written = []
     for name, obj in objects:
-        tmp = out / f".{name}.tmp"
-        torch.save(obj, tmp)
-        os.replace(tmp, out / name)
+        with atomic_file(out / name) as tmp:
+            torch.save(obj, tmp)
         written.append(out / name)
     stale = out / "dc_t_tokens.pth"
     if module.t_embedding is None and stale.exists():

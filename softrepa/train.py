@@ -53,6 +53,7 @@ import torch
 
 from softrepa.backbone import Parts, PromptCache, PromptEmbeds, encode_images, grid_errors, load_image, load_parts
 from dataprep.errors import ConfigError, Reason, failure, reason_of
+from dataprep.store import atomic_write_text
 from softrepa.loss import DEFAULT_SCALE, DEFAULT_TEMPERATURE, LossOutput, softrepa_loss
 from softrepa.tokens import BACKBONES, UNET_GROUPS, SoftTokens, TokenConfig, save_tokens, wrap_model
 
@@ -464,9 +465,7 @@ def _truncate_log(path: Path, step: int) -> None:
     # the checkpoint's own evaluation (eval_step == step) happened before it was saved
     while kept and not {"step", "eval_step"} & json.loads(kept[-1]).keys():
         kept.pop()
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(k + "\n" for k in kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(k + "\n" for k in kept))
 
 
 # ---------------------------------------------------------------- the loop
@@ -476,9 +475,7 @@ TRAINED_IMAGES = "trained_images.json"
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
 def sha256_of(uri: str) -> str:

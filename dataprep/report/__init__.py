@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from dataprep.errors import ConfigError
-from dataprep.store import check_run_shards
+from dataprep.store import atomic_write_text, check_run_shards
 from dataprep.report.views import REPORTS_INDEX  # RUN/reports.json: where reports of this run were written
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -71,10 +69,7 @@ class ReportSummary:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def _js_json(obj: Any) -> str:

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import uuid
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Iterable
 
 from dataprep.errors import Reason, failure
+from dataprep.store import atomic_file
 
 JPEG_QUALITY = 82
 
@@ -44,9 +43,8 @@ def make_thumb(uri: str, dest: str, size: int, max_pixels: int) -> tuple[str, in
             im = ImageOps.exif_transpose(to_rgb(im))
             im.thumbnail((size, size), Image.Resampling.LANCZOS)
             out = Path(dest)
-            tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
-            im.save(tmp, format="JPEG", quality=JPEG_QUALITY, optimize=True)
-            os.replace(tmp, out)
+            with atomic_file(out, fsync=False) as tmp:  # many, and cheap to redo
+                im.save(tmp, format="JPEG", quality=JPEG_QUALITY, optimize=True)
             return out.name, im.width, im.height
     except Exception as exc:  # noqa: BLE001 -- any unreadable image is this card's error, the report goes on
         return f"{type(exc).__name__}: {exc}"
