@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections import deque
-from dataclasses import asdict, dataclass
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Generator
 
 from dataprep import clusters
@@ -25,10 +25,10 @@ POSITIVE, HARD_NEGATIVE, NEGATIVE = "positive", "hard_negative", "negative"
 
 @dataclass
 class BuildCounts:
+    """What the builder did: batches, prompts by kind, and the images it could not place."""
+
     batches: int = 0
-    positives: int = 0
-    hard_negatives: int = 0
-    negatives: int = 0
+    prompts: Counter = field(default_factory=Counter)  # prompts written, by kind (POSITIVE, HARD_NEGATIVE, NEGATIVE)
     dropped_images: int = 0  # left out by drop_last, summed over epochs
     unfillable_batches: int = 0  # not enough distinct captions to fill a grid
     duplicate_images: int = 0  # left over because their caption repeats one already in every open batch
@@ -36,11 +36,20 @@ class BuildCounts:
 
     def add(self, row: dict[str, Any]) -> None:
         """Count a filled batch row."""
-        kinds = row["prompt_kinds"]
         self.batches += 1
-        self.positives += kinds.count(POSITIVE)
-        self.hard_negatives += kinds.count(HARD_NEGATIVE)
-        self.negatives += kinds.count(NEGATIVE)
+        self.prompts.update(row["prompt_kinds"])
+
+    @property
+    def positives(self) -> int:
+        return self.prompts[POSITIVE]
+
+    @property
+    def hard_negatives(self) -> int:
+        return self.prompts[HARD_NEGATIVE]
+
+    @property
+    def negatives(self) -> int:
+        return self.prompts[NEGATIVE]
 
 
 def run_id_for(opts: BatchOptions, fingerprint: str) -> str:

@@ -57,11 +57,11 @@ _LAZY = {
     **dict.fromkeys(("check_run_shards", "check_shards", "check_writable"), "dataprep.store.checks"),
 }
 
-if TYPE_CHECKING:
-    import pyarrow.parquet as pq
+if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ below imports them
+    import pyarrow.parquet as pq  # noqa: F401
 
-    from dataprep.store.checks import check_run_shards, check_shards, check_writable
-    from dataprep.store.schemas import (
+    from dataprep.store.checks import check_run_shards, check_shards, check_writable  # noqa: F401
+    from dataprep.store.schemas import (  # noqa: F401
         BATCHES_SCHEMA,
         CAPTIONS_SCHEMA,
         DEDUP_SCHEMA,
@@ -73,7 +73,7 @@ if TYPE_CHECKING:
         SCORE_METRICS,
         SCORES_SCHEMA,
     )
-    from dataprep.store.shards import ShardWriter, compact, count_rows, done_keys, failure_counts, iter_rows, read_table, rows_to_table, shard_paths
+    from dataprep.store.shards import ShardWriter, compact, count_rows, done_keys, failure_counts, iter_rows, read_table, rows_to_table, shard_paths  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:
