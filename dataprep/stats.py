@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dataprep.store import edit_skip, failure_counts, shard_paths
+from dataprep.store import caption_skips, edit_skip, failure_counts, shard_paths
 
 
 def _columns(folder: Path, columns: list[str]) -> pa.Table | None:
@@ -38,16 +38,17 @@ def _images(run: Path) -> dict[str, Any] | None:
 
 
 def _captions(run: Path) -> dict[str, Any] | None:
-    t = _columns(run / "captions", ["image_id", "error", "image_flags"])
+    t = _columns(run / "captions", ["image_id", "caption", "error", "image_flags"])
     if t is None:
         return None
     good = pc.is_null(t["error"])
+    usable = pc.is_null(caption_skips(t))  # captioned = a caption batches would use (dataprep.store.usable)
     flags: Counter = Counter()
     if "image_flags" in t.column_names:
         for names in t["image_flags"].drop_null().to_pylist():
             flags.update(names)
     ids_all = pc.unique(t["image_id"])
-    ids_good = pc.unique(t.filter(good)["image_id"])
+    ids_good = pc.unique(t.filter(usable)["image_id"])
     return {
         "rows": t.num_rows,
         "good": pc.sum(good).as_py() or 0,
