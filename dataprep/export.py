@@ -39,7 +39,11 @@ from typing import Any, Callable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dataprep import hfcard
 from dataprep.errors import ConfigError, Reason, failure
+from dataprep.images import decode
+from dataprep.rules import check
+from dataprep.sources import ImageRef, read_bytes
 from dataprep.store import atomic_write_bytes, atomic_write_text, edit_skip, read_json_record, shard_paths, utcnow
 
 EXPORT_KINDS = ("softrepa", "piebench", "hf")
@@ -172,9 +176,6 @@ def place_image(uri: str, dest: Path, link: bool) -> None:
     :class:`NotAnImage` for such a file, OSError/KeyError/ValueError with the
     cause when it cannot be read at all.
     """
-    from dataprep.images import decode
-    from dataprep.sources import ImageRef, read_bytes
-
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.is_symlink() or dest.exists():
         dest.unlink()
@@ -263,8 +264,6 @@ def head_word(span: str | None) -> str:
 
 def piebench_entry(p: ExportEdit, image_path: str) -> dict[str, Any]:
     """One mapping_file.json value; the brackets are the checker's changed regions."""
-    from dataprep.rules import check  # lazy: the checker is only needed here
-
     v = check(p.source, p.target)
     blended = f"{head_word(v.source_span)} {head_word(v.target_span)}" if head_word(v.source_span) and head_word(v.target_span) else ""
     return {
@@ -332,8 +331,6 @@ def export_hf(
     registry entry) says why (``ok`` false, ``error`` one line).
     """
     import datasets
-
-    from dataprep import hfcard
 
     out = Path(out)
     run = Path(run_dir)

@@ -18,7 +18,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dataprep.store import caption_skips, edit_skip, failure_counts, shard_paths
+from dataprep import diversity
+from dataprep.diversity import table_rows
+from dataprep.judge import agreement
+from dataprep.report.views import find_views
+from dataprep.store import caption_skips, edit_skip, failure_counts, read_manifest, shard_paths
 
 
 def _columns(folder: Path, columns: list[str]) -> pa.Table | None:
@@ -119,15 +123,11 @@ def _exports(run: Path) -> list[dict[str, Any]]:
 
 def _judge(run: Path) -> dict[str, Any] | None:
     """Checker x judge agreement (dataprep.judge.agreement), or None without a judge store."""
-    from dataprep.judge import agreement
-
     return agreement(run / "judge")
 
 
 def _dedup(run: Path) -> dict[str, Any] | None:
     """The last dedup run's counts (its manifest), or None."""
-    from dataprep.store import read_manifest
-
     m = read_manifest(run / "dedup")
     return None if m is None else {"run_id": m.get("run_id"), "counts": m.get("counts", {}), "failures": m.get("failures", {})}
 
@@ -135,15 +135,11 @@ def _dedup(run: Path) -> dict[str, Any] | None:
 def collect(run_dir: Path | str) -> dict[str, Any]:
     """Counts per stage of ``run_dir``; a stage that is absent maps to None."""
     run = Path(run_dir)
-    from dataprep.report.views import find_views
-
     return {"run": str(run), "images": _images(run), "captions": _captions(run), "edits": _edits(run), "diversity": _diversity(run), "batches": _batches(run), "exports": _exports(run), "judge": _judge(run), "dedup": _dedup(run), "views": find_views(run)}
 
 
 def _diversity(run: Path) -> dict[str, Any] | None:
     """Replacement diversity of the passing edits (see dataprep.diversity), or None without edits."""
-    from dataprep import diversity
-
     if not shard_paths(run / "edits"):
         return None
     return diversity.from_edits(run / "edits").summary()
@@ -181,8 +177,6 @@ def render(stats: dict[str, Any]) -> Any:
         section("edits", [("", "none")])
     div = stats.get("diversity")
     if div and div["replacements"]:
-        from dataprep.diversity import table_rows
-
         section("diversity", [(r["what"], r["value"]) for r in table_rows(div)])
     if b:
         section("batches", [("batches / shards", f"{b['rows']} / {b['shards']}"), ("presets", _fmt(b["presets"])), ("epochs", b["epochs"]), ("prompts by kind", _fmt(b["prompts"])), *[(f"run {k}", f"{v['preset']}, seed {v['seed']}, {v['epochs']} epochs, {v['batches']} batches") for k, v in b["runs"].items()]])

@@ -48,6 +48,24 @@ class CaptionIndex:
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def without(self, image_ids: set[str], reason: str) -> "CaptionIndex":
+        """A new index without ``image_ids`` (counted in ``skipped[reason]``), with no duplicate groups."""
+        ids, uris, texts, edits = [], [], [], []
+        starts = array("q", [0])
+        for i, image_id in enumerate(self.image_ids):
+            if image_id in image_ids:
+                continue
+            ids.append(image_id)
+            uris.append(self.image_uris[i])
+            texts.extend(self.texts[self.starts[i] : self.starts[i + 1]])
+            edits.extend(self.edits[self.starts[i] : self.starts[i + 1]])
+            starts.append(len(texts))
+        skipped = Counter(self.skipped)
+        dropped = len(self) - len(ids)
+        if dropped:
+            skipped[reason] += dropped
+        return CaptionIndex(ids, uris, starts, texts, edits, skipped)
+
     def captions(self, i: int) -> list[str]:
         return self.texts[self.starts[i] : self.starts[i + 1]]
 

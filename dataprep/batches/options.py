@@ -77,7 +77,7 @@ class BatchOptions:
         if self.rows_per_shard < 1:
             raise ConfigError(f"rows per shard must be >= 1, got {self.rows_per_shard}", "--rows-per-shard", "pass a positive number")
         if self.drop_image_flags:
-            from dataprep.imagecheck import parse_flags
+            from dataprep.imagecheck import parse_flags  # inside: imagecheck imports Pillow, which options alone never need
 
             parse_flags(",".join(self.drop_image_flags))
         if self.dedup not in clusters.DEDUP_MODES:

@@ -20,6 +20,7 @@ from dataprep.batches.build import BuildCounts, check_fillable, iter_batches, ru
 from dataprep.batches.index import CaptionIndex, attach_edits, load_caption_index, load_coco_index
 from dataprep.batches.options import BatchOptions
 from dataprep.errors import ConfigError
+from dataprep.judge import require_judged
 from dataprep.runtime import StageSummary, print_summary
 from dataprep.stage import acquire_stage_lock
 from dataprep.store import BATCHES_SCHEMA, Manifest, check_writable, run_record_path, shard_paths, utcnow, write_run_record, write_table_atomic
@@ -189,8 +190,6 @@ def apply_quality(index: CaptionIndex, opts: BatchOptions, inputs: dict[str, Any
 
     Records which stores were used in ``inputs`` (the run's config).
     """
-    from dataprep.judge import require_judged
-
     if opts.require_judge:
         if judge_dir is None:
             raise ConfigError("--require-judge needs edits to filter", "--edits", "pass --edits OUT/edits (and run `dataprep judge --out OUT`)")

@@ -13,6 +13,8 @@ import numpy as np
 
 from dataprep.errors import Reason, failure, read_failure
 from dataprep.dedup.options import DedupOptions
+from dataprep.images import _no_pil_bomb_guard, decode
+from dataprep.sources import ImageRef, read_bytes
 
 
 def popcount64(x: np.ndarray) -> np.ndarray:
@@ -37,8 +39,6 @@ def image_fingerprint(data: bytes, max_pixels: int) -> tuple[str, int, int]:
     thumbnail, and a full decode of a 12 MP photo costs ~20x more. The EXIF
     orientation is applied, so a rotated-by-tag copy hashes like its original.
     """
-    from dataprep.images import decode
-
     digest = hashlib.sha256(data).hexdigest()
     # header checks (empty, not an image, too many pixels, corrupt) as the caption stage makes them
     img = decode(data, max_pixels, draft=("L", (64, 64)))
@@ -49,8 +49,6 @@ def _stored_pixels(data: bytes) -> int:
     """Pixels of the stored image (its header), not of the reduced draft the hash saw."""
     from PIL import Image
 
-    from dataprep.images import _no_pil_bomb_guard
-
     with _no_pil_bomb_guard(), Image.open(io.BytesIO(data)) as img:
         w, h = img.size
     return w * h
@@ -58,8 +56,6 @@ def _stored_pixels(data: bytes) -> int:
 
 def _hash_chunk(items: list[tuple[int, str, bytes | None]], max_pixels: int) -> list[tuple[int, str | None, int, int, str | None]]:
     """Worker: (position, sha256, phash, pixels, error) for each (position, uri, bytes)."""
-    from dataprep.sources import ImageRef, read_bytes
-
     out = []
     for pos, uri, data in items:
         try:

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from dataprep.batches import load_caption_index, load_coco_index
 from dataprep.errors import ConfigError, reason_of
 from dataprep.stage import acquire_stage_lock
 from dataprep.store import DEDUP_SCHEMA, Manifest, ShardWriter, new_run_id, shard_paths, utcnow
@@ -65,8 +66,6 @@ def run_dedup(
     COCO every caption of an image). ``progress(what, done, total)`` is
     called as images and captions are hashed.
     """
-    from dataprep.batches import load_caption_index, load_coco_index
-
     opts.validate()
     require_libraries(opts)
     t0, started = time.perf_counter(), utcnow().isoformat()

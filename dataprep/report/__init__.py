@@ -26,7 +26,10 @@ from typing import Any, Callable
 
 from dataprep.errors import ConfigError
 from dataprep.store import atomic_write_text, check_run_shards
+from dataprep.report.cards import collect
+from dataprep.report.thumbs import make_thumbs
 from dataprep.report.views import REPORTS_INDEX  # RUN/reports.json: where reports of this run were written
+from dataprep.rules import RULES
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -104,10 +107,6 @@ def build_report(run: Path | str, out: Path | str, options: ReportOptions | None
     ``progress(done, total)`` follows the thumbnails. Raises ConfigError (naming RUN) when ``run``
     is not a run directory; unreadable images are per-card errors.
     """
-    from dataprep.report.cards import collect
-    from dataprep.report.thumbs import make_thumbs
-    from dataprep.rules import RULES
-
     opts = options or ReportOptions()
     run, out = Path(run), Path(out)
     if not run.is_dir():

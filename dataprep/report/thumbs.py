@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Iterable
 
 from dataprep.errors import Reason, failure
+from dataprep.images import to_rgb
+from dataprep.sources import ImageRef, read_bytes
 from dataprep.store import atomic_file
 
 JPEG_QUALITY = 82
@@ -29,9 +31,6 @@ def thumb_name(uri: str, size: int) -> str:
 def make_thumb(uri: str, dest: str, size: int, max_pixels: int) -> tuple[str, int, int] | str:
     """Write one thumbnail (longest side <= ``size``); (file name, width, height) or an error string."""
     from PIL import Image, ImageOps
-
-    from dataprep.images import to_rgb
-    from dataprep.sources import ImageRef, read_bytes
 
     try:
         path = uri[len("file://"):] if uri.startswith("file://") else uri
