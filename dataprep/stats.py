@@ -34,13 +34,6 @@ def _columns(folder: Path, columns: list[str]) -> pa.Table | None:
     return pa.concat_tables(tables, promote_options="default") if tables else None
 
 
-def _images(run: Path) -> dict[str, Any] | None:
-    t = _columns(run / "images", ["image_id", "error"])
-    if t is None:
-        return None
-    return {"rows": t.num_rows, "distinct": len(pc.unique(t["image_id"])), "errors": t.num_rows - t["error"].null_count, "failures": failure_counts(run / "images")}
-
-
 def _captions(run: Path) -> dict[str, Any] | None:
     t = _columns(run / "captions", ["image_id", "caption", "error", "image_flags"])
     if t is None:
@@ -135,7 +128,7 @@ def _dedup(run: Path) -> dict[str, Any] | None:
 def collect(run_dir: Path | str) -> dict[str, Any]:
     """Counts per stage of ``run_dir``; a stage that is absent maps to None."""
     run = Path(run_dir)
-    return {"run": str(run), "images": _images(run), "captions": _captions(run), "edits": _edits(run), "diversity": _diversity(run), "batches": _batches(run), "exports": _exports(run), "judge": _judge(run), "dedup": _dedup(run), "views": find_views(run)}
+    return {"run": str(run), "captions": _captions(run), "edits": _edits(run), "diversity": _diversity(run), "batches": _batches(run), "exports": _exports(run), "judge": _judge(run), "dedup": _dedup(run), "views": find_views(run)}
 
 
 def _diversity(run: Path) -> dict[str, Any] | None:
@@ -163,9 +156,7 @@ def render(stats: dict[str, Any]) -> Any:
             table.add_row(name if i == 0 else "", what, str(value))
         table.add_section()
 
-    img, cap, ed, b = stats["images"], stats["captions"], stats["edits"], stats["batches"]
-    if img:
-        section("images", [("rows", img["rows"]), ("distinct ids", img["distinct"]), ("errors", img["errors"]), ("failures by reason", _fmt(img["failures"]))])
+    cap, ed, b = stats["captions"], stats["edits"], stats["batches"]
     if cap:
         section("captions", [("images", cap["images"]), ("rows good / failed", f"{cap['good']} / {cap['failed']}"), ("images captioned", cap["images_captioned"]), ("images without caption", cap["images_without_caption"]), ("failures by reason", _fmt(cap["failures"])), ("image flags (rows)", _fmt(cap.get("image_flags", {})))])
     else:
