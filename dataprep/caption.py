@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from dataprep.engines import ChatRequest, ChatResult, Engine, EngineConfig, Sampling
-from dataprep.errors import ConfigError
+from dataprep.errors import ConfigError, Reason, failure, read_failure
 from dataprep.executors import ExecutorConfig, LocalExecutor, make_executor
 from dataprep.images import DEFAULT_MAX_PIXELS, PrepOptions, prepare
 from dataprep.promptfile import load_prompt
@@ -163,13 +163,12 @@ def _work_hash_first(ref: ImageRef, spec: _KeySpec | None = None) -> dict[str, A
     except Exception:  # unknown size: read_bytes below reports the real cause
         size = None
     if size is not None and size > spec.max_bytes:
-        error = f"too_large: {size} bytes exceeds --max-bytes {spec.max_bytes}"
+        error = failure(Reason.TOO_LARGE, f"{size} bytes exceeds --max-bytes {spec.max_bytes}")
         return {"ref": ref, "key": uri_key, "sha256": None, "error": error}
     try:
         data = read_bytes(ref)
     except Exception as exc:  # zipfile.BadZipFile (bad CRC), RuntimeError (encrypted), ...: one bad row, not a dead run
-        reason = "missing_file" if isinstance(exc, (FileNotFoundError, KeyError)) else "read_error"
-        return {"ref": ref, "key": uri_key, "sha256": None, "error": f"{reason}: {exc}"}
+        return {"ref": ref, "key": uri_key, "sha256": None, "error": read_failure(exc)}
     digest = hashlib.sha256(data).hexdigest()
     # the image id is part of the input: two images with the same bytes (or two
     # zero-byte files) each keep their own row (compaction keeps one per key)
@@ -313,7 +312,7 @@ def _caption_rows(refs: list[ImageRef], folder: Path, run: StageRun, executor: A
             else:
                 error = res.error
                 if error is None and not res.text.strip():
-                    error = "empty_output: the model returned no text"
+                    error = failure(Reason.EMPTY_OUTPUT, "the model returned no text")
                 run.writer.add(row(item, res, error))
                 if error:
                     summary.fail(error)

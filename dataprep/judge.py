@@ -33,7 +33,7 @@ from typing import Any, Iterable
 import pyarrow.parquet as pq
 
 from dataprep.engines import ChatRequest, ChatResult, Engine, EngineConfig, Sampling
-from dataprep.errors import ConfigError
+from dataprep.errors import ConfigError, Reason, failure
 from dataprep.promptfile import load_prompt
 from dataprep.runtime import StageSummary
 from dataprep.stage import StageRun, model_identity, provenance
@@ -231,7 +231,7 @@ def judge_with_retries(engine: Engine, prompt_text: str, items: list[JudgeInput]
             try:
                 outcomes[i] = JudgeOutcome(parse_judgement(res.text), res.text, attempt[i], req.sampling, res)
             except JudgementError as exc:
-                outcomes[i] = JudgeOutcome(None, res.text, attempt[i], req.sampling, res, error=f"unparsable_judgement: {exc}")
+                outcomes[i] = JudgeOutcome(None, res.text, attempt[i], req.sampling, res, error=failure(Reason.UNPARSABLE_JUDGEMENT, exc))
                 if attempt[i] < opts.max_attempts:
                     attempt[i] += 1
                     last[i] = (res.text, str(exc))

@@ -42,7 +42,7 @@ from typing import Any, Iterable
 
 from dataprep import diversity
 from dataprep.engines import ChatRequest, ChatResult, Engine, EngineConfig, Sampling
-from dataprep.errors import ConfigError
+from dataprep.errors import ConfigError, Reason, failure
 from dataprep.executors import ExecutorConfig, LocalExecutor, make_executor
 from dataprep.promptfile import load_prompt
 from dataprep.rules import RULES, Verdict, check
@@ -234,7 +234,7 @@ def steer_targets(
                     kept = r
                     break
                 k += 1
-            why = f"target_share: {target!r} was {share:.1%} of {counted} passing edits (> --max-target-share {opts.max_target_share:g})"
+            why = failure(Reason.TARGET_SHARE, f"{target!r} was {share:.1%} of {counted} passing edits (> --max-target-share {opts.max_target_share:g})")
             if kept is not None:
                 kept = replace(kept, note=f"{why}; attempt {kept.attempts} replaced attempt {o.attempts}")
             else:
@@ -472,9 +472,9 @@ def _rewrite_rows(items: list[RewriteInput], folder: Path, run: StageRun, execut
             key = rewrite_key(item, model, engine.revision, rules.sha256, opts)
             if not isinstance(item.text, str) or not item.text.strip():
                 error = (
-                    "missing_caption: the input row has no caption text"
+                    failure(Reason.MISSING_CAPTION, "the input row has no caption text")
                     if item.text is None or isinstance(item.text, str)
-                    else f"bad_type: the caption is {type(item.text).__name__}, not text: {str(item.text)[:80]!r}"
+                    else failure(Reason.BAD_TYPE, f"the caption is {type(item.text).__name__}, not text: {str(item.text)[:80]!r}")
                 )
                 run.writer.add(row(item, key, error=error))
                 summary.fail(error)

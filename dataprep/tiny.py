@@ -13,6 +13,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from dataprep.store import atomic_file
+
 # A generic chat template: string or list-of-parts content, LLaVA-1.5's
 # "USER: <image>\n... ASSISTANT:" layout. The real checkpoints ship their own.
 CHAT_TEMPLATE = (
@@ -217,10 +219,8 @@ def write_div2k_samples(folder: Path | str, n: int = 4, sizes: tuple[tuple[int, 
     for i in range(1, n + 1):
         p = folder / f"{i:04d}.png"
         if not p.exists():
-            tmp = p.with_name(f".{p.name}.tmp")
-            # compress_level 1: a few MB per frame written in a fraction of a second
-            div2k_like_image(i, sizes[(i - 1) % len(sizes)]).save(tmp, format="PNG", compress_level=1)
-            tmp.replace(p)
+            with atomic_file(p, fsync=False) as tmp:  # compress_level 1: a few MB per frame in a fraction of a second
+                div2k_like_image(i, sizes[(i - 1) % len(sizes)]).save(tmp, format="PNG", compress_level=1)
         paths.append(p)
     write_editing_pairs(folder / "prompts_editing.json")
     return paths

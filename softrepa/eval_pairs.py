@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from dataprep.errors import ConfigError
-from dataprep.store import EDITS_SCHEMA, iter_rows
+from dataprep.errors import ConfigError, Reason, failure
+from dataprep.store import EDITS_SCHEMA, edit_skip, iter_rows
 
 #: written by the trainer beside the tokens (softrepa.checkpoints.TRAINED_IMAGES)
 TRAINED_IMAGES_FILE = "trained_images.json"
@@ -56,7 +56,7 @@ def pairs_from_json(path: Path) -> list[Pair]:
     for i, it in enumerate(items):
         bad = _bad_item(it)
         if bad is not None:  # str(None) would edit towards the prompt "None"
-            out.append(Pair(f"item{i}-{short_hash(repr(it))}", f"item{i}", "", "", "", error=f"bad_type: item {i}: {bad}"))
+            out.append(Pair(f"item{i}-{short_hash(repr(it))}", f"item{i}", "", "", "", error=failure(Reason.BAD_TYPE, f"item {i}: {bad}")))
             continue
         img = it["img_path"]
         src, tgt = it["prompt"], it["tgt_prompt"]
@@ -83,7 +83,7 @@ def pairs_from_run(run_dir: Path, passed_only: bool = False) -> list[Pair]:
     seen: dict[str, Pair] = {}
     cols = ["key", "image_id", "image_uri", "source", "target", "passed", "error"]
     for row in iter_rows(folder, EDITS_SCHEMA, columns=cols):
-        if row["error"] is not None or not row["target"]:
+        if edit_skip(row, require_passed=False) is not None:  # the verdict is kept as a column, not a filter
             continue
         uri = row["image_uri"] or ""
         path = uri[len("file://"):] if uri.startswith("file://") else uri

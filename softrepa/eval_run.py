@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from dataprep.errors import ConfigError
+from dataprep.errors import ConfigError, Reason, failure
 from dataprep.runtime import progress_bar
 from softrepa import metrics
 from softrepa.edit import SD3FlowEditor, load_sd3
@@ -84,7 +84,7 @@ def edit_all(cfg: Any, pairs: Sequence[Pair], out: Path) -> tuple[dict[tuple[str
                 image = open_image(p.image_path)
             except Exception as exc:  # noqa: BLE001 -- bad input is a per-row error (corrupt, missing, unreadable)
                 for s in settings:
-                    errors[(p.pair_id, s.setting_id)] = f"image: {type(exc).__name__}: {exc}"
+                    errors[(p.pair_id, s.setting_id)] = failure(Reason.IMAGE, f"{type(exc).__name__}: {exc}")
                 bar.advance(task, len(wanted))
                 continue
             w, h = editor.target_size(*image.size, cfg.size)
@@ -96,7 +96,7 @@ def edit_all(cfg: Any, pairs: Sequence[Pair], out: Path) -> tuple[dict[tuple[str
                 x_src = editor.encode_image(image, cfg.size)
             except (RuntimeError, ValueError) as exc:  # e.g. out of memory at size 0 on a huge image
                 for s in wanted:
-                    errors[(p.pair_id, s.setting_id)] = f"encode: {type(exc).__name__}: {exc}"
+                    errors[(p.pair_id, s.setting_id)] = failure(Reason.ENCODE, f"{type(exc).__name__}: {exc}")
                 bar.advance(task, len(wanted))
                 continue
             for s in wanted:
@@ -105,7 +105,7 @@ def edit_all(cfg: Any, pairs: Sequence[Pair], out: Path) -> tuple[dict[tuple[str
                     save_image_atomic(editor.decode(z)[0], out / "images" / s.setting_id / f"{p.pair_id}.png")
                     n_edited += 1
                 except (RuntimeError, ValueError) as exc:  # e.g. out of memory on one huge image: record, go on
-                    errors[(p.pair_id, s.setting_id)] = f"edit: {type(exc).__name__}: {exc}"
+                    errors[(p.pair_id, s.setting_id)] = failure(Reason.EDIT, f"{type(exc).__name__}: {exc}")
                 bar.advance(task)
     del editor, pipe
     if torch.cuda.is_available():
@@ -153,7 +153,7 @@ def score_all(cfg: Any, pairs: Sequence[Pair], out: Path, errors: dict[tuple[str
                         ready.append(r)
                     except Exception as exc:  # noqa: BLE001 -- a missing/corrupt file is this row's error
                         del eds[len(ready):], srcs[len(ready):]
-                        r["error"] = f"image: {type(exc).__name__}: {exc}"
+                        r["error"] = failure(Reason.IMAGE, f"{type(exc).__name__}: {exc}")
                 for m in per_image if ready else []:
                     try:
                         prompts = [r["target_prompt"] for r in ready]

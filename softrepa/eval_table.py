@@ -10,8 +10,8 @@ import csv
 from pathlib import Path
 from typing import Any, Sequence
 
-import pyarrow as pa
 
+from dataprep.store import SCORES_SCHEMA  # noqa: F401  (the scores table's one schema; re-exported for the evaluator)
 from softrepa.metrics import LOWER_IS_BETTER, TABLE_ORDER
 from softrepa.paper import LABELS as METRIC_LABELS
 
@@ -61,26 +61,3 @@ def write_csv(table: Sequence[dict[str, Any]], path: Path) -> None:
         w.writeheader()
         for r in table:
             w.writerow({c: ("" if r.get(c) is None else r[c]) for c in cols})
-
-
-def _scores_schema() -> pa.Schema:
-    return pa.schema(
-        [
-            pa.field("pair_id", pa.string()),
-            pa.field("image_id", pa.string()),
-            pa.field("passed", pa.bool_()),  # rule checker verdict; null when the pairs carry none
-            pa.field("setting", pa.string()),
-            pa.field("method", pa.string()),
-            pa.field("n_max", pa.int32()),
-            pa.field("tgt_cfg", pa.float64()),
-            pa.field("source_prompt", pa.string()),
-            pa.field("target_prompt", pa.string()),
-            pa.field("source_image", pa.string()),
-            pa.field("edited_image", pa.string()),
-            *[pa.field(m, pa.float64()) for m in ("clip", "pickscore", "lpips", "imagereward", "hpsv2")],
-            pa.field("error", pa.string()),
-        ]
-    )
-
-
-SCORES_SCHEMA = _scores_schema()

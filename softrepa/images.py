@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 from typing import Any
+
+from dataprep.store import atomic_file
 
 
 def open_image(path: str) -> "Any":
@@ -22,11 +22,5 @@ def open_image(path: str) -> "Any":
 
 
 def save_image_atomic(image: "Any", path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    with atomic_file(path, fsync=False) as tmp:
         image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

@@ -35,11 +35,12 @@ once instead of in every step.
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from dataprep.store import atomic_file
 
 # our format lives with the module it stores; re-exported here for the importers of token files
 from softrepa.tokens import BACKBONES, CONFIG_FILE, FORMAT, N_TIME_BUCKETS, TENSORS_FILE, VERSION, SoftTokens, TokenConfig, load_tokens, save_tokens  # noqa: F401
@@ -222,9 +223,8 @@ def export_official(tokens: SoftTokens | Path | str, out_dir: Path | str) -> lis
         objects.append(("dc_t_tokens.pth", emb))
     written = []
     for name, obj in objects:
-        tmp = out / f".{name}.tmp"
-        torch.save(obj, tmp)
-        os.replace(tmp, out / name)
+        with atomic_file(out / name) as tmp:
+            torch.save(obj, tmp)
         written.append(out / name)
     stale = out / "dc_t_tokens.pth"
     if module.t_embedding is None and stale.exists():

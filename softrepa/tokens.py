@@ -37,13 +37,14 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from dataprep.store import atomic_file, atomic_write_text
 
 BACKBONES = ("sd3", "sdxl", "sd1.5")
 UNET_GROUPS = ("down", "mid", "up")
@@ -368,12 +369,9 @@ def save_tokens(tokens: SoftTokens, out_dir: Path | str, extra: dict[str, Any] |
         "shapes": {k: list(v.shape) for k, v in tensors.items()},
         **(extra or {}),
     }
-    tmp = out_dir / f".{TENSORS_FILE}.tmp"
-    save_file(tensors, str(tmp), metadata={"format": FORMAT, "version": str(VERSION)})
-    os.replace(tmp, out_dir / TENSORS_FILE)
-    tmp = out_dir / f".{CONFIG_FILE}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, out_dir / CONFIG_FILE)
+    with atomic_file(out_dir / TENSORS_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, "version": str(VERSION)})
+    atomic_write_text(out_dir / CONFIG_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return out_dir
 
 

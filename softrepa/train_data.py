@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from dataprep.errors import ConfigError
+from dataprep.errors import ConfigError, Reason
 from dataprep.store import BATCHES_SCHEMA, read_run_record, run_record_path, shard_paths
 
 
@@ -84,13 +84,13 @@ def check_row(row: dict[str, Any]) -> str | None:
     """The reason a batch row cannot be trained on, or None."""
     uris, prompts, pos = row.get("image_uris") or [], row.get("prompts") or [], row.get("positive_index") or []
     if not uris or not prompts:
-        return "empty_batch"
+        return Reason.EMPTY_BATCH.value
     if len(pos) != len(uris):
-        return "positive_index_length"
+        return Reason.POSITIVE_INDEX_LENGTH.value
     if any(p is None or not 0 <= p < len(prompts) for p in pos):
-        return "positive_index_range"
+        return Reason.POSITIVE_INDEX_RANGE.value
     if any(not isinstance(p, str) for p in prompts):
-        return "null_prompt"
+        return Reason.NULL_PROMPT.value
     return None
 
 

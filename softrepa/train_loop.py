@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from dataprep.errors import ConfigError, reason_of
+from dataprep.errors import ConfigError, Reason, failure, reason_of
 from dataprep.runtime import StageSummary, progress_bar
 from dataprep.store import Manifest, new_run_id, utcnow
 from softrepa.backbone import PromptCache, encode_images, load_image, load_parts
@@ -186,7 +186,7 @@ def run_training(cfg: Any, group: Group, on_step: Callable[[dict[str, Any]], Non
                     try:
                         pixels = torch.stack([load_image(u, parts.resolution) for u in row["image_uris"]])
                     except Exception as e:  # bad input: record and go on with the next row
-                        reason = f"image_unreadable: {type(e).__name__}"
+                        reason = failure(Reason.IMAGE_UNREADABLE, type(e).__name__)
                 if reason is not None:
                     reasons[k] = reason
                     continue
