@@ -1,20 +1,20 @@
 """Where a model stage's batches run: this process (``local``) or a Ray cluster (``ray``).
 
 A model stage decides *which* items and *what* each needs (keys, requests,
-rows: its own pure functions); an executor decides *where* that runs. Both
-executors take the same three functions:
+rows: :mod:`dataprep.stage`); an executor decides *where* that runs. Both
+executors take the same :class:`Work`:
 
 - ``prepare(item) -> prepared``: CPU work per item (the caption stage hashes
   and decodes the image, and marks items already done or unreadable);
 - ``wants_model(prepared) -> bool``: False passes the item straight back
   (skipped or error rows need no model);
-- ``infer(engine, prepared_items) -> outputs``: one engine call for a batch,
-  one output per item, same order.
+- ``infer(engine, prepared_items) -> outputs``: one engine call for a batch
+  of up to ``batch_size``, one output per item, same order.
 
-``run`` yields ``(prepared, output or None)`` once per input item, in any
-order; the caller (the stage's driver) turns them into rows and writes them
-through its one ShardWriter, so every key is written exactly once and the
-store, schemas, keys and manifest are those of the local run.
+``run(items, work)`` yields ``(prepared, output or None)`` once per input
+item, in any order; the runner turns them into rows and writes them through
+its one ShardWriter, so every key is written exactly once and the store,
+schemas, keys and manifest are those of the local run.
 
 The Ray executor is a Ray Data pipeline, the pattern vLLM's docs give for
 data-parallel batch inference: item refs -> ``map(prepare)`` in CPU tasks
@@ -44,6 +44,26 @@ RAY_INSTALL = 'pip install "softrepa-dataprep[ray]"'
 
 Prepare = Callable[[Any], Any]
 Infer = Callable[[Any, list], list]
+
+
+def _always(_: Any) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Work:
+    """What a stage's run asks of an executor (see the module docstring).
+
+    ``local_map(items)`` replaces ``map(prepare, items)`` on the local executor
+    when the stage has its own parallel preparation (the caption stage's decode
+    processes); ``slim(prepared)`` is what a Ray replica sends back (no pixels)."""
+
+    infer: Infer
+    batch_size: int
+    prepare: Prepare | None = None
+    wants_model: Callable[[Any], bool] = _always
+    local_map: Callable[[Iterable[Any]], Iterator[Any]] | None = None
+    slim: Callable[[Any], Any] | None = None
 
 
 @dataclass
@@ -108,31 +128,23 @@ class LocalExecutor:
     def __init__(self, engine: Any):
         self.engine = engine
 
-    def run(
-        self,
-        items: Iterable[Any],
-        prepare: Prepare | None,
-        infer: Infer,
-        *,
-        wants_model: Callable[[Any], bool] = lambda _: True,
-        batch_size: int,
-        local_map: Callable[[Iterable[Any]], Iterator[Any]] | None = None,
-        slim: Callable[[Any], Any] | None = None,
-    ) -> Iterator[tuple[Any, Any]]:
-        """``local_map(items)`` replaces ``map(prepare, items)`` when the stage has its own
-        parallel preparation (the caption stage's decode processes). ``slim`` is for Ray."""
-        prepared = local_map(items) if local_map is not None else (map(prepare, items) if prepare is not None else iter(items))
+    def run(self, items: Iterable[Any], work: Work) -> Iterator[tuple[Any, Any]]:
+        """In input order; ``work.slim`` is for Ray (nothing leaves this process)."""
+        if work.local_map is not None:
+            prepared = work.local_map(items)
+        else:
+            prepared = map(work.prepare, items) if work.prepare is not None else iter(items)
         pending: list[Any] = []
         for p in prepared:
-            if not wants_model(p):
+            if not work.wants_model(p):
                 yield p, None
                 continue
             pending.append(p)
-            if len(pending) >= batch_size:
-                yield from zip(pending, infer(self.engine, pending))
+            if len(pending) >= work.batch_size:
+                yield from zip(pending, work.infer(self.engine, pending))
                 pending = []
         if pending:
-            yield from zip(pending, infer(self.engine, pending))
+            yield from zip(pending, work.infer(self.engine, pending))
 
     def close(self) -> None:
         pass
@@ -355,19 +367,9 @@ class RayExecutor:
             batch_size=batch, size=size, replicas=cfg.replicas, gpus_per_replica=self.gpus,
         )
 
-    def run(
-        self,
-        items: Iterable[Any],
-        prepare: Prepare | None,
-        infer: Infer,
-        *,
-        wants_model: Callable[[Any], bool] = lambda _: True,
-        batch_size: int,
-        local_map: Callable[[Iterable[Any]], Iterator[Any]] | None = None,
-        slim: Callable[[Any], Any] | None = None,
-    ) -> Iterator[tuple[Any, Any]]:
-        """Yield ``(prepared, output)`` once per item, in completion order. ``local_map`` is ignored:
-        preparation runs in Ray tasks."""
+    def run(self, items: Iterable[Any], work: Work) -> Iterator[tuple[Any, Any]]:
+        """Yield ``(prepared, output)`` once per item, in completion order. ``work.local_map``
+        is ignored: preparation runs in Ray tasks."""
         import pyarrow as pa
         import ray
 
@@ -376,6 +378,7 @@ class RayExecutor:
         items = list(items)
         if not items:
             return
+        prepare, wants_model, batch_size = work.prepare, work.wants_model, work.batch_size
         # blocks of one engine batch: decoding streams into the replicas batch by batch
         blocks = []
         for start in range(0, len(items), batch_size):
@@ -389,7 +392,7 @@ class RayExecutor:
             ds = ds.map(_Prepare(prepare, wants_model), num_cpus=1)
         ds = ds.map_batches(
             EngineReplica,
-            fn_constructor_kwargs={"engine_cfg": self.engine_cfg, "infer": infer, "slim": slim},
+            fn_constructor_kwargs={"engine_cfg": self.engine_cfg, "infer": work.infer, "slim": work.slim},
             batch_size=batch_size,
             batch_format="pyarrow",
             compute=ActorPoolStrategy(size=self.cfg.replicas),
@@ -418,7 +421,7 @@ class RayExecutor:
 
 
 def make_executor(cfg: ExecutorConfig | None, engine_cfg: EngineConfig, engine: Any = None, *, describe: bool = True) -> tuple[Any, Any]:
-    """(executor, engine for the stage's StageRun). Local: (None, ``engine`` as given; None: StageRun loads it).
+    """(executor, engine for the stage's run). Local: (None, ``engine`` as given; None: the runner loads it).
     Ray: a connected RayExecutor and its RemoteEngine (no model loads on the driver);
     ``describe``: the stage needs the model's image side (see RayExecutor)."""
     cfg = cfg or ExecutorConfig()
