@@ -9,9 +9,15 @@ rows; the run goes on.
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import json
 import multiprocessing as mp
 import os
+import signal
+import sys
+import threading
+import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -22,6 +28,7 @@ from typing import Any, Iterable, Iterator
 from dataprep.engines import ChatRequest, Engine, EngineConfig, Sampling
 from dataprep.errors import ConfigError
 from dataprep.executors import ExecutorConfig
+from dataprep.imagecheck import ImageChecks
 from dataprep.images import DEFAULT_MAX_PIXELS, PrepOptions, prepare
 from dataprep.promptfile import Prompt, load_prompt
 from dataprep.runtime import StageSummary
@@ -56,10 +63,8 @@ class CaptionOptions:
     blank_std: float = 4.0
     max_aspect: float = 4.0
 
-    def image_checks(self):
+    def image_checks(self) -> ImageChecks:
         """The thresholds as a validated :class:`dataprep.imagecheck.ImageChecks`."""
-        from dataprep.imagecheck import ImageChecks
-
         return ImageChecks(min_side=self.min_side, blank_std=self.blank_std, max_aspect=self.max_aspect)
 
     def validate(self) -> None:
@@ -120,16 +125,8 @@ def _exit_with_parent(parent_pid: int, interval_s: float = 0.5) -> None:
     (PR_SET_PDEATHSIG); everywhere a daemon thread polls the parent pid, which
     also covers the parent dying before the prctl call.
     """
-    import os
-    import sys
-    import threading
-    import time
-
     if sys.platform.startswith("linux"):
         try:
-            import ctypes
-            import signal
-
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
         except Exception:  # no libc symbol: the polling thread still works
             pass
@@ -154,8 +151,6 @@ def _work_hash_first(ref: ImageRef, spec: _KeySpec | None = None) -> Task[ImageR
     """Hash first; decode only if the key is not done (reruns skip decoding).
 
     ``spec`` defaults to the one a pool worker was started with."""
-    import hashlib
-
     spec = spec or _SPEC
     uri_key = caption_key("uri:" + sha256_text(ref.uri), spec)
     try:

@@ -33,10 +33,13 @@ from __future__ import annotations
 import importlib.util
 import logging
 import pickle
+import socket
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from dataprep.engines import EngineConfig
+from dataprep.engines import EngineConfig, load_engine
+from dataprep.engines.hf import load_config
 from dataprep.errors import ConfigError
 
 EXECUTORS = ("local", "ray")
@@ -191,13 +194,9 @@ def describe_model(engine_cfg: EngineConfig) -> tuple[int | None, str | None]:
         engine_cfg.validate()
         if engine_cfg.engine == "openai":
             return None, None  # the server resizes for its model
-        from dataprep.engines.hf import load_config
-
         config = load_config(engine_cfg.model, engine_cfg.revision, engine_cfg.trust_remote_code)
         if getattr(config, "vision_config", None) is None:
             return None, None
-        from pathlib import Path
-
         from transformers import AutoProcessor
 
         local = Path(engine_cfg.model).expanduser()
@@ -212,8 +211,6 @@ def describe_model(engine_cfg: EngineConfig) -> tuple[int | None, str | None]:
 
 def missing_local_model(engine_cfg: EngineConfig) -> str | None:
     """The engines' message for a model path without config.json (see engines.hf.load_config), else None."""
-    from pathlib import Path
-
     if engine_cfg.engine == "openai":
         return None
     local = Path(engine_cfg.model).expanduser()
@@ -263,8 +260,6 @@ class EngineReplica:
     """
 
     def __init__(self, engine_cfg: EngineConfig, infer: Infer, slim: Callable[[Any], Any] | None):
-        from dataprep.engines import load_engine
-
         self.engine = load_engine(engine_cfg)
         self.infer, self.slim = infer, slim
 
@@ -304,8 +299,6 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     typo'd address would hang a nightly run. ``auto``, ``local`` and
     ``ray://`` client addresses are left to Ray.
     """
-    import socket
-
     if address in ("auto", "local") or "://" in address or ":" not in address:
         return
     host, _, port = address.rpartition(":")

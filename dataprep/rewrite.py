@@ -39,7 +39,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+import pyarrow.parquet as pq
+
 from dataprep import diversity
+from dataprep.check import read_records
 from dataprep.engines import Engine, EngineConfig, Sampling
 from dataprep.errors import ConfigError
 from dataprep.executors import ExecutorConfig
@@ -131,8 +134,6 @@ def inputs_from_captions(folder: Path | str) -> list[RewriteInput]:
 
 def inputs_from_file(path: Path | str, text_column: str = "caption", id_column: str | None = None) -> list[RewriteInput]:
     """Rows of a JSONL / JSON / Parquet file; ids from ``id_column``, else image_id/id, else the row number."""
-    from dataprep.check import read_records
-
     rows = read_records(path, flag="--input")
     columns: set[str] = set().union(*rows) if rows else set()
     if rows and text_column not in columns:
@@ -163,8 +164,6 @@ def resume_state(folder: Path | str, max_attempts: int) -> tuple[set[str], dict[
     ``max_attempts`` attempts; a good row that failed with fewer attempts is
     continued from its next attempt.
     """
-    import pyarrow.parquet as pq
-
     done: set[str] = set()
     tried: dict[str, int] = {}
     for path in shard_paths(folder):

@@ -19,6 +19,7 @@ which items go to the model and in what batches; the executor
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Generic, Iterable, Iterator, Protocol, TypeVar
@@ -206,33 +207,24 @@ def run_model_stage(
     items = list(items)  # ids and paths: nothing is read before the model loads
     folder = Path(out) / stage.folder
     executor_cfg = executor or ExecutorConfig()
-    remote, engine = make_executor(executor_cfg, engine_cfg, engine, describe=stage.images)
-    try:
-        check_writable(folder)
-        lock = acquire_stage_lock(folder, wait_lock)
-        try:
-            check_shards(folder, stage.schema)
-            own_engine = engine is None
-            engine = engine or load_engine(engine_cfg)
-            try:
-                compact(folder, stage.schema)
-                config = {"engine": engine_manifest(engine_cfg, engine), **stage.manifest_config(), "executor": executor_cfg.public_dict()}
-                run = _Run(stage, folder, engine, ModelId(model_identity(engine, engine_cfg), engine.revision), config, rows_per_shard)
-                try:
-                    with progress_bar(stage.name, len(items), progress) as bar:
-                        run.bar = (bar, bar.add_task(stage.name, total=len(items)))
-                        run.drive(items, remote or LocalExecutor(engine), force)
-                finally:
-                    run.finish()
-                return run.summary
-            finally:
-                if own_engine:
-                    engine.close()
-        finally:
-            lock.__exit__(None, None, None)
-    finally:
+    with ExitStack() as leave:  # undone in reverse order, also after an error
+        remote, engine = make_executor(executor_cfg, engine_cfg, engine, describe=stage.images)
         if remote is not None:
-            remote.close()
+            leave.callback(remote.close)
+        check_writable(folder)
+        leave.callback(acquire_stage_lock(folder, wait_lock).__exit__, None, None, None)
+        check_shards(folder, stage.schema)
+        if engine is None:
+            engine = load_engine(engine_cfg)
+            leave.callback(engine.close)
+        compact(folder, stage.schema)
+        config = {"engine": engine_manifest(engine_cfg, engine), **stage.manifest_config(), "executor": executor_cfg.public_dict()}
+        run = _Run(stage, folder, engine, ModelId(model_identity(engine, engine_cfg), engine.revision), config, rows_per_shard)
+        leave.callback(run.finish)
+        bar = leave.enter_context(progress_bar(stage.name, len(items), progress))
+        run.bar = (bar, bar.add_task(stage.name, total=len(items)))
+        run.drive(items, remote or LocalExecutor(engine), force)
+    return run.summary
 
 
 class _Run:
