@@ -24,11 +24,13 @@ already in ``OUT/edits`` and follows the input order, one row at a time, so a
 resumed run decides as an uninterrupted one would. Like ``max_attempts`` it is
 a retry policy, not part of the key.
 
-Rows follow ``EDITS_SCHEMA``; keys, shards, manifest, resume and compaction
-work as in the caption stage. A rerun skips keys that already have a good row
-that passed or used every allowed attempt, so raising ``--max-attempts``
-retries exactly the rows that still fail, continuing from their next attempt. Captions that are error rows are
-skipped and counted; a row whose text is missing becomes an error row.
+Rows follow ``EDITS_SCHEMA``; keys, shards, manifest and compaction work as
+in every model stage (:mod:`dataprep.stage`). Resume differs: a rerun skips
+keys that already have a good row that passed or used every allowed attempt,
+so raising ``--max-attempts`` retries exactly the rows that still fail,
+continuing from their next attempt. Captions that are error rows are skipped
+and counted; a row whose text is missing becomes an error row. The retry and
+steering policy itself is :mod:`dataprep.rewrite_policy`.
 """
 
 from __future__ import annotations
