@@ -265,6 +265,8 @@ class _Run:
 
     def record(self, task: Task, out: Output | None) -> None:
         summary = self.summary
+        # a preparing stage's duplicate key is only seen here, after the model
+        # (preparation ran where the executor runs it): it is still written once
         if task.skipped or task.key in self.written:
             summary.skipped += 1
         else:

@@ -15,7 +15,7 @@ import pytest
 
 from dataprep.engines import ChatRequest, ChatResult, EngineConfig, Sampling
 from dataprep.promptfile import Prompt
-from dataprep.stage import Generated, ModelId, ModelStage, Tally, Task, run_model_stage
+from dataprep.stage import Generated, ModelId, ModelStage, Preparation, Tally, Task, run_model_stage
 from dataprep.store import PROVENANCE_FIELDS, content_key, read_table, sha256_text
 
 SCHEMA = pa.schema([pa.field("word", pa.string()), pa.field("upper", pa.string()), *PROVENANCE_FIELDS])
@@ -181,3 +181,29 @@ def test_an_engine_the_runner_loads_is_closed_also_after_an_error(tmp_path, monk
     with pytest.raises(AttributeError):  # a record the stage cannot key
         run_model_stage(UpperStage({}, PROMPT), [None], tmp_path, EngineConfig(model="fake-model"), progress=False)
     assert loaded[1].closed
+
+
+@dataclass
+class PreparedUpperStage(UpperStage):
+    """The caption shape: the key is known only once an input is read, so tasks come from preparation."""
+
+    prepares = True
+
+    def preparation(self, model: ModelId, done: frozenset[str], engine) -> Preparation:
+        def prepare(item: Word) -> Task[Word]:
+            key = self.key(item, model)
+            return Task(item, key, error=self.input_error(item), skipped=key in done)
+
+        return Preparation(prepare=prepare)
+
+
+def test_a_preparing_stage_resumes_dedupes_and_counts_the_same_way(tmp_path):
+    def run_prepared(words, engine=None):
+        engine = engine or Upper()
+        return run_model_stage(PreparedUpperStage({}, PROMPT), [Word(w) for w in words], tmp_path, EngineConfig(model="fake-model"), engine=engine, progress=False), engine
+
+    s, engine = run_prepared(["a", "", "a", "boom"])
+    assert (s.done, s.skipped) == (1, 1) and dict(s.failed) == {"missing_text": 1, "server_error": 1}
+    assert len(read_table(tmp_path / "upper", SCHEMA)) == 3  # "a" once
+    s, engine = run_prepared(["a", "b"])
+    assert (s.done, s.skipped) == (1, 1) and engine.batches == [["b"]]
