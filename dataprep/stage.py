@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Generic, Iterable, Iterator, Protocol, TypeVar
 
-from dataprep.engines import ChatResult, EngineConfig, Sampling, load_engine
+from dataprep import engines
+from dataprep.engines import ChatResult, EngineConfig, Sampling
 from dataprep.errors import ConfigError
 from dataprep.executors import ExecutorConfig, LocalExecutor, Work, make_executor
 from dataprep.promptfile import Prompt
@@ -215,7 +216,7 @@ def run_model_stage(
         leave.callback(acquire_stage_lock(folder, wait_lock).__exit__, None, None, None)
         check_shards(folder, stage.schema)
         if engine is None:
-            engine = load_engine(engine_cfg)
+            engine = engines.load_engine(engine_cfg)  # through the module: one place to substitute a fake engine
             leave.callback(engine.close)
         compact(folder, stage.schema)
         config = {"engine": engine_manifest(engine_cfg, engine), **stage.manifest_config(), "executor": executor_cfg.public_dict()}

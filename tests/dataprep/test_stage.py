@@ -172,10 +172,10 @@ def test_an_error_mid_run_keeps_finished_rows_and_writes_the_manifest(tmp_path):
 
 
 def test_an_engine_the_runner_loads_is_closed_also_after_an_error(tmp_path, monkeypatch):
-    import dataprep.stage as stage
+    import dataprep.engines
 
     loaded: list[Upper] = []
-    monkeypatch.setattr(stage, "load_engine", lambda cfg: loaded.append(Upper()) or loaded[-1])
+    monkeypatch.setattr(dataprep.engines, "load_engine", lambda cfg: loaded.append(Upper()) or loaded[-1])
     s = run_model_stage(UpperStage({}, PROMPT), [Word("a")], tmp_path, EngineConfig(model="fake-model"), progress=False)
     assert s.done == 1 and loaded[0].closed
     with pytest.raises(AttributeError):  # a record the stage cannot key
