@@ -28,7 +28,6 @@ from typing import Any, Iterable, Iterator
 from dataprep.engines import ChatRequest, Engine, EngineConfig, Sampling
 from dataprep.errors import ConfigError
 from dataprep.executors import ExecutorConfig
-from dataprep.imagecheck import ImageChecks
 from dataprep.images import DEFAULT_MAX_PIXELS, PrepOptions, prepare
 from dataprep.promptfile import Prompt, load_prompt
 from dataprep.runtime import StageSummary
@@ -63,8 +62,10 @@ class CaptionOptions:
     blank_std: float = 4.0
     max_aspect: float = 4.0
 
-    def image_checks(self) -> ImageChecks:
+    def image_checks(self):
         """The thresholds as a validated :class:`dataprep.imagecheck.ImageChecks`."""
+        from dataprep.imagecheck import ImageChecks
+
         return ImageChecks(min_side=self.min_side, blank_std=self.blank_std, max_aspect=self.max_aspect)
 
     def validate(self) -> None:
