@@ -451,7 +451,7 @@ def refs():
 
 spec = _KeySpec(model="m", revision=None, prompt_sha256="p", sampling="{}", seed=None, prep=PrepOptions())
 for item in _ordered_map(refs(), spec, workers=2, window=1):
-    print("got", item["ref"].image_id, flush=True)
+    print("got", item.input.image_id, flush=True)
 """
 
 
