@@ -1,0 +1,413 @@
+"""Dependency directions, read from the source with ``ast`` (nothing is imported).
+
+The rule (docs: ARCHITECTURE, "Dependency rule"):
+
+- ``dataprep`` imports neither ``softrepa`` nor ``flows``;
+- ``softrepa`` imports from ``dataprep`` only the foundation: ``dataprep.errors``,
+  ``dataprep.runtime`` and ``dataprep.store`` (or a module of a ``dataprep/store/``
+  package), and never ``flows``;
+- ``flows`` is wiring over both;
+- no import cycles between project modules;
+- imports inside functions only for the heavy or optional third-party packages
+  in :data:`LAZY_OK` (they keep ``dataprep --help`` fast). A project module or
+  the standard library imported inside a function buys no start-up time and
+  hides cycles, so it goes at the top, unless :data:`ALLOWED_IN_FUNCTION` names
+  it with the reason.
+
+Every import counts: module level, inside functions and methods, relative
+ones, ``importlib.import_module("...")``/``__import__("...")`` with a literal
+name, and ``if TYPE_CHECKING:`` blocks (for the directions; they never run, so
+they make no cycle). An import inside a function is an edge of the cycle graph
+too: it runs on the first call, and moving it to the top must not make a cycle.
+
+The checker takes the root folder and the package names, so the tests below
+run it on small synthetic packages to show that it reports each kind of wrong
+edge; the last tests run it on the real tree. Each finding reads
+``FILE:LINE: IMPORTER -> IMPORTED: why``.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("dataprep", "softrepa", "flows")
+
+# What softrepa may import from dataprep (a module or anything below it).
+SOFTREPA_MAY_USE = ("dataprep.errors", "dataprep.runtime", "dataprep.store")
+
+# Third-party packages that may be imported inside a function: each costs tens
+# to hundreds of milliseconds to import, or is an optional extra that is not
+# installed everywhere, so importing it at the top would slow `dataprep --help`
+# or break it.
+LAZY_OK = frozenset({
+    # model stacks
+    "torch", "transformers", "diffusers", "accelerate", "safetensors", "tokenizers", "huggingface_hub",
+    "bitsandbytes", "vllm", "datasets",
+    # orchestration and serving
+    "prefect", "pydantic", "ray", "httpx", "openai",
+    # data and images
+    "numpy", "pyarrow", "fsspec", "filelock", "pandas", "polars", "duckdb", "PIL",
+    # reporting
+    "rich", "jinja2", "matplotlib", "playwright",
+    # optional quality extras and editing metrics
+    "imagehash", "datasketch", "lpips", "ImageReward", "hpsv2", "pytorch_fid",
+})
+
+# (importing module, imported module) -> why this import stays inside a function.
+ALLOWED_IN_FUNCTION: dict[tuple[str, str], str] = {}
+
+
+@dataclass(frozen=True)
+class Import:
+    path: str  # file, relative to the root
+    line: int
+    importer: str  # dotted module name of the file
+    imported: str  # dotted name: a project module, or the name as written for others
+    function: str | None  # enclosing function (None: module or class level)
+    type_only: bool  # under `if TYPE_CHECKING:`
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}:{self.line}: {self.importer} -> {self.imported}"
+
+
+def project_modules(root: Path, packages: tuple[str, ...] = PACKAGES) -> dict[str, Path]:
+    """Dotted module name -> file, for every ``.py`` file under the packages."""
+    modules = {}
+    for package in packages:
+        for path in sorted((root / package).rglob("*.py")):
+            parts = path.relative_to(root).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            modules[".".join(parts)] = path
+    return modules
+
+
+def _resolve(name: str, modules: dict[str, Path]) -> str:
+    """The longest prefix of ``name`` that is a project module (``name`` itself when none is)."""
+    parts = name.split(".")
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in modules:
+            return ".".join(parts[:n])
+    return name
+
+
+def _targets(node: ast.AST, importer: str, is_package: bool, modules: dict[str, Path]) -> list[str]:
+    """The module names one import statement (or literal dynamic import) brings in."""
+    if isinstance(node, ast.Import):
+        return [_resolve(a.name, modules) for a in node.names]
+    if isinstance(node, ast.ImportFrom):
+        base = node.module or ""
+        if node.level:
+            package = importer.split(".") if is_package else importer.split(".")[:-1]
+            package = package[: len(package) - (node.level - 1)]
+            base = ".".join([*package, *([base] if base else [])])
+        # `from pkg import name`: the submodule pkg.name when there is one, else pkg
+        names = [_resolve(f"{base}.{a.name}", modules) if f"{base}.{a.name}" in modules else _resolve(base, modules)
+                 for a in node.names]
+        return list(dict.fromkeys(names))  # `from m import a, b`: one edge
+    return [_resolve(node.args[0].value, modules)]  # importlib.import_module("x") / __import__("x")
+
+
+def _is_dynamic_import(node: ast.AST) -> bool:
+    if not (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)):
+        return False
+    f = node.func
+    return (isinstance(f, ast.Name) and f.id in ("__import__", "import_module")) or (
+        isinstance(f, ast.Attribute) and f.attr == "import_module")
+
+
+def read_imports(root: Path, packages: tuple[str, ...] = PACKAGES) -> tuple[list[Import], dict[str, Path]]:
+    """Every import of every project module, and the modules themselves."""
+    modules = project_modules(root, packages)
+    found: list[Import] = []
+    for importer, path in modules.items():
+        rel = path.relative_to(root).as_posix()
+        is_package = path.name == "__init__.py"
+
+        def visit(node: ast.AST, function: str | None, type_only: bool) -> None:
+            for child in ast.iter_child_nodes(node):
+                inner, guarded = function, type_only
+                if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                    inner = getattr(child, "name", "<lambda>")
+                if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                    guarded = True
+                if isinstance(child, (ast.Import, ast.ImportFrom)) or _is_dynamic_import(child):
+                    for target in _targets(child, importer, is_package, modules):
+                        found.append(Import(rel, child.lineno, importer, target, function, type_only))
+                visit(child, inner, guarded)
+
+        visit(ast.parse(path.read_text(encoding="utf-8"), filename=rel), None, False)
+    return found, modules
+
+
+def _top(name: str) -> str:
+    return name.split(".")[0]
+
+
+def wrong_direction(imports: list[Import], packages: tuple[str, ...] = PACKAGES) -> list[str]:
+    """Edges against the dependency rule, one line each."""
+    out = []
+    for imp in imports:
+        src, dst = _top(imp.importer), _top(imp.imported)
+        if dst not in packages or src == dst:
+            continue
+        why = None
+        if src == "dataprep" and dst in ("softrepa", "flows"):
+            why = "dataprep must import neither softrepa nor flows"
+        elif src == "softrepa" and dst == "flows":
+            why = "softrepa must not import flows"
+        elif src == "softrepa" and dst == "dataprep" and not any(
+                imp.imported == ok or imp.imported.startswith(ok + ".") for ok in SOFTREPA_MAY_USE):
+            why = f"softrepa may import from dataprep only {', '.join(SOFTREPA_MAY_USE)}"
+        if why:
+            out.append(f"{imp.where}: {why}")
+    return out
+
+
+def imports_in_functions(imports: list[Import], packages: tuple[str, ...] = PACKAGES,
+                         allowed: dict[tuple[str, str], str] = ALLOWED_IN_FUNCTION) -> list[str]:
+    """Imports inside functions that are not of a heavy/optional package nor allowed with a reason."""
+    out = []
+    used = set()
+    for imp in imports:
+        if imp.function is None:
+            continue
+        top = _top(imp.imported)
+        if (imp.importer, imp.imported) in allowed:
+            used.add((imp.importer, imp.imported))
+            continue
+        if top in packages:
+            kind = "a project module"
+        elif top in sys.stdlib_module_names:
+            kind = "the standard library"
+        elif top in LAZY_OK:
+            continue
+        else:
+            kind = "a package not in LAZY_OK (add it there if it is heavy or optional)"
+        out.append(f"{imp.where}: imported inside {imp.function}(): {kind} goes at the top of the module")
+    for key, why in allowed.items():
+        if not why.strip():
+            out.append(f"ALLOWED_IN_FUNCTION{key}: give the reason the import stays inside a function")
+        elif key not in used:
+            out.append(f"ALLOWED_IN_FUNCTION{key}: no such import inside a function any more; remove the entry")
+    return out
+
+
+def import_cycles(imports: list[Import], modules: dict[str, Path],
+                  allowed: dict[tuple[str, str], str] = ALLOWED_IN_FUNCTION) -> list[str]:
+    """Each group of project modules that import each other, shown as one cycle with its lines."""
+    edges: dict[str, dict[str, Import]] = {m: {} for m in modules}
+    for imp in imports:
+        if imp.imported in modules and not imp.type_only and (imp.importer, imp.imported) not in allowed:
+            edges[imp.importer].setdefault(imp.imported, imp)
+
+    # Tarjan's strongly connected components, iteratively (no recursion limit).
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    groups: list[list[str]] = []
+    for start in sorted(modules):
+        if start in index:
+            continue
+        work = [(start, iter(sorted(edges[start])))]
+        index[start] = low[start] = len(index)
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(edges[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                group = []
+                while True:
+                    m = stack.pop()
+                    on_stack.discard(m)
+                    group.append(m)
+                    if m == node:
+                        break
+                if len(group) > 1 or node in edges[node]:
+                    groups.append(sorted(group))
+
+    out = []
+    for group in sorted(groups):
+        members = set(group)
+        # one concrete cycle through the group's first module (breadth-first: the shortest)
+        first = group[0]
+        paths = {first: [first]}
+        queue = [first]
+        cycle = None
+        while queue and cycle is None:
+            m = queue.pop(0)
+            for nxt in sorted(edges[m]):
+                if nxt == first:
+                    cycle = paths[m] + [first]
+                    break
+                if nxt in members and nxt not in paths:
+                    paths[nxt] = paths[m] + [nxt]
+                    queue.append(nxt)
+        steps = [edges[a][b] for a, b in zip(cycle, cycle[1:])]
+        out.append("import cycle " + " -> ".join(cycle) + " ("
+                   + "; ".join(f"{s.path}:{s.line}" + (f" in {s.function}()" if s.function else "") for s in steps) + ")")
+    return out
+
+
+def check(root: Path, packages: tuple[str, ...] = PACKAGES,
+          allowed: dict[tuple[str, str], str] = ALLOWED_IN_FUNCTION) -> list[str]:
+    imports, modules = read_imports(root, packages)
+    return wrong_direction(imports, packages) + imports_in_functions(imports, packages, allowed) + import_cycles(imports, modules, allowed)
+
+
+# ------------------------------------------------------------ the checker itself
+
+
+def _tree(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    for package in PACKAGES:
+        (root / package).mkdir(exist_ok=True)
+        (root / package / "__init__.py").touch()
+    return root
+
+
+def test_a_clean_tree_reports_nothing(tmp_path):
+    root = _tree(tmp_path, {
+        "dataprep/store/__init__.py": "from dataprep.store.shards import ShardWriter\n",
+        "dataprep/store/shards.py": "import json\nclass ShardWriter: ...\n",
+        "dataprep/errors.py": "class ConfigError(ValueError): ...\n",
+        "dataprep/caption.py": "from . import errors\nfrom .store import ShardWriter\n\ndef run():\n    import torch\n",
+        "softrepa/train.py": "from dataprep.errors import ConfigError\nfrom dataprep.store.shards import ShardWriter\n"
+                             "from dataprep import runtime\n\ndef train():\n    from PIL import Image\n",
+        "dataprep/runtime.py": "",
+        "flows/flows.py": "from dataprep.caption import run\nfrom softrepa.train import train\n",
+    })
+    assert check(root) == []
+
+
+def test_a_dataprep_to_softrepa_edge_is_reported_with_file_line_and_edge(tmp_path):
+    root = _tree(tmp_path, {
+        "dataprep/tiny.py": "import json\n\n\ndef write_all():\n    from softrepa.tiny import write_tiny_pipelines\n",
+        "dataprep/cli.py": "import typer\nimport flows.deployments\n",
+        "softrepa/tiny.py": "def write_tiny_pipelines(): ...\n",
+        "flows/deployments.py": "",
+    })
+    imports, _ = read_imports(root)
+    assert wrong_direction(imports) == [
+        "dataprep/cli.py:2: dataprep.cli -> flows.deployments: dataprep must import neither softrepa nor flows",
+        "dataprep/tiny.py:5: dataprep.tiny -> softrepa.tiny: dataprep must import neither softrepa nor flows",
+    ]
+    assert imports_in_functions(imports) == [
+        "dataprep/tiny.py:5: dataprep.tiny -> softrepa.tiny: imported inside write_all(): a project module goes at the top of the module",
+    ]
+
+
+def test_softrepa_may_use_only_the_dataprep_foundation(tmp_path):
+    root = _tree(tmp_path, {
+        "dataprep/caption.py": "",
+        "dataprep/store.py": "",
+        "softrepa/evaluate.py": "from dataprep.store import read_rows\nfrom dataprep import caption\n"
+                                "import importlib\n\ndef f():\n    return importlib.import_module('flows.flows')\n",
+        "flows/flows.py": "",
+    })
+    assert [line.split(": ", 1)[0] for line in check(root)] == [
+        "softrepa/evaluate.py:2", "softrepa/evaluate.py:6",  # wrong directions
+        "softrepa/evaluate.py:6",  # a project module inside f()
+    ]
+    assert "softrepa.evaluate -> dataprep.caption: softrepa may import from dataprep only" in check(root)[0]
+
+
+def test_a_cycle_is_reported_with_each_edge_even_through_a_function_level_relative_import(tmp_path):
+    root = _tree(tmp_path, {
+        "softrepa/tokens.py": "from . import token_files\n",
+        "softrepa/token_files.py": "import json\n\n\ndef load():\n    from .tokens import SoftTokens\n",
+    })
+    imports, modules = read_imports(root)
+    assert import_cycles(imports, modules) == [
+        "import cycle softrepa.token_files -> softrepa.tokens -> softrepa.token_files "
+        "(softrepa/token_files.py:5 in load(); softrepa/tokens.py:1)"
+    ]
+    # the same import, allowed with a reason, is neither a function-level finding nor a cycle edge
+    allowed = {("softrepa.token_files", "softrepa.tokens"): "tokens imports token_files at load time"}
+    assert check(root, allowed=allowed) == []
+
+
+def test_type_checking_imports_count_for_directions_but_make_no_cycle(tmp_path):
+    root = _tree(tmp_path, {
+        "dataprep/a.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from softrepa.b import B\n    from dataprep.c import C\n",
+        "dataprep/c.py": "from dataprep import a\n",
+        "softrepa/b.py": "",
+    })
+    assert check(root) == ["dataprep/a.py:3: dataprep.a -> softrepa.b: dataprep must import neither softrepa nor flows"]
+
+
+def test_stdlib_and_light_packages_inside_functions_are_reported_heavy_ones_are_not(tmp_path):
+    root = _tree(tmp_path, {
+        "dataprep/x.py": "class K:\n    def m(self):\n        import json, torch\n        import typer\n        from prefect import flow\n",
+    })
+    assert check(root) == [
+        "dataprep/x.py:3: dataprep.x -> json: imported inside m(): the standard library goes at the top of the module",
+        "dataprep/x.py:4: dataprep.x -> typer: imported inside m(): a package not in LAZY_OK (add it there if it is heavy or optional) goes at the top of the module",
+    ]
+
+
+def test_allow_list_entries_need_a_reason_and_an_import(tmp_path):
+    root = _tree(tmp_path, {"dataprep/x.py": "def f():\n    import json\n"})
+    assert check(root, allowed={("dataprep.x", "json"): " "}) == [
+        "ALLOWED_IN_FUNCTION('dataprep.x', 'json'): give the reason the import stays inside a function"]
+    assert check(root, allowed={("dataprep.x", "json"): "why", ("dataprep.x", "os"): "why"}) == [
+        "ALLOWED_IN_FUNCTION('dataprep.x', 'os'): no such import inside a function any more; remove the entry"]
+
+
+# ------------------------------------------------------------ the real tree
+
+
+@pytest.fixture(scope="module")
+def tree() -> tuple[list[Import], dict[str, Path]]:
+    return read_imports(ROOT)
+
+
+def _report(findings: list[str]) -> str:
+    return f"{len(findings)} finding(s):\n" + "\n".join(findings)
+
+
+def test_dependency_directions(tree):
+    imports, _ = tree
+    assert not (found := wrong_direction(imports)), _report(found)
+
+
+def test_no_import_cycles(tree):
+    imports, modules = tree
+    assert not (found := import_cycles(imports, modules)), _report(found)
+
+
+def test_imports_inside_functions_only_for_heavy_packages(tree):
+    imports, _ = tree
+    assert not (found := imports_in_functions(imports)), _report(found)
+
+
+def test_the_checker_sees_the_real_tree(tree):
+    """Guards against a checker that passes because it reads nothing."""
+    imports, modules = tree
+    assert {"dataprep.cli", "softrepa.train", "flows.flows", "dataprep.errors"} <= set(modules)
+    assert any(i.importer == "softrepa.cli" and i.imported == "dataprep.errors" for i in imports)
