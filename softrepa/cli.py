@@ -335,6 +335,20 @@ def recipe_cmd(
     typer.echo(f"tokens: {res.train.tokens_dir}\nscores: {res.evaluation.scores_path}\ntable: {res.table_md}")
 
 
+# ------------------------------------------------------------ tiny models, demo
+
+
+@app.command("tiny-models")
+def tiny_models_cmd(
+    out: Annotated[Path, typer.Argument(help="Directory to write into; one from_pretrained directory per pipeline (the folder `dataprep tiny-models` writes into too).")],
+) -> None:
+    """Write tiny random SD3, SDXL and SD1.5 pipelines and official-format token files (official-tokens/<backbone>) for offline tests and the demo."""
+    from softrepa.tiny import write_all
+
+    for name, path in write_all(out).items():
+        typer.echo(f"{name:15s} {path}")
+
+
 def main() -> None:
     """Entry point: exit 0 / 1 / 2 as :mod:`dataprep.errors` describes; --debug shows tracebacks."""
     from dataprep.errors import run_cli
