@@ -11,6 +11,8 @@ Their outputs are random tokens: good for plumbing, not for content.
 
 from __future__ import annotations
 
+import io
+import json
 from pathlib import Path
 
 from PIL import Image
@@ -134,8 +136,6 @@ def write_tiny_llava(out: Path | str, seed: int = 0) -> Path:
 
 
 def encode_image(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
-    import io
-
     buf = io.BytesIO()
     img.save(buf, format=fmt, **kw)
     return buf.getvalue()
@@ -261,8 +261,6 @@ EDITING_PAIRS = [
 
 def write_editing_pairs(path: Path | str) -> Path:
     """Write :data:`EDITING_PAIRS` to ``path`` in the official ``prompts_editing.json`` layout."""
-    import json
-
     path = Path(path)
     path.write_text(json.dumps(EDITING_PAIRS, indent=4) + "\n", encoding="utf-8")
     return path

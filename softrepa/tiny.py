@@ -23,6 +23,8 @@ Shapes that matter downstream (resolution = ``sample_size * vae_scale_factor``):
 
 from __future__ import annotations
 
+import io
+import zipfile
 from pathlib import Path
 
 BACKBONES = ("sd3", "sdxl", "sd1.5")
@@ -242,9 +244,6 @@ def _save_as_official(obj, path: Path, archive_name: str, device: str) -> None:
     so a length-prefixed string can change length in place). Loading such a
     file needs ``map_location`` -- which is what this fixture is for.
     """
-    import io
-    import zipfile
-
     import torch
 
     buf = io.BytesIO()
