@@ -9,10 +9,12 @@ The rule (docs: ARCHITECTURE, "Dependency rule"):
 - ``flows`` is wiring over both;
 - no import cycles between project modules;
 - imports inside functions only for the heavy or optional third-party packages
-  in :data:`LAZY_OK` (they keep ``dataprep --help`` fast). A project module or
-  the standard library imported inside a function buys no start-up time and
-  hides cycles, so it goes at the top, unless :data:`ALLOWED_IN_FUNCTION` names
-  it with the reason.
+  in :data:`LAZY_OK` (they keep ``dataprep --help`` fast), and for project
+  modules that load such a package the importer does not load already (a CLI
+  command importing its stage module). Any other project module, and the
+  standard library, imported inside a function buys no start-up time and hides
+  cycles, so it goes at the top, unless :data:`ALLOWED_IN_FUNCTION` names it
+  with the reason.
 
 Every import counts: module level, inside functions and methods, relative
 ones, ``importlib.import_module("...")``/``__import__("...")`` with a literal
@@ -66,8 +68,6 @@ ALLOWED_IN_FUNCTION: dict[tuple[str, str], str] = {
     ("dataprep.engines", "dataprep.engines.hf"): _ENGINE_CYCLE,
     ("dataprep.engines", "dataprep.engines.vllm_engine"): _ENGINE_CYCLE,
     ("dataprep.engines", "dataprep.engines.openai_engine"): _ENGINE_CYCLE,
-    ("flows.commands", "flows.deployments"): "flows.deployments imports prefect at its top, and every `dataprep` start "
-                                             "loads flows.commands (the plugin that adds `dataprep serve`)",
 }
 
 
@@ -180,9 +180,46 @@ def wrong_direction(imports: list[Import], packages: tuple[str, ...] = PACKAGES)
     return out
 
 
+def _with_packages(name: str) -> list[str]:
+    """``a.b.c`` -> ``a``, ``a.b``, ``a.b.c``: importing a module runs its packages' ``__init__`` first."""
+    parts = name.split(".")
+    return [".".join(parts[:n]) for n in range(1, len(parts) + 1)]
+
+
+def heavy_on_import(imports: list[Import], packages: tuple[str, ...] = PACKAGES) -> dict[str, set[str]]:
+    """Project module -> the :data:`LAZY_OK` packages that importing it loads (through its
+    module-level imports and those of the project modules and packages they import)."""
+    direct: dict[str, set[str]] = {}
+    for imp in imports:
+        if imp.function is None and not imp.type_only:
+            direct.setdefault(imp.importer, set()).add(imp.imported)
+    heavy: dict[str, set[str]] = {}
+    for module in {i.importer for i in imports}:
+        seen, todo, found = set(), _with_packages(module), set()
+        while todo:
+            node = todo.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            for target in direct.get(node, ()):
+                if _top(target) in packages:
+                    todo.extend(_with_packages(target))
+                elif _top(target) in LAZY_OK:
+                    found.add(_top(target))
+        heavy[module] = found
+    return heavy
+
+
 def imports_in_functions(imports: list[Import], packages: tuple[str, ...] = PACKAGES,
                          allowed: dict[tuple[str, str], str] = ALLOWED_IN_FUNCTION) -> list[str]:
-    """Imports inside functions that are not of a heavy/optional package nor allowed with a reason."""
+    """Imports inside functions that load nothing heavy and are not allowed with a reason.
+
+    A project module counts as heavy for an importer when importing it loads a
+    :data:`LAZY_OK` package that the importer itself does not load (``dataprep.cli``
+    imports ``dataprep.caption`` inside its command: at the top it would bring
+    pyarrow and PIL into every ``dataprep --help``).
+    """
+    heavy = heavy_on_import(imports, packages)
     out = []
     used = set()
     for imp in imports:
@@ -193,7 +230,9 @@ def imports_in_functions(imports: list[Import], packages: tuple[str, ...] = PACK
             used.add((imp.importer, imp.imported))
             continue
         if top in packages:
-            kind = "a project module"
+            if heavy.get(imp.imported, set()) - heavy.get(imp.importer, set()):
+                continue
+            kind = "a project module that loads nothing heavy"
         elif top in sys.stdlib_module_names:
             kind = "the standard library"
         elif top in LAZY_OK:
@@ -326,7 +365,7 @@ def test_a_dataprep_to_softrepa_edge_is_reported_with_file_line_and_edge(tmp_pat
         "dataprep/tiny.py:5: dataprep.tiny -> softrepa.tiny: dataprep must import neither softrepa nor flows",
     ]
     assert imports_in_functions(imports, allowed={}) == [
-        "dataprep/tiny.py:5: dataprep.tiny -> softrepa.tiny: imported inside write_all(): a project module goes at the top of the module",
+        "dataprep/tiny.py:5: dataprep.tiny -> softrepa.tiny: imported inside write_all(): a project module that loads nothing heavy goes at the top of the module",
     ]
 
 
@@ -376,6 +415,22 @@ def test_stdlib_and_light_packages_inside_functions_are_reported_heavy_ones_are_
     assert check(root, allowed={}) == [
         "dataprep/x.py:3: dataprep.x -> json: imported inside m(): the standard library goes at the top of the module",
         "dataprep/x.py:4: dataprep.x -> typer: imported inside m(): a package not in LAZY_OK (add it there if it is heavy or optional) goes at the top of the module",
+    ]
+
+
+def test_a_project_module_that_loads_a_heavy_package_may_be_imported_inside_a_function(tmp_path):
+    root = _tree(tmp_path, {
+        "dataprep/store/__init__.py": "from dataprep.store.shards import write\n",
+        "dataprep/store/shards.py": "import pyarrow\n\ndef write(): ...\n",
+        "dataprep/errors.py": "import json\n",
+        # store loads pyarrow (through its package): lazy on purpose; errors loads nothing heavy
+        "dataprep/cli.py": "import typer\n\ndef stats():\n    from dataprep.store.shards import write\n    from dataprep import errors\n",
+        # pyarrow is loaded here anyway: the lazy import of store saves nothing
+        "dataprep/stats.py": "import pyarrow\n\ndef f():\n    from dataprep import store\n",
+    })
+    assert check(root, allowed={}) == [
+        "dataprep/cli.py:5: dataprep.cli -> dataprep.errors: imported inside stats(): a project module that loads nothing heavy goes at the top of the module",
+        "dataprep/stats.py:4: dataprep.stats -> dataprep.store: imported inside f(): a project module that loads nothing heavy goes at the top of the module",
     ]
 
 
