@@ -1,6 +1,6 @@
 """Dependency directions, read from the source with ``ast`` (nothing is imported).
 
-The rule (docs: ARCHITECTURE, "Dependency rule"):
+The dependency rule:
 
 - ``dataprep`` imports neither ``softrepa`` nor ``flows``;
 - ``softrepa`` imports from ``dataprep`` only the foundation: ``dataprep.errors``,
