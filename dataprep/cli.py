@@ -10,6 +10,7 @@ shows the traceback); see :mod:`dataprep.errors`.
 
 from __future__ import annotations
 
+from importlib import metadata
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -691,7 +692,7 @@ def pipeline_div2k(
         raise typer.Exit(1)
 
 
-# ------------------------------------------------------------ server, serve
+# ------------------------------------------------------------ server (`dataprep serve` is flows', see the end)
 
 server_app = typer.Typer(help="A local Prefect server (127.0.0.1, SQLite under --home, telemetry off) for the flows. For a team or cluster server set PREFECT_API_URL instead.", no_args_is_help=True)
 app.add_typer(server_app, name="server")
@@ -741,65 +742,46 @@ def server_status(home: HomeOpt = Path(".prefect")) -> None:
         raise typer.Exit(1)
 
 
-@app.command("serve")
-def serve(
-    cron: Annotated[str, typer.Option("--cron", help="Schedule of prepare-div2k (cron, 5 fields).")] = "0 2 * * *",
-    timezone: Annotated[Optional[str], typer.Option("--timezone", help="IANA time zone of --cron (default UTC).")] = None,
-    data: Annotated[str, typer.Option("--data", help="prepare-div2k default: DIV2K_train_HR/ folder or zip.")] = "data/DIV2K_train_HR",
-    out: Annotated[str, typer.Option("--out", help="prepare-div2k default: run directory (captions/, edits/, batches/, train/).")] = "runs/div2k",
-    limit: Annotated[Optional[int], typer.Option("--limit", help="prepare-div2k default: at most N images.")] = None,
-    caption_model: Annotated[Optional[str], typer.Option("--caption-model", help="prepare-div2k default captioner (default LLaVA-1.5-13B).")] = None,
-    rewrite_model: Annotated[Optional[str], typer.Option("--rewrite-model", help="prepare-div2k default rewriter (default Llama-3.1-8B-Instruct).")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="Device for every model (auto, cpu, cuda, cuda:N).")] = None,
-    preset: Annotated[str, typer.Option("--preset", help="Batch and training preset: sd3, sdxl or sd1.5.")] = "sd3",
-    train_model: Annotated[Optional[str], typer.Option("--train-model", help="Diffusers pipeline the triggered training uses (default: the preset's paper backbone).")] = None,
-    train_steps: Annotated[Optional[int], typer.Option("--train-steps", help="Training steps (default: Table 3 of the paper).")] = None,
-    evaluate: Annotated[bool, typer.Option("--evaluate/--no-evaluate", help="Run evaluate-edit after each training (sd3 only).")] = True,
-    home: HomeOpt = Path(".prefect"),
-    limit_runs: Annotated[Optional[int], typer.Option("--max-runs", help="Flow runs this process executes at once (default: no limit; GPU stages still queue on the 'gpu' slot).")] = None,
-) -> None:
-    """Serve prepare-div2k (cron), train-on-new-shards (event) and evaluate-edit (event) from this process until Ctrl-C.
-
-    Uses PREFECT_API_URL when set, else the server `dataprep server start --home HOME` runs.
-    """
-    import os
-
-    from dataprep import server
-
-    if not os.environ.get("PREFECT_API_URL"):
-        state, ok = server.status(home)
-        if not ok:
-            raise fail(f"no Prefect server: PREFECT_API_URL is unset and none runs for --home {home}. Fix: `dataprep server start --home {home}` or export PREFECT_API_URL")
-        os.environ.update(server.client_env(state))
-    from flows.deployments import prepare_parameters, serve_all
-
-    engine = {"device": device} if device else None
-    train_options = {k: v for k, v in {"model": train_model, "steps": train_steps, "device": device}.items() if v is not None}
-    eval_options = ({"device": device} if device else {}) if evaluate else None
-    params = prepare_parameters(data, out, limit=limit, caption_model=caption_model, rewrite_model=rewrite_model, engine=engine, preset=preset, train_options=train_options or None, eval_options=eval_options)
-    try:
-        serve_all(cron, timezone, params, limit=limit_runs)
-    except ConfigError as exc:
-        raise fail(str(exc))
-
-
 # ------------------------------------------------------------ tiny models, demo
 
 
 @app.command("tiny-models")
 def tiny_models(
     out: Annotated[Path, typer.Argument(help="Directory to write into; one from_pretrained directory per model.")],
-    no_diffusers: Annotated[bool, typer.Option("--no-diffusers", help="Only the text/vision models (llava, llama).")] = False,
 ) -> None:
-    """Write tiny random checkpoints of every model the pipeline uses (LLaVA, Llama, SD pipelines) for offline tests and the demo."""
+    """Write tiny random LLaVA and Llama checkpoints, small test images and DIV2K-shaped frames for offline tests and the demo (`softrepa tiny-models` adds the SD pipelines)."""
     from rich.console import Console
 
     from dataprep.tiny import write_all
 
-    written = write_all(out, diffusers=not no_diffusers)
+    written = write_all(out)
     console = Console()
     for name, path in written.items():
         console.print(f"{name:8s} {path}", highlight=False, markup=False)
+
+
+# ------------------------------------------------------------ commands of other packages
+# dataprep imports nothing of flows (tests/test_imports.py), yet `dataprep serve`
+# is a flows command: flows registers it in the entry-point group
+# "dataprep.commands" (pyproject.toml) and it is added here. Only this
+# distribution's own metadata is read (scanning every installed distribution
+# would cost about 50 ms of each `dataprep` start), every copy of it on
+# sys.path: a checkout's stale *.egg-info found first must not hide the
+# installed entry points.
+
+
+def add_plugin_commands(target: typer.Typer, group: str = "dataprep.commands") -> list[str]:
+    """Add each command of the entry-point ``group`` to ``target``; returns their names."""
+    found: dict[str, metadata.EntryPoint] = {}
+    for dist in metadata.distributions(name="softrepa-dataprep"):
+        for ep in dist.entry_points.select(group=group):
+            found.setdefault(ep.name, ep)
+    for name, ep in found.items():
+        target.command(name)(ep.load())
+    return list(found)
+
+
+add_plugin_commands(app)
 
 
 def main() -> None:

@@ -241,13 +241,6 @@ def export_softrepa(run_dir: Path | str, out: Path | str, include_failed: bool =
     return _finish("softrepa", run_dir, out, len(entries), skipped, [out / "prompts_editing.json"], include_failed)
 
 
-def read_softrepa(path: Path | str) -> list[dict[str, str]]:
-    """Entries of a ``prompts_editing.json`` with ``img_path`` resolved against its folder."""
-    path = Path(path)
-    entries = json.loads(path.read_text(encoding="utf-8"))
-    return [dict(e, img_path=str(path.parent / e["img_path"])) for e in entries]
-
-
 def bracket(text: str, spans: tuple[tuple[int, int], ...]) -> str:
     """Wrap each non-empty ``[start, end)`` range of ``text`` in ``[ ]``."""
     for start, end in sorted(s for s in spans if s[1] > s[0])[::-1]:

@@ -8,16 +8,14 @@ string instead, and the stage records it on the row.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from dataprep.errors import Reason, failure
-
-if TYPE_CHECKING:
-    from dataprep.imagecheck import ImageChecks
+from dataprep.imagecheck import ImageChecks, image_flags
 
 # LLaVA-1.5 pads to a square with the CLIP image mean (image_aspect_ratio=pad),
 # so the padding is neutral after the processor normalises it.
@@ -174,16 +172,12 @@ def square(img: Image.Image, opts: PrepOptions) -> Image.Image:
 
 def prepare(data: bytes, opts: PrepOptions = PrepOptions()) -> Prepared:
     """bytes -> RGB square ready for the processor, or an error. Never raises."""
-    import hashlib
-
     digest = hashlib.sha256(data).hexdigest()
     try:
         img = decode(data, opts.max_pixels)
         w, h = img.size
         flags = None
         if opts.checks is not None:
-            from dataprep.imagecheck import image_flags
-
             flags = image_flags(img, opts.checks)  # the full image: a padded square would look uniform
         rgb = to_rgb(img)
         return Prepared(sha256=digest, width=w, height=h, image=square(rgb, opts), flags=flags)

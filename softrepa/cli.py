@@ -14,6 +14,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from softrepa.tiny import write_all as write_tiny_models  # torch and diffusers load inside the builders
+
 app = typer.Typer(
     name="softrepa",
     help="SoftREPA: train soft text tokens with the contrastive score-matching loss on a frozen diffusion model, "
@@ -333,6 +335,18 @@ def recipe_cmd(
         raise fail(str(exc))
     typer.echo(res.markdown)
     typer.echo(f"tokens: {res.train.tokens_dir}\nscores: {res.evaluation.scores_path}\ntable: {res.table_md}")
+
+
+# ------------------------------------------------------------ tiny models, demo
+
+
+@app.command("tiny-models")
+def tiny_models_cmd(
+    out: Annotated[Path, typer.Argument(help="Directory to write into; one from_pretrained directory per pipeline (the folder `dataprep tiny-models` writes into too).")],
+) -> None:
+    """Write tiny random SD3, SDXL and SD1.5 pipelines and official-format token files (official-tokens/<backbone>) for offline tests and the demo."""
+    for name, path in write_tiny_models(out).items():
+        typer.echo(f"{name:15s} {path}")
 
 
 def main() -> None:

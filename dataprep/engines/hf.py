@@ -20,6 +20,7 @@ the plain left-padded path (same greedy outputs; a test checks this).
 from __future__ import annotations
 
 import copy
+import gc
 import inspect
 import logging
 from pathlib import Path
@@ -371,8 +372,6 @@ class TransformersEngine:
         return ids
 
     def close(self) -> None:
-        import gc
-
         import torch
 
         self.net = None

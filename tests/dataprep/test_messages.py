@@ -21,7 +21,7 @@ from dataprep.check import check_rows, read_records, write_report
 from dataprep.cli import app as dataprep_app
 from dataprep.errors import ConfigError
 from softrepa.cli import app as softrepa_app
-from tests.softrepa.test_softrepa_import import _Evil
+from tests.pickles import EvilPickle as _Evil
 
 runner = CliRunner()
 

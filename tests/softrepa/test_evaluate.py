@@ -13,18 +13,16 @@ from PIL import Image
 from dataprep.errors import ConfigError
 from dataprep.store import EDITS_SCHEMA, ShardWriter
 from softrepa.evaluate import EvalConfig, Setting, evaluate_edit, load_pairs, summarize, table_markdown
-from softrepa.metrics import MetricConfig, missing_metrics, write_tiny_metric_models
+from softrepa.metrics import MetricConfig, missing_metrics
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from softrepa.tiny import write_tiny_pipelines
+def tiny(tmp_path_factory, tiny_pipelines, metric_models):
     from softrepa.tokens import SoftTokens, TokenConfig, save_tokens
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("tiny-eval")
-    sd3 = write_tiny_pipelines(root, ("sd3",))["sd3"]
-    metric_models = write_tiny_metric_models(root / "metrics")
+    sd3 = tiny_pipelines["sd3"]
     from types import SimpleNamespace
 
     torch.manual_seed(0)

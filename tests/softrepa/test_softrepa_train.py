@@ -89,16 +89,14 @@ def test_thirty_steps_on_a_fixed_batch_lower_the_contrastive_loss():
 
 
 @pytest.fixture()
-def shards(tmp_path) -> dict[str, Path]:
+def shards(tmp_path, samples_dir) -> dict[str, Path]:
     """Batch shards for sd3 (4 x 4) and sd1.5 (2 x 4): PNG paths, a zip:// URL and one missing file."""
     pngs = [str(p) for p in write_pngs(tmp_path / "img", 3)]
     with zipfile.ZipFile(tmp_path / "imgs.zip", "w") as zf:
         zf.write(pngs[0], "inside/zipped.png")
     uris = pngs + [f"zip://inside/zipped.png::{tmp_path / 'imgs.zip'}"]
     # and one DIV2K-sized frame (2040x1356), which the trainer resizes like any other
-    from dataprep.tiny import write_div2k_samples
-
-    uris.append(str(write_div2k_samples(tmp_path / "div2k", n=1)[0]))
+    uris.append(str(samples_dir / "0001.png"))
     write_batch_shards(tmp_path / "sd3", "sd3", uris, PROMPTS, n_rows=3, n_images=4, n_prompts=4, bad_uri_rows=(1,))
     write_batch_shards(tmp_path / "sd15", "sd1.5", uris, PROMPTS, n_rows=3, n_images=2, n_prompts=4, bad_uri_rows=(1,))
     return {"sd3": tmp_path / "sd3", "sd1.5": tmp_path / "sd15", "root": tmp_path}
@@ -370,7 +368,7 @@ def test_training_visits_every_row_once_per_pass_in_a_new_order(tmp_path):
     assert [r["batch_id"] for r in _log_steps(plain.log_path)] == ["b000", "b001", "b002", "b003"]
 
 
-def test_best_checkpoint_trained_images_and_curves(tmp_path):
+def test_best_checkpoint_trained_images_and_curves(tmp_path, metric_models):
     """Held-out captions are sampled and CLIP-scored at each checkpoint; best/ holds the best tokens;
     every token folder records the images it was trained on; the curves PNG follows the log."""
     import hashlib
@@ -378,11 +376,10 @@ def test_best_checkpoint_trained_images_and_curves(tmp_path):
     from PIL import Image
 
     from softrepa.curves import read_curves
-    from softrepa.metrics import write_tiny_metric_models
 
     pngs = [str(p) for p in write_pngs(tmp_path / "img", 6)]
     write_batch_shards(tmp_path / "b", "sd1.5", pngs, PROMPTS[:6], n_rows=6, n_images=2, n_prompts=4)
-    clip = write_tiny_metric_models(tmp_path / "metrics")["clip"]
+    clip = metric_models["clip"]
     seen_png: dict[str, object] = {}
 
     def on_step(rec):
