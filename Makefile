@@ -17,7 +17,8 @@ TORCH  ?= torch==2.13.0
 DEMO   ?= runs/demo
 DP      = $(VENV)/bin/dataprep
 SR      = $(VENV)/bin/softrepa
-# written by `dataprep tiny-models`: DIV2K-shaped frames + their editing pairs
+# written by `dataprep tiny-models` (`softrepa tiny-models` adds the SD pipelines
+# and official-format token files): DIV2K-shaped frames + their editing pairs
 SAMPLES = $(DEMO)/models/div2k
 # offline, and quiet about the tiny models' random-token prompts being truncated
 OFFLINE = HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error DIFFUSERS_VERBOSITY=error HF_HUB_DISABLE_PROGRESS_BARS=1
@@ -36,6 +37,7 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	rm -rf $(DEMO)
 	$(OFFLINE) $(DP) tiny-models $(DEMO)/models
+	$(OFFLINE) $(SR) tiny-models $(DEMO)/models
 	$(OFFLINE) $(DP) caption div2k --data $(SAMPLES) --out $(DEMO) --model $(DEMO)/models/llava --max-new-tokens 48
 	$(OFFLINE) $(DP) caption folder $(DEMO)/models/images --name generated --out $(DEMO) --model $(DEMO)/models/llava --max-new-tokens 48
 	$(OFFLINE) $(DP) rewrite --out $(DEMO) --model $(DEMO)/models/llama --max-new-tokens 64

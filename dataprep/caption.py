@@ -9,25 +9,32 @@ rows; the run goes on.
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import json
 import multiprocessing as mp
 import os
+import signal
+import sys
+import threading
+import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from dataprep.engines import ChatRequest, ChatResult, Engine, EngineConfig, Sampling
-from dataprep.errors import ConfigError
-from dataprep.executors import ExecutorConfig, LocalExecutor, make_executor
+from dataprep.engines import ChatRequest, Engine, EngineConfig, Sampling
+from dataprep.errors import ConfigError, Reason, failure, read_failure
+from dataprep.executors import ExecutorConfig
+from dataprep.imagecheck import ImageChecks
 from dataprep.images import DEFAULT_MAX_PIXELS, PrepOptions, prepare
-from dataprep.promptfile import load_prompt
-from dataprep.sources import ImageRef, read_bytes, stored_size
+from dataprep.promptfile import Prompt, load_prompt
 from dataprep.runtime import FORCE_HELP, MAX_NEW_TOKENS_HELP, ROWS_PER_SHARD_HELP, SEED_HELP, StageSummary, TOP_P_HELP, at_least, option, wait_lock_help
-from dataprep.stage import StageRun, model_identity, provenance
-from dataprep.store import CAPTIONS_SCHEMA, content_key, done_keys, sha256_text
+from dataprep.sources import ImageRef, read_bytes, stored_size
+from dataprep.stage import Generated, ModelId, ModelStage, Preparation, Tally, Task, run_model_stage
+from dataprep.store import CAPTIONS_SCHEMA, content_key, sha256_text
 
 DEFAULT_MODEL = "llava-hf/llava-1.5-13b-hf"
 STAGE = "caption"
@@ -61,8 +68,6 @@ class CaptionOptions:
 
     def image_checks(self):
         """The thresholds as a validated :class:`dataprep.imagecheck.ImageChecks`."""
-        from dataprep.imagecheck import ImageChecks
-
         return ImageChecks(min_side=self.min_side, blank_std=self.blank_std, max_aspect=self.max_aspect)
 
     def __post_init__(self) -> None:
@@ -118,16 +123,8 @@ def _exit_with_parent(parent_pid: int, interval_s: float = 0.5) -> None:
     (PR_SET_PDEATHSIG); everywhere a daemon thread polls the parent pid, which
     also covers the parent dying before the prctl call.
     """
-    import os
-    import sys
-    import threading
-    import time
-
     if sys.platform.startswith("linux"):
         try:
-            import ctypes
-            import signal
-
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
         except Exception:  # no libc symbol: the polling thread still works
             pass
@@ -148,12 +145,10 @@ def caption_key(input_sha256: str, spec: _KeySpec) -> str:
     return content_key(STAGE, input_sha256, spec.model, spec.revision, spec.prompt_sha256, sampling, spec.seed)
 
 
-def _work_hash_first(ref: ImageRef, spec: _KeySpec | None = None) -> dict[str, Any]:
+def _work_hash_first(ref: ImageRef, spec: _KeySpec | None = None) -> Task[ImageRef]:
     """Hash first; decode only if the key is not done (reruns skip decoding).
 
     ``spec`` defaults to the one a pool worker was started with."""
-    import hashlib
-
     spec = spec or _SPEC
     uri_key = caption_key("uri:" + sha256_text(ref.uri), spec)
     try:
@@ -161,24 +156,22 @@ def _work_hash_first(ref: ImageRef, spec: _KeySpec | None = None) -> dict[str, A
     except Exception:  # unknown size: read_bytes below reports the real cause
         size = None
     if size is not None and size > spec.max_bytes:
-        error = f"too_large: {size} bytes exceeds --max-bytes {spec.max_bytes}"
-        return {"ref": ref, "key": uri_key, "sha256": None, "error": error}
+        return Task(ref, uri_key, error=failure(Reason.TOO_LARGE, f"{size} bytes exceeds --max-bytes {spec.max_bytes}"))
     try:
         data = read_bytes(ref)
     except Exception as exc:  # zipfile.BadZipFile (bad CRC), RuntimeError (encrypted), ...: one bad row, not a dead run
-        reason = "missing_file" if isinstance(exc, (FileNotFoundError, KeyError)) else "read_error"
-        return {"ref": ref, "key": uri_key, "sha256": None, "error": f"{reason}: {exc}"}
+        return Task(ref, uri_key, error=read_failure(exc))
     digest = hashlib.sha256(data).hexdigest()
     # the image id is part of the input: two images with the same bytes (or two
     # zero-byte files) each keep their own row (compaction keeps one per key)
     key = caption_key(sha256_text(json.dumps([ref.image_id, digest])), spec)
     if key in spec.done:
-        return {"ref": ref, "key": key, "sha256": digest, "skipped": True}
+        return Task(ref, key, skipped=True)
     prep = prepare(data, spec.prep)
-    return {"ref": ref, "key": key, "sha256": digest, "prepared": prep, "error": prep.error}
+    return Task(ref, key, error=prep.error, prepared=prep)
 
 
-def _ordered_map(refs: Iterable[ImageRef], spec: _KeySpec, workers: int, window: int) -> Iterator[dict[str, Any]]:
+def _ordered_map(refs: Iterable[ImageRef], spec: _KeySpec, workers: int, window: int) -> Iterator[Task[ImageRef]]:
     """Results in input order with at most ``window`` images in flight (bounded memory)."""
     if workers == 0:
         _init_worker(spec)
@@ -198,39 +191,97 @@ def _ordered_map(refs: Iterable[ImageRef], spec: _KeySpec, workers: int, window:
             yield pending.popleft().result()
 
 
-def _needs_model(item: dict[str, Any]) -> bool:
-    return not item.get("skipped") and not item.get("error")
+def _without_pixels(task: Task[ImageRef]) -> Task[ImageRef]:
+    """What the writer needs of a captioned image: sizes, not pixels (Ray ships it back)."""
+    return replace(task, prepared=replace(task.prepared, image=None)) if task.prepared is not None else task
 
 
-def _without_pixels(item: dict[str, Any]) -> dict[str, Any]:
-    """What the writer needs of a captioned item: sizes, not pixels (Ray ships it back)."""
-    prep = item.get("prepared")
-    return {**item, "prepared": replace(prep, image=None)} if prep is not None else item
+# ------------------------------------------------------------ the stage
 
 
-def caption_batch(engine: Engine, items: list[dict[str, Any]], prompt_text: str, sampling: Sampling) -> list[ChatResult]:
-    """One engine call for prepared images: the caption prompt with each image; results in order."""
-    requests = [
-        ChatRequest(messages=[{"role": "user", "content": prompt_text}], image=it["prepared"].image, sampling=sampling, request_id=it["ref"].image_id)
-        for it in items
-    ]
-    return engine.generate(requests)
+@dataclass
+class CaptionStage(ModelStage[ImageRef, Generated]):
+    """Images in, one caption row each. The key needs the image's bytes, so tasks are
+    made in the decode workers (:meth:`preparation`), which skip done keys before decoding."""
+
+    opts: CaptionOptions
+    prompt: Prompt
+    left_out: dict[str, int] = field(default_factory=dict)  # files the source walk met and did not caption
+
+    name = STAGE
+    folder = "captions"
+    schema = CAPTIONS_SCHEMA
+    images = True  # a Ray executor reads the model's image side before the first image
+    prepares = True
+
+    @property
+    def sampling(self) -> Sampling:
+        return self.opts.sampling()
+
+    def spec(self, model: ModelId, done: frozenset[str] = frozenset(), engine: Any = None) -> _KeySpec:
+        """What a decode worker needs: the key's parts, the done keys, how to prepare an image for ``engine``."""
+        sampling = self.sampling
+        size, max_side = (engine.image_size(), getattr(engine, "max_image_side", None)) if engine is not None else (None, None)
+        prep = PrepOptions(mode="crop" if self.opts.crop else "pad", size=size, max_side=max_side, max_pixels=self.opts.max_pixels, checks=self.opts.image_checks())
+        return _KeySpec(model=model.model, revision=model.revision, prompt_sha256=self.prompt.sha256, sampling=sampling.to_json(),
+                        seed=sampling.seed, prep=prep, done=done, max_bytes=self.opts.max_bytes)
+
+    def key(self, item: str, model: ModelId) -> str:
+        """``item``: the image's input hash (of its id and bytes; of its uri when unreadable)."""
+        return caption_key(item, self.spec(model))
+
+    def preparation(self, model: ModelId, done: frozenset[str], engine: Any) -> Preparation:
+        spec = self.spec(model, done, engine)
+        # read-ahead of two batches, capped: engines without an image size
+        # (openai) keep full-size padded images in memory
+        window = min(max(2 * getattr(engine, "batch_size", 8), 8), 64)
+        return Preparation(
+            prepare=partial(_work_hash_first, spec=spec),
+            local_map=lambda refs: _ordered_map(refs, spec, self.opts.workers, window=window),
+            slim=_without_pixels,
+        )
+
+    def infer(self, engine: Engine, tasks: list[Task[ImageRef]]) -> list[Generated]:
+        """One engine call: the caption prompt with each prepared image; an empty caption is a failure."""
+        sampling = self.sampling
+        requests = [
+            ChatRequest(messages=[{"role": "user", "content": self.prompt.text}], image=t.prepared.image, sampling=sampling, request_id=t.input.image_id)
+            for t in tasks
+        ]
+        return [
+            Generated(r, sampling, r.error if r.error is not None or r.text.strip() else failure(Reason.EMPTY_OUTPUT, "the model returned no text"))
+            for r in engine.generate(requests)
+        ]
+
+    def row(self, task: Task[ImageRef], out: Generated | None) -> dict[str, Any]:
+        prep = task.prepared
+        return {
+            "image_id": task.input.image_id,
+            "image_sha256": getattr(prep, "sha256", None),
+            "image_uri": task.input.uri,
+            "image_width": getattr(prep, "width", None),
+            "image_height": getattr(prep, "height", None),
+            "caption": out.result.text if out is not None else None,
+            "image_flags": getattr(prep, "flags", None),
+        }
+
+    def tally(self) -> Tally:
+        return _LeftOut(self.left_out)
 
 
-# ------------------------------------------------------------ main side
+class _LeftOut(Tally):
+    def __init__(self, left_out: dict[str, int]):
+        self.left_out = sorted(left_out.items())
+
+    def extra(self) -> dict[str, Any]:
+        return {f"not captioned: {reason}": n for reason, n in self.left_out}
+
+    def counts(self) -> dict[str, int]:
+        return {f"source_skipped.{reason}": n for reason, n in self.left_out}
 
 
-def run_caption(
-    refs: Iterable[ImageRef],
-    out: Path | str,
-    engine_cfg: EngineConfig,
-    opts: CaptionOptions = CaptionOptions(),
-    *,
-    engine: Engine | None = None,
-    executor: ExecutorConfig | None = None,
-    progress: bool = True,
-    console=None,
-) -> StageSummary:
+def run_caption(refs: Iterable[ImageRef], out: Path | str, engine_cfg: EngineConfig, opts: CaptionOptions = CaptionOptions(), *,
+                engine: Engine | None = None, executor: ExecutorConfig | None = None, progress: bool = True, console=None) -> StageSummary:
     """Caption every image of ``refs`` into ``out/captions``; returns the summary.
 
     Configuration is checked and the model loaded before any image is read.
@@ -241,81 +292,6 @@ def run_caption(
     prompt = load_prompt(opts.prompt_file)
     if not engine_cfg.model:
         engine_cfg.model = DEFAULT_MODEL
-    walk_skips = dict(getattr(refs, "skipped", {}) or {})  # files the source walk met and did not caption
-    refs = list(refs)  # refs are ids and paths; no image is read before the model loads
-    folder = Path(out) / "captions"
-    remote, engine = make_executor(executor, engine_cfg, engine)
-    try:
-        run = StageRun(
-            STAGE, folder, CAPTIONS_SCHEMA, engine_cfg, engine, progress=progress, rows_per_shard=opts.rows_per_shard,
-            config={"options": asdict(opts), "prompt_id": prompt.prompt_id, "prompt_sha256": prompt.sha256, "executor": (executor or ExecutorConfig()).public_dict()},
-            wait_lock=opts.wait_lock,
-        )
-        for reason, n in sorted(walk_skips.items()):
-            run.summary.extra[f"not captioned: {reason}"] = n
-            run.manifest_counts[f"source_skipped.{reason}"] = n
-        return _caption_rows(refs, folder, run, remote or LocalExecutor(run.engine), engine_cfg, opts, prompt)
-    finally:
-        if remote is not None:
-            remote.close()
-
-
-def _caption_rows(refs: list[ImageRef], folder: Path, run: StageRun, executor: Any, engine_cfg: EngineConfig, opts: CaptionOptions, prompt: Any) -> StageSummary:
-    """The driver loop: hand the refs to the executor, write one row per image."""
-    engine, summary, sampling = run.engine, run.summary, opts.sampling()
-
-    def row(item: dict[str, Any], result=None, error=None) -> dict[str, Any]:
-        prep = item.get("prepared")
-        return {
-            "image_id": item["ref"].image_id,
-            "image_sha256": item["sha256"],
-            "image_uri": item["ref"].uri,
-            "image_width": getattr(prep, "width", None),
-            "image_height": getattr(prep, "height", None),
-            "caption": result.text if result is not None else None,
-            "image_flags": getattr(prep, "flags", None),
-            **provenance(key=item["key"], engine=engine, prompt_id=prompt.prompt_id, prompt_sha256=prompt.sha256, sampling=sampling, run_id=run.run_id, result=result, error=error),
-        }
-
-    with run.open(total=len(refs)):
-        spec = _KeySpec(
-            model=model_identity(engine, engine_cfg),
-            revision=engine.revision,
-            prompt_sha256=prompt.sha256,
-            sampling=sampling.to_json(),
-            seed=sampling.seed,
-            prep=PrepOptions(mode="crop" if opts.crop else "pad", size=engine.image_size(), max_side=getattr(engine, "max_image_side", None),
-                             max_pixels=opts.max_pixels, checks=opts.image_checks()),
-            done=frozenset() if opts.force else frozenset(done_keys(folder)),
-            max_bytes=opts.max_bytes,
-        )
-        # read-ahead of two batches, capped: engines without an image size
-        # (openai) keep full-size padded images in memory
-        window = min(max(2 * run.batch_size, 8), 64)
-        results = executor.run(
-            refs,
-            partial(_work_hash_first, spec=spec),
-            partial(caption_batch, prompt_text=prompt.text, sampling=sampling),
-            wants_model=_needs_model,
-            batch_size=run.batch_size,
-            local_map=lambda items: _ordered_map(items, spec, opts.workers, window=window),
-            slim=_without_pixels,
-        )
-        for item, res in results:
-            if item.get("skipped"):
-                summary.skipped += 1
-            elif item.get("error"):
-                run.writer.add(row(item, error=item["error"]))
-                summary.fail(item["error"])
-            else:
-                error = res.error
-                if error is None and not res.text.strip():
-                    error = "empty_output: the model returned no text"
-                run.writer.add(row(item, res, error))
-                if error:
-                    summary.fail(error)
-                else:
-                    summary.done += 1
-                    summary.truncated += res.finish_reason == "length"
-            run.advance()
-    return summary
+    stage = CaptionStage(opts, prompt, left_out=dict(getattr(refs, "skipped", {}) or {}))
+    return run_model_stage(stage, refs, out, engine_cfg, engine=engine, executor=executor, progress=progress,
+                           force=opts.force, rows_per_shard=opts.rows_per_shard, wait_lock=opts.wait_lock)

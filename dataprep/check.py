@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from dataprep.errors import ConfigError
+from dataprep.errors import ConfigError, Reason, failure, reason_of
 from dataprep.rules import RULES, check
+from dataprep.store import atomic_file, write_table_atomic
 
 # Column pairs recognised without flags, in order of preference.
 KNOWN_COLUMNS = (("source", "target"), ("prompt", "tgt_prompt"))
@@ -72,9 +73,9 @@ def _read_file(p: Path, flag: str) -> list[dict[str, Any]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                rows.append({"error": f"bad_json: line {n}: {exc.msg}"})
+                rows.append({"error": failure(Reason.BAD_JSON, f"line {n}: {exc.msg}")})
                 continue
-            rows.append(obj if isinstance(obj, dict) else {"error": f"bad_json: line {n} is not an object"})
+            rows.append(obj if isinstance(obj, dict) else {"error": failure(Reason.BAD_JSON, f"line {n} is not an object")})
         return rows
     if suffix == ".json":
         text = _read_utf8(p, flag)
@@ -88,7 +89,7 @@ def _read_file(p: Path, flag: str) -> list[dict[str, Any]]:
             data = next(iter(data.values()))  # {"data": [...]}
         if not isinstance(data, list):
             raise ConfigError(f"{p} holds a JSON {type(data).__name__}, not a list of objects", flag, "write a list of {source, target} objects")
-        return [d if isinstance(d, dict) else {"error": f"bad_json: item {i} is not an object"} for i, d in enumerate(data)]
+        return [d if isinstance(d, dict) else {"error": failure(Reason.BAD_JSON, f"item {i} is not an object")} for i, d in enumerate(data)]
     raise ConfigError(f"unknown file type {p.suffix!r}: {p}", flag, "use .jsonl, .json or .parquet")
 
 
@@ -139,9 +140,9 @@ def check_row(row: dict[str, Any], source_column: str, target_column: str) -> di
     error = row.get("error") if set(row) == {"error"} else None  # a bad input line
     if error is None:
         if not isinstance(source, str):
-            error = f"missing_source: column {source_column!r} is {'absent' if source is None else type(source).__name__}"
+            error = failure(Reason.MISSING_SOURCE, f"column {source_column!r} is {'absent' if source is None else type(source).__name__}")
         elif not isinstance(target, str):
-            error = f"missing_target: column {target_column!r} is {'absent' if target is None else type(target).__name__}"
+            error = failure(Reason.MISSING_TARGET, f"column {target_column!r} is {'absent' if target is None else type(target).__name__}")
     if error is not None:
         return out | {"passed": False, "violations": [], "source_span": None, "target_span": None, "source_spans": [], "target_spans": [], "error": error}
     v = check(source, target)
@@ -174,7 +175,7 @@ class CheckSummary:
     def add(self, report_row: dict[str, Any]) -> None:
         self.total += 1
         if report_row["error"] is not None:
-            self.errors[report_row["error"].split(":", 1)[0]] += 1
+            self.errors[reason_of(report_row["error"])] += 1
             return
         self.passed += bool(report_row["passed"])
         self.by_rule.update(report_row["violations"])
@@ -196,24 +197,17 @@ def check_rows(rows: Iterable[dict[str, Any]], source_column: str, target_column
 
 def write_report(report: list[dict[str, Any]], out: Path | str) -> Path:
     """Parquet (``.parquet``) or JSONL (``.jsonl``/``.json``) by extension, written atomically."""
-    import os
-    import uuid
-
     out = Path(out)
     suffix = out.suffix.lower()
     if suffix not in (".parquet", ".jsonl", ".json"):
         raise ConfigError(f"unknown report type {out.suffix!r}", "--out", "end the path in .parquet or .jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".parquet":
-        from dataprep.store import write_table_atomic
-
         write_table_atomic(_report_table(report), out)
         return out
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_file(out) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         for r in report:
             fh.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
-    os.replace(tmp, out)
     return out
 
 

@@ -16,13 +16,12 @@ caption cluster, the smallest id among several.
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 
-from dataprep.errors import ConfigError
+from dataprep.errors import ConfigError, Reason
 from dataprep.store import DEDUP_SCHEMA, check_shards, read_manifest, shard_paths
 
 DEDUP_MODES = ("separate", "keep-one", "off")
@@ -100,26 +99,7 @@ def attach_groups(index: Any, dedup_dir: Path | str, mode: str = "separate") -> 
 
 def keep_one(index: Any, groups: dict[str, int], keep: set[str]) -> Any:
     """A new index without the images of a group that are not its kept one."""
-    from array import array
-
-    from dataprep.batches import CaptionIndex
-
-    ids, uris, texts, edits = [], [], [], []
-    starts = array("q", [0])
-    dropped = 0
-    for i, image_id in enumerate(index.image_ids):
-        if image_id in groups and image_id not in keep:
-            dropped += 1
-            continue
-        ids.append(image_id)
-        uris.append(index.image_uris[i])
-        texts.extend(index.texts[index.starts[i] : index.starts[i + 1]])
-        edits.extend(index.edits[index.starts[i] : index.starts[i + 1]])
-        starts.append(len(texts))
-    skipped = Counter(index.skipped)
-    if dropped:
-        skipped["dedup_duplicate"] += dropped
-    return CaptionIndex(ids, uris, starts, texts, edits, skipped)
+    return index.without({i for i in index.image_ids if i in groups and i not in keep}, Reason.DEDUP_DUPLICATE)
 
 
 def clash(groups: list[int] | None, j: int, used: set[int]) -> bool:

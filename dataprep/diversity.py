@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from dataprep.rules import check, lemma
+from dataprep.store import shard_paths
+
 _WORD = re.compile(r"\w+(?:['’\-]\w+)*")
 _DETERMINERS = frozenset("a an the this that these those some its their his her".split())
 
@@ -31,8 +34,6 @@ def concept(span: str | None) -> str | None:
     None or a span without words gives None."""
     if not span:
         return None
-    from dataprep.rules import lemma
-
     words = [lemma(w) for w in _WORD.findall(span)]
     while words and words[0] in _DETERMINERS:
         words = words[1:]
@@ -124,9 +125,6 @@ def from_edits(folder: Path | str, skip_keys: set[str] | frozenset[str] = frozen
     shard, leaving out rows whose ``key`` is in ``skip_keys``. A passing row
     without spans (written by other tools) is re-checked for them."""
     import pyarrow.parquet as pq
-
-    from dataprep.rules import check
-    from dataprep.store import shard_paths
 
     d = Diversity()
     for path in shard_paths(folder):

@@ -1,20 +1,20 @@
 """Where a model stage's batches run: this process (``local``) or a Ray cluster (``ray``).
 
 A model stage decides *which* items and *what* each needs (keys, requests,
-rows: its own pure functions); an executor decides *where* that runs. Both
-executors take the same three functions:
+rows: :mod:`dataprep.stage`); an executor decides *where* that runs. Both
+executors take the same :class:`Work`:
 
 - ``prepare(item) -> prepared``: CPU work per item (the caption stage hashes
   and decodes the image, and marks items already done or unreadable);
 - ``wants_model(prepared) -> bool``: False passes the item straight back
   (skipped or error rows need no model);
-- ``infer(engine, prepared_items) -> outputs``: one engine call for a batch,
-  one output per item, same order.
+- ``infer(engine, prepared_items) -> outputs``: one engine call for a batch
+  of up to ``batch_size``, one output per item, same order.
 
-``run`` yields ``(prepared, output or None)`` once per input item, in any
-order; the caller (the stage's driver) turns them into rows and writes them
-through its one ShardWriter, so every key is written exactly once and the
-store, schemas, keys and manifest are those of the local run.
+``run(items, work)`` yields ``(prepared, output or None)`` once per input
+item, in any order; the runner turns them into rows and writes them through
+its one ShardWriter, so every key is written exactly once and the store,
+schemas, keys and manifest are those of the local run.
 
 The Ray executor is a Ray Data pipeline, the pattern vLLM's docs give for
 data-parallel batch inference: item refs -> ``map(prepare)`` in CPU tasks
@@ -33,10 +33,13 @@ from __future__ import annotations
 import importlib.util
 import logging
 import pickle
+import socket
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from dataprep.engines import EngineConfig
+from dataprep.engines import EngineConfig, load_engine
+from dataprep.engines.hf import load_config
 from dataprep.errors import ConfigError
 from dataprep.runtime import at_least, option
 
@@ -45,6 +48,26 @@ RAY_INSTALL = 'pip install "softrepa-dataprep[ray]"'
 
 Prepare = Callable[[Any], Any]
 Infer = Callable[[Any, list], list]
+
+
+def _always(_: Any) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Work:
+    """What a stage's run asks of an executor (see the module docstring).
+
+    ``local_map(items)`` replaces ``map(prepare, items)`` on the local executor
+    when the stage has its own parallel preparation (the caption stage's decode
+    processes); ``slim(prepared)`` is what a Ray replica sends back (no pixels)."""
+
+    infer: Infer
+    batch_size: int
+    prepare: Prepare | None = None
+    wants_model: Callable[[Any], bool] = _always
+    local_map: Callable[[Iterable[Any]], Iterator[Any]] | None = None
+    slim: Callable[[Any], Any] | None = None
 
 
 @dataclass
@@ -109,31 +132,23 @@ class LocalExecutor:
     def __init__(self, engine: Any):
         self.engine = engine
 
-    def run(
-        self,
-        items: Iterable[Any],
-        prepare: Prepare | None,
-        infer: Infer,
-        *,
-        wants_model: Callable[[Any], bool] = lambda _: True,
-        batch_size: int,
-        local_map: Callable[[Iterable[Any]], Iterator[Any]] | None = None,
-        slim: Callable[[Any], Any] | None = None,
-    ) -> Iterator[tuple[Any, Any]]:
-        """``local_map(items)`` replaces ``map(prepare, items)`` when the stage has its own
-        parallel preparation (the caption stage's decode processes). ``slim`` is for Ray."""
-        prepared = local_map(items) if local_map is not None else (map(prepare, items) if prepare is not None else iter(items))
+    def run(self, items: Iterable[Any], work: Work) -> Iterator[tuple[Any, Any]]:
+        """In input order; ``work.slim`` is for Ray (nothing leaves this process)."""
+        if work.local_map is not None:
+            prepared = work.local_map(items)
+        else:
+            prepared = map(work.prepare, items) if work.prepare is not None else iter(items)
         pending: list[Any] = []
         for p in prepared:
-            if not wants_model(p):
+            if not work.wants_model(p):
                 yield p, None
                 continue
             pending.append(p)
-            if len(pending) >= batch_size:
-                yield from zip(pending, infer(self.engine, pending))
+            if len(pending) >= work.batch_size:
+                yield from zip(pending, work.infer(self.engine, pending))
                 pending = []
         if pending:
-            yield from zip(pending, infer(self.engine, pending))
+            yield from zip(pending, work.infer(self.engine, pending))
 
     def close(self) -> None:
         pass
@@ -180,13 +195,9 @@ def describe_model(engine_cfg: EngineConfig) -> tuple[int | None, str | None]:
         engine_cfg.require_model()
         if engine_cfg.engine == "openai":
             return None, None  # the server resizes for its model
-        from dataprep.engines.hf import load_config
-
         config = load_config(engine_cfg.model, engine_cfg.revision, engine_cfg.trust_remote_code)
         if getattr(config, "vision_config", None) is None:
             return None, None
-        from pathlib import Path
-
         from transformers import AutoProcessor
 
         local = Path(engine_cfg.model).expanduser()
@@ -201,8 +212,6 @@ def describe_model(engine_cfg: EngineConfig) -> tuple[int | None, str | None]:
 
 def missing_local_model(engine_cfg: EngineConfig) -> str | None:
     """The engines' message for a model path without config.json (see engines.hf.load_config), else None."""
-    from pathlib import Path
-
     if engine_cfg.engine == "openai":
         return None
     local = Path(engine_cfg.model).expanduser()
@@ -252,8 +261,6 @@ class EngineReplica:
     """
 
     def __init__(self, engine_cfg: EngineConfig, infer: Infer, slim: Callable[[Any], Any] | None):
-        from dataprep.engines import load_engine
-
         self.engine = load_engine(engine_cfg)
         self.infer, self.slim = infer, slim
 
@@ -293,8 +300,6 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     typo'd address would hang a nightly run. ``auto``, ``local`` and
     ``ray://`` client addresses are left to Ray.
     """
-    import socket
-
     if address in ("auto", "local") or "://" in address or ":" not in address:
         return
     host, _, port = address.rpartition(":")
@@ -356,19 +361,9 @@ class RayExecutor:
             batch_size=batch, size=size, replicas=cfg.replicas, gpus_per_replica=self.gpus,
         )
 
-    def run(
-        self,
-        items: Iterable[Any],
-        prepare: Prepare | None,
-        infer: Infer,
-        *,
-        wants_model: Callable[[Any], bool] = lambda _: True,
-        batch_size: int,
-        local_map: Callable[[Iterable[Any]], Iterator[Any]] | None = None,
-        slim: Callable[[Any], Any] | None = None,
-    ) -> Iterator[tuple[Any, Any]]:
-        """Yield ``(prepared, output)`` once per item, in completion order. ``local_map`` is ignored:
-        preparation runs in Ray tasks."""
+    def run(self, items: Iterable[Any], work: Work) -> Iterator[tuple[Any, Any]]:
+        """Yield ``(prepared, output)`` once per item, in completion order. ``work.local_map``
+        is ignored: preparation runs in Ray tasks."""
         import pyarrow as pa
         import ray
 
@@ -377,6 +372,7 @@ class RayExecutor:
         items = list(items)
         if not items:
             return
+        prepare, wants_model, batch_size = work.prepare, work.wants_model, work.batch_size
         # blocks of one engine batch: decoding streams into the replicas batch by batch
         blocks = []
         for start in range(0, len(items), batch_size):
@@ -390,7 +386,7 @@ class RayExecutor:
             ds = ds.map(_Prepare(prepare, wants_model), num_cpus=1)
         ds = ds.map_batches(
             EngineReplica,
-            fn_constructor_kwargs={"engine_cfg": self.engine_cfg, "infer": infer, "slim": slim},
+            fn_constructor_kwargs={"engine_cfg": self.engine_cfg, "infer": work.infer, "slim": work.slim},
             batch_size=batch_size,
             batch_format="pyarrow",
             compute=ActorPoolStrategy(size=self.cfg.replicas),
@@ -419,7 +415,7 @@ class RayExecutor:
 
 
 def make_executor(cfg: ExecutorConfig | None, engine_cfg: EngineConfig, engine: Any = None, *, describe: bool = True) -> tuple[Any, Any]:
-    """(executor, engine for the stage's StageRun). Local: (None, ``engine`` as given; None: StageRun loads it).
+    """(executor, engine for the stage's run). Local: (None, ``engine`` as given; None: the runner loads it).
     Ray: a connected RayExecutor and its RemoteEngine (no model loads on the driver);
     ``describe``: the stage needs the model's image side (see RayExecutor)."""
     cfg = cfg or ExecutorConfig()

@@ -31,7 +31,6 @@ import json
 import os
 import re
 import tempfile
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -40,14 +39,21 @@ from typing import Any, Callable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dataprep.errors import ConfigError
-from dataprep.store import atomic_write_text, read_json_record, shard_paths, utcnow
+from dataprep import hfcard
+from dataprep.errors import ConfigError, Reason, failure
+from dataprep.images import decode
+from dataprep.rules import check
+from dataprep.sources import ImageRef, read_bytes
+from dataprep.store import atomic_write_bytes, atomic_write_text, edit_skip, read_json_record, shard_paths, utcnow
 
 EXPORT_KINDS = ("softrepa", "piebench", "hf")
 
 
 @dataclass(frozen=True)
-class Pair:
+class ExportEdit:
+    """The edit row an export writes for one image (softrepa.evaluate's ``Pair``
+    is another thing: a pair to edit and score)."""
+
     image_id: str
     image_uri: str | None
     source: str
@@ -76,11 +82,11 @@ class ExportSummary:
 # ---------------------------------------------------------------- reading a run
 
 
-def load_pairs(run_dir: Path | str, include_failed: bool = False) -> tuple[list[Pair], Counter]:
+def load_pairs(run_dir: Path | str, include_failed: bool = False) -> tuple[list[ExportEdit], Counter]:
     """One (caption, edit) pair per image from ``RUN_DIR/edits``, sorted by image id.
 
-    Usable: ``error`` is null and the target is not empty; ``passed`` must be
-    true unless ``include_failed``. Among an image's usable rows a passing one
+    Usable is :func:`dataprep.store.edit_skip`'s decision (``passed`` required
+    unless ``include_failed``). Among an image's usable rows a passing one
     beats a failing one, then the newest ``created_at`` wins. The image uri
     falls back to ``RUN_DIR/captions`` when the edit row has none.
     """
@@ -89,7 +95,7 @@ def load_pairs(run_dir: Path | str, include_failed: bool = False) -> tuple[list[
     if not shard_paths(edits):
         raise ConfigError(f"no edit shards in {edits}", "--run", "pass the OUT folder of a `dataprep rewrite` run (it holds edits/)")
     skipped: Counter = Counter()
-    best: dict[str, tuple[tuple[bool, int], Pair]] = {}
+    best: dict[str, tuple[tuple[bool, int], ExportEdit]] = {}
     cols = ["image_id", "image_uri", "source", "target", "passed", "violations", "error", "created_at"]
     for path in shard_paths(edits):
         prov_cols = [c for c in PROVENANCE_COLUMNS if c in pq.read_schema(path).names]
@@ -99,29 +105,24 @@ def load_pairs(run_dir: Path | str, include_failed: bool = False) -> tuple[list[
             created = [None if d is None else d.isoformat() for d in b.column("created_at").to_pylist()]
             prov = [dict(zip(prov_cols, vals), created_at=c) for c, *vals in zip(created, *(b.column(c).to_pylist() for c in prov_cols))]
             for (image_id, uri, source, target, passed, violations, err), t, pv in zip(zip(*data), ts, prov):
-                if err is not None:
-                    skipped["edit_error_rows"] += 1
-                    continue
-                if not source or not target or not target.strip():
-                    skipped["edit_empty_rows"] += 1
-                    continue
-                if passed is not True and not include_failed:
-                    skipped["edit_failed_rows"] += 1
+                why = edit_skip({"error": err, "passed": passed, "source": source, "target": target}, require_passed=not include_failed)
+                if why is not None:
+                    skipped[why] += 1
                     continue
                 rank = (passed is True, -1 if t is None else t)
                 cur = best.get(image_id)
                 if cur is None or rank >= cur[0]:
                     if cur is not None:
-                        skipped["superseded_rows"] += 1
-                    best[image_id] = (rank, Pair(image_id, uri, source, target, passed is True, tuple(violations or ()), pv))
+                        skipped[Reason.SUPERSEDED_ROWS] += 1
+                    best[image_id] = (rank, ExportEdit(image_id, uri, source, target, passed is True, tuple(violations or ()), pv))
                 else:
-                    skipped["superseded_rows"] += 1
+                    skipped[Reason.SUPERSEDED_ROWS] += 1
     missing_uri = [k for k, (_, p) in best.items() if not p.image_uri]
     if missing_uri:
         uris = _caption_uris(run / "captions", set(missing_uri))
         for k in missing_uri:
             rank, p = best[k]
-            best[k] = (rank, Pair(p.image_id, uris.get(k), p.source, p.target, p.passed, p.violations, p.provenance))
+            best[k] = (rank, ExportEdit(p.image_id, uris.get(k), p.source, p.target, p.passed, p.violations, p.provenance))
     return [best[k][1] for k in sorted(best)], skipped
 
 
@@ -149,7 +150,7 @@ def _slug(image_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", image_id).strip("_") or "image"
 
 
-def file_names(pairs: list[Pair]) -> dict[str, str]:
+def file_names(pairs: list[ExportEdit]) -> dict[str, str]:
     """image_id -> file name in the export: the uri's own name ("0001.png", as
     the reference file has it) unless two images share it, then the image id."""
     names = {p.image_id: _uri_name(p.image_uri) for p in pairs if p.image_uri}
@@ -175,16 +176,13 @@ def place_image(uri: str, dest: Path, link: bool) -> None:
     :class:`NotAnImage` for such a file, OSError/KeyError/ValueError with the
     cause when it cannot be read at all.
     """
-    from dataprep.images import decode
-    from dataprep.sources import ImageRef, read_bytes
-
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.is_symlink() or dest.exists():
         dest.unlink()
     local = Path(uri)
     data = read_bytes(ImageRef("export", "export", uri))  # zip members cannot be linked: copied
     if not data:
-        raise NotAnImage("empty_file: zero bytes")
+        raise NotAnImage(failure(Reason.EMPTY_FILE, "zero bytes"))
     try:
         decode(data)
     except ValueError as exc:
@@ -192,29 +190,24 @@ def place_image(uri: str, dest: Path, link: bool) -> None:
     if link and not uri.startswith("zip://") and local.is_file():
         os.symlink(local.resolve(), dest)
         return
-    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_bytes(dest, data, fsync=False)  # one of many copies, cheap to redo
 
 
-def _with_images(pairs: list[Pair], image_dir: Path, link: bool, skipped: Counter, progress: Callable[[int, int], None] | None) -> Iterator[tuple[Pair, str]]:
+def _with_images(pairs: list[ExportEdit], image_dir: Path, link: bool, skipped: Counter, progress: Callable[[int, int], None] | None) -> Iterator[tuple[ExportEdit, str]]:
     names = file_names(pairs)
     for n, p in enumerate(pairs, 1):
         if progress:
             progress(n, len(pairs))
         if p.image_id not in names:
-            skipped["image_uri_missing"] += 1
+            skipped[Reason.IMAGE_URI_MISSING] += 1
             continue
         try:
             place_image(p.image_uri or "", image_dir / names[p.image_id], link)
         except NotAnImage:
-            skipped["image_not_decodable"] += 1
+            skipped[Reason.IMAGE_NOT_DECODABLE] += 1
             continue
         except Exception:  # OSError, KeyError, ValueError, zipfile.BadZipFile (bad CRC), RuntimeError (encrypted): this image only
-            skipped["image_unreadable"] += 1
+            skipped[Reason.IMAGE_UNREADABLE] += 1
             continue
         yield p, names[p.image_id]
 
@@ -228,7 +221,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _finish(kind: str, run_dir: Path | str, out: Path, pairs: int, skipped: Counter, files: list[Path], include_failed: bool, extra: dict[str, Any] | None = None) -> ExportSummary:
-    summary = ExportSummary(kind, out, pairs, dict(sorted(skipped.items())), files)
+    summary = ExportSummary(kind, out, pairs, {str(k): v for k, v in sorted(skipped.items())}, files)
     record = {"kind": kind, "path": str(out.resolve()), "run": str(Path(run_dir).resolve()), "pairs": pairs, "include_failed": include_failed, "skipped": summary.skipped, "created_at": utcnow().isoformat(), **(extra or {})}
     _write_json(out / "export.json", record)
     registry = Path(run_dir) / "exports.json"
@@ -248,13 +241,6 @@ def export_softrepa(run_dir: Path | str, out: Path | str, include_failed: bool =
     return _finish("softrepa", run_dir, out, len(entries), skipped, [out / "prompts_editing.json"], include_failed)
 
 
-def read_softrepa(path: Path | str) -> list[dict[str, str]]:
-    """Entries of a ``prompts_editing.json`` with ``img_path`` resolved against its folder."""
-    path = Path(path)
-    entries = json.loads(path.read_text(encoding="utf-8"))
-    return [dict(e, img_path=str(path.parent / e["img_path"])) for e in entries]
-
-
 def bracket(text: str, spans: tuple[tuple[int, int], ...]) -> str:
     """Wrap each non-empty ``[start, end)`` range of ``text`` in ``[ ]``."""
     for start, end in sorted(s for s in spans if s[1] > s[0])[::-1]:
@@ -269,10 +255,8 @@ def head_word(span: str | None) -> str:
     return words[-1] if words else ""
 
 
-def piebench_entry(p: Pair, image_path: str) -> dict[str, Any]:
+def piebench_entry(p: ExportEdit, image_path: str) -> dict[str, Any]:
     """One mapping_file.json value; the brackets are the checker's changed regions."""
-    from dataprep.rules import check  # lazy: the checker is only needed here
-
     v = check(p.source, p.target)
     blended = f"{head_word(v.source_span)} {head_word(v.target_span)}" if head_word(v.source_span) and head_word(v.target_span) else ""
     return {
@@ -340,8 +324,6 @@ def export_hf(
     registry entry) says why (``ok`` false, ``error`` one line).
     """
     import datasets
-
-    from dataprep import hfcard
 
     out = Path(out)
     run = Path(run_dir)

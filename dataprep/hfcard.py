@@ -19,6 +19,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dataprep import stats
+from dataprep.diversity import table_rows
+from dataprep.rules import RULES
+from dataprep.store import shard_paths
+
 TASK_CATEGORIES = ("text-to-image", "image-to-image", "image-to-text")
 TAGS = ("softrepa", "image-editing", "contrastive-learning", "synthetic-captions", "single-concept-edits")
 
@@ -51,8 +56,6 @@ def stage_rows(folder: Path | str) -> dict[str, Any] | None:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from dataprep.store import shard_paths
-
     paths = shard_paths(folder)
     if not paths:
         return None
@@ -82,8 +85,6 @@ def stage_rows(folder: Path | str) -> dict[str, Any] | None:
 
 def card_facts(run_dir: Path | str, pairs: int, columns: list[str]) -> dict[str, Any]:
     """Everything the card states, read from ``run_dir`` (JSON-safe)."""
-    from dataprep import stats
-
     run = Path(run_dir)
     s = stats.collect(run)
     facts: dict[str, Any] = {"pairs": pairs, "columns": columns, "captions": s["captions"], "edits": s["edits"], "diversity": s.get("diversity")}
@@ -151,8 +152,6 @@ def card_markdown(facts: dict[str, Any], license: str = "other", pretty_name: st
     lines += ["", "## Rule checker", ""]
     if ed and ed["checked"]:
         lines += [f"Passed: {ed['passed']} of {ed['checked']} ({ed['pass_rate']:.1%}). Rows violating each rule (a row may break several):", "", "| rule | rows | pass rate |", "|---|---|---|"]
-        from dataprep.rules import RULES
-
         for rule in RULES:
             k = ed["violations"].get(rule, 0)
             lines.append(f"| {rule} | {k} | {1 - k / ed['checked']:.1%} |")
@@ -175,8 +174,6 @@ def card_markdown(facts: dict[str, Any], license: str = "other", pretty_name: st
     div = facts.get("diversity")
     lines += ["", "## Diversity of the replacements", ""]
     if div and div["replacements"]:
-        from dataprep.diversity import table_rows
-
         lines += ["Source concept -> target concept of the passing edits (the checker's spans).", "", "| what | value |", "|---|---|"]
         lines += [f"| {r['what']} | {r['value']} |" for r in table_rows(div)]
     else:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageStat
 
+from dataprep.errors import ConfigError
+
 FLAGS: dict[str, str] = {
     "small": "the shorter side is below --min-side pixels",
     "blank": "near-uniform: the grey-level standard deviation is below --blank-std (of 255)",
@@ -42,8 +44,6 @@ class ImageChecks:
     max_aspect: float = 4.0
 
     def __post_init__(self) -> None:
-        from dataprep.errors import ConfigError
-
         if self.min_side < 0:
             raise ConfigError(f"--min-side {self.min_side} is negative", "--min-side", "e.g. 128 (0 turns the check off)")
         if self.blank_std < 0:
@@ -78,8 +78,6 @@ def image_flags(img: Image.Image, checks: ImageChecks = ImageChecks()) -> list[s
 
 def parse_flags(text: str | None, flag: str = "--drop-image-flags") -> frozenset[str]:
     """``"small,blank"`` -> the set of flag names; an unknown name is a ConfigError naming ``flag``."""
-    from dataprep.errors import ConfigError
-
     names = frozenset(n.strip() for n in (text or "").split(",") if n.strip())
     unknown = sorted(names - set(FLAGS))
     if unknown:

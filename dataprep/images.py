@@ -8,14 +8,14 @@ string instead, and the stage records it on the row.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-if TYPE_CHECKING:
-    from dataprep.imagecheck import ImageChecks
+from dataprep.errors import Reason, failure
+from dataprep.imagecheck import ImageChecks, image_flags
 
 # LLaVA-1.5 pads to a square with the CLIP image mean (image_aspect_ratio=pad),
 # so the padding is neutral after the processor normalises it.
@@ -114,25 +114,25 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[str, 
     ``Image.draft``) when a small picture is enough, e.g. a perceptual hash.
     """
     if not data:
-        raise ValueError("empty_file: zero bytes")
+        raise ValueError(failure(Reason.EMPTY_FILE, "zero bytes"))
     try:
         # Pillow's own bomb check already fires in open() (above ~179 MP): keep it
         # off here too, so max_pixels alone decides and the reason is too_large
         with _no_pil_bomb_guard():
             img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise ValueError("not_an_image: Pillow cannot identify the format") from None
+        raise ValueError(failure(Reason.NOT_AN_IMAGE, "Pillow cannot identify the format")) from None
     w, h = img.size
     # Check the header's size before decoding a single pixel (decompression bombs).
     if w * h > max_pixels:
-        raise ValueError(f"too_large: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
+        raise ValueError(failure(Reason.TOO_LARGE, f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}"))
     try:
         if draft is not None:
             img.draft(*draft)
         with _no_pil_bomb_guard():
             img.load()
     except (OSError, SyntaxError, ValueError) as exc:  # truncated/corrupt data
-        raise ValueError(f"corrupt_image: {exc}") from None
+        raise ValueError(failure(Reason.CORRUPT_IMAGE, exc)) from None
     try:
         img = ImageOps.exif_transpose(img)
     except Exception:  # a broken EXIF block must not lose an otherwise good image
@@ -172,20 +172,16 @@ def square(img: Image.Image, opts: PrepOptions) -> Image.Image:
 
 def prepare(data: bytes, opts: PrepOptions = PrepOptions()) -> Prepared:
     """bytes -> RGB square ready for the processor, or an error. Never raises."""
-    import hashlib
-
     digest = hashlib.sha256(data).hexdigest()
     try:
         img = decode(data, opts.max_pixels)
         w, h = img.size
         flags = None
         if opts.checks is not None:
-            from dataprep.imagecheck import image_flags
-
             flags = image_flags(img, opts.checks)  # the full image: a padded square would look uniform
         rgb = to_rgb(img)
         return Prepared(sha256=digest, width=w, height=h, image=square(rgb, opts), flags=flags)
     except ValueError as exc:
         return Prepared(sha256=digest, error=str(exc))
     except Exception as exc:  # any other decoder failure is still one bad row
-        return Prepared(sha256=digest, error=f"decode_error: {type(exc).__name__}: {exc}")
+        return Prepared(sha256=digest, error=failure(Reason.DECODE_ERROR, f"{type(exc).__name__}: {exc}"))

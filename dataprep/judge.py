@@ -26,19 +26,20 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import pyarrow.parquet as pq
 
 from dataprep.engines import ChatRequest, ChatResult, Engine, EngineConfig, Sampling
-from dataprep.errors import ConfigError
-from dataprep.promptfile import load_prompt
+from dataprep.errors import ConfigError, Reason, failure
+from dataprep.executors import ExecutorConfig
+from dataprep.promptfile import Prompt, load_prompt
 from dataprep.rewrite import DEFAULT_MODEL  # the judge is an instruction model, by default the rewriter's
 from dataprep.runtime import FORCE_HELP, MAX_NEW_TOKENS_HELP, RETRY_TEMPERATURE_HELP, ROWS_PER_SHARD_HELP, SEED_HELP, StageSummary, at_least, option
-from dataprep.stage import StageRun, model_identity, provenance
-from dataprep.store import EDITS_SCHEMA, JUDGE_SCHEMA, check_shards, content_key, done_keys, iter_rows, sha256_text, shard_paths
+from dataprep.stage import ModelId, ModelStage, Tally, Task, run_model_stage
+from dataprep.store import EDITS_SCHEMA, JUDGE_SCHEMA, check_shards, content_key, iter_rows, sha256_text, shard_paths
 
 STAGE = "judge"
 RULES = ("rule1", "rule2", "rule7")  # the numbers of prompts/edit.txt the judge grades
@@ -228,7 +229,7 @@ def judge_with_retries(engine: Engine, prompt_text: str, items: list[JudgeInput]
             try:
                 outcomes[i] = JudgeOutcome(parse_judgement(res.text), res.text, attempt[i], req.sampling, res)
             except JudgementError as exc:
-                outcomes[i] = JudgeOutcome(None, res.text, attempt[i], req.sampling, res, error=f"unparsable_judgement: {exc}")
+                outcomes[i] = JudgeOutcome(None, res.text, attempt[i], req.sampling, res, error=failure(Reason.UNPARSABLE_JUDGEMENT, exc))
                 if attempt[i] < opts.max_attempts:
                     attempt[i] += 1
                     last[i] = (res.text, str(exc))
@@ -274,90 +275,77 @@ def judge_key(item: JudgeInput, model: str, revision: str | None, prompt_sha256:
 # ------------------------------------------------------------ the stage
 
 
-def run_judge(
-    items: Iterable[JudgeInput],
-    out: Path | str,
-    engine_cfg: EngineConfig,
-    opts: JudgeOptions = JudgeOptions(),
-    *,
-    engine: Engine | None = None,
-    progress: bool = True,
-    left_out: Counter | None = None,
-) -> StageSummary:
-    """Grade every pair of ``items`` into ``out/judge``; returns the summary.
+@dataclass
+class _Tally(Tally):
+    left_out: dict[str, int]  # edit rows not graded, by reason
+    table: Counter = field(default_factory=Counter)  # (checker passed, verdict) of this run's judgements
+    retried: int = 0  # judgements that needed more than one answer (how well the model keeps the format)
 
-    Options, prompt and model are checked (and the model loaded) before any
-    row is written. Pass ``engine`` to reuse a loaded model.
-    """
-    prompt = load_prompt(opts.prompt_file, flag="--prompt-file")
-    if not engine_cfg.model:
-        engine_cfg.model = DEFAULT_MODEL
-    items = list(items)
-    folder = Path(out) / "judge"
-    run = StageRun(
-        STAGE, folder, JUDGE_SCHEMA, engine_cfg, engine, progress=progress, rows_per_shard=opts.rows_per_shard,
-        config={"options": asdict(opts), "prompt_id": prompt.prompt_id, "prompt_sha256": prompt.sha256},
-    )
-    engine, summary = run.engine, run.summary
-    table: Counter = Counter()  # (checker passed, verdict) of this run's judgements
-    retried = [0]  # judgements that needed more than one answer (how well the model keeps the format)
+    def add(self, task: Task[JudgeInput], o: JudgeOutcome) -> None:
+        self.table[(task.input.edit_passed, o.judgement.verdict)] += 1
+        self.retried += o.attempts > 1
 
-    def finish() -> None:
-        good = sum(v for (_, verdict), v in table.items() if verdict == GOOD)
-        n = sum(table.values())
-        for reason, k in (left_out or {}).items():
-            summary.extra[f"not graded: {reason}"] = k
+    def extra(self) -> dict[str, Any]:
+        out: dict[str, Any] = {f"not graded: {reason}": k for reason, k in self.left_out.items()}
+        n = sum(self.table.values())
         if n:
-            agree = table[(True, GOOD)] + table[(False, BAD)]
-            summary.extra["judged good"] = f"{good} of {n} ({good / n:.1%})"
-            summary.extra["agrees with the checker"] = f"{agree} of {n} ({agree / n:.1%})"
-            summary.extra["parsed only after a retry"] = retried[0]
-        run.manifest_counts.update({f"checker_{'pass' if p else 'fail'}.judge_{v}": k for (p, v), k in table.items()})
-        run.manifest_counts["parsed_after_retry"] = retried[0]
+            good = sum(v for (_, verdict), v in self.table.items() if verdict == GOOD)
+            agree = self.table[(True, GOOD)] + self.table[(False, BAD)]
+            out["judged good"] = f"{good} of {n} ({good / n:.1%})"
+            out["agrees with the checker"] = f"{agree} of {n} ({agree / n:.1%})"
+            out["parsed only after a retry"] = self.retried
+        return out
 
-    run.on_finish = finish
-    pending: list[tuple[JudgeInput, str]] = []
+    def counts(self) -> dict[str, int]:
+        return {**{f"checker_{'pass' if p else 'fail'}.judge_{v}": k for (p, v), k in self.table.items()}, "parsed_after_retry": self.retried}
 
-    def row(item: JudgeInput, key: str, o: JudgeOutcome) -> dict[str, Any]:
-        j = o.judgement
+
+@dataclass
+class JudgeStage(ModelStage[JudgeInput, JudgeOutcome]):
+    """Edit pairs in, one judgement row each; unparsable answers are asked again."""
+
+    opts: JudgeOptions
+    prompt: Prompt
+    left_out: dict[str, int] = field(default_factory=dict)
+
+    name = STAGE
+    folder = "judge"
+    schema = JUDGE_SCHEMA
+
+    def key(self, item: JudgeInput, model: ModelId) -> str:
+        return judge_key(item, model.model, model.revision, self.prompt.sha256, self.opts)
+
+    def infer(self, engine: Engine, tasks: list[Task[JudgeInput]]) -> list[JudgeOutcome]:
+        return judge_with_retries(engine, self.prompt.text, [t.input for t in tasks], self.opts)
+
+    def row(self, task: Task[JudgeInput], o: JudgeOutcome | None) -> dict[str, Any]:
+        item, j = task.input, (o.judgement if o is not None else None)
         cols: dict[str, Any] = {"image_id": item.image_id, "edit_key": item.edit_key, "edit_passed": item.edit_passed, "source": item.source, "target": item.target}
         cols["verdict"] = j.verdict if j else None
         for r in RULES:
             cols[f"{r}_ok"] = j.ok[r] if j else None
             cols[f"{r}_reason"] = j.reasons[r] if j else None
-        cols.update(raw_output=o.raw_output, attempts=o.attempts)
-        return cols | provenance(key=key, engine=engine, prompt_id=prompt.prompt_id, prompt_sha256=prompt.sha256, sampling=o.sampling, run_id=run.run_id, result=o.result, error=o.error)
+        return cols | {"raw_output": o.raw_output if o else None, "attempts": o.attempts if o else 0}
 
-    def flush() -> None:
-        if not pending:
-            return
-        for (item, key), o in zip(pending, judge_with_retries(engine, prompt.text, [it for it, _ in pending], opts)):
-            run.writer.add(row(item, key, o))
-            if o.error:
-                summary.fail(o.error)
-            else:
-                summary.done += 1
-                summary.truncated += o.result.finish_reason == "length"
-                table[(item.edit_passed, o.judgement.verdict)] += 1
-                retried[0] += o.attempts > 1
-        run.advance(len(pending))
-        pending.clear()
+    def tally(self) -> Tally:
+        return _Tally(dict(self.left_out))
 
-    with run.open(total=len(items)):
-        done = set() if opts.force else done_keys(folder)
-        model = model_identity(engine, engine_cfg)
-        for item in items:
-            key = judge_key(item, model, engine.revision, prompt.sha256, opts)
-            if key in done:
-                summary.skipped += 1
-                run.advance()
-                continue
-            done.add(key)  # the same pair twice in the input is graded once
-            pending.append((item, key))
-            if len(pending) >= run.batch_size:
-                flush()
-        flush()
-    return summary
+
+def run_judge(items: Iterable[JudgeInput], out: Path | str, engine_cfg: EngineConfig, opts: JudgeOptions = JudgeOptions(), *,
+              engine: Engine | None = None, executor: ExecutorConfig | None = None, progress: bool = True, left_out: Counter | None = None) -> StageSummary:
+    """Grade every pair of ``items`` into ``out/judge``; returns the summary.
+
+    Options, prompt and model are checked (and the model loaded) before any
+    row is written. Pass ``engine`` to reuse a loaded model; ``executor``
+    (default local) says where the model runs. ``left_out``: edit rows not
+    graded, by reason, for the summary.
+    """
+    prompt = load_prompt(opts.prompt_file, flag="--prompt-file")
+    if not engine_cfg.model:
+        engine_cfg.model = DEFAULT_MODEL
+    stage = JudgeStage(opts, prompt, left_out=dict(left_out or {}))
+    return run_model_stage(stage, items, out, engine_cfg, engine=engine, executor=executor, progress=progress,
+                           force=opts.force, rows_per_shard=opts.rows_per_shard)
 
 
 # ------------------------------------------------------------ reading the store

@@ -18,10 +18,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable
 
+from dataprep.caption import CaptionOptions, run_caption
 from dataprep.engines import Engine, EngineConfig, load_engine
 from dataprep.errors import ConfigError
-from dataprep.sources import ImageRef
+from dataprep.executors import ExecutorConfig
+from dataprep.promptfile import load_prompt
+from dataprep.rewrite import RewriteOptions, inputs_from_captions, run_rewrite
 from dataprep.runtime import StageSummary
+from dataprep.sources import ImageRef
 
 
 @dataclass
@@ -51,11 +55,11 @@ def run_pipeline(
     engine_cfg: EngineConfig,
     caption_model: str,
     rewrite_model: str,
-    caption_opts=None,
-    rewrite_opts=None,
+    caption_opts: CaptionOptions | None = None,
+    rewrite_opts: RewriteOptions | None = None,
     *,
     rewrite_base_url: str | None = None,
-    executor=None,
+    executor: ExecutorConfig | None = None,
     progress: bool = True,
     console=None,
 ) -> PipelineSummary:
@@ -65,10 +69,6 @@ def run_pipeline(
     ``executor`` (an ExecutorConfig) runs both stages there; with Ray each
     stage's replicas load its model on the cluster, none loads here.
     """
-    from dataprep.caption import CaptionOptions, run_caption
-    from dataprep.promptfile import load_prompt
-    from dataprep.rewrite import RewriteOptions, inputs_from_captions, run_rewrite
-
     caption_opts = caption_opts or CaptionOptions()
     rewrite_opts = rewrite_opts or RewriteOptions()
     if rewrite_base_url and engine_cfg.engine != "openai":

@@ -24,30 +24,35 @@ already in ``OUT/edits`` and follows the input order, one row at a time, so a
 resumed run decides as an uninterrupted one would. Like ``max_attempts`` it is
 a retry policy, not part of the key.
 
-Rows follow ``EDITS_SCHEMA``; keys, shards, manifest, resume and compaction
-work as in the caption stage. A rerun skips keys that already have a good row
-that passed or used every allowed attempt, so raising ``--max-attempts``
-retries exactly the rows that still fail, continuing from their next attempt. Captions that are error rows are
-skipped and counted; a row whose text is missing becomes an error row.
+Rows follow ``EDITS_SCHEMA``; keys, shards, manifest and compaction work as
+in every model stage (:mod:`dataprep.stage`). Resume differs: a rerun skips
+keys that already have a good row that passed or used every allowed attempt,
+so raising ``--max-attempts`` retries exactly the rows that still fail,
+continuing from their next attempt. Captions that are error rows are skipped
+and counted; a row whose text is missing becomes an error row. The retry and
+steering policy itself is :mod:`dataprep.rewrite_policy`.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
-from functools import partial
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+import pyarrow.parquet as pq
+
 from dataprep import diversity
-from dataprep.engines import ChatRequest, ChatResult, Engine, EngineConfig, Sampling
-from dataprep.errors import ConfigError
-from dataprep.executors import ExecutorConfig, LocalExecutor, make_executor
-from dataprep.promptfile import load_prompt
-from dataprep.rules import RULES, Verdict, check
+from dataprep.check import read_records
+from dataprep.engines import Engine, EngineConfig, Sampling
+from dataprep.errors import ConfigError, Reason, failure
+from dataprep.executors import ExecutorConfig
+from dataprep.promptfile import Prompt, load_prompt
+from dataprep.rewrite_policy import Outcome, messages, rewrite_with_retries, steer_targets  # noqa: F401  messages: the stage's prompt layout, used by bench/
+from dataprep.rules import RULES
 from dataprep.runtime import FORCE_HELP, MAX_NEW_TOKENS_HELP, RETRY_TEMPERATURE_HELP, ROWS_PER_SHARD_HELP, SEED_HELP, StageSummary, TOP_P_HELP, at_least, option, wait_lock_help
-from dataprep.stage import StageRun, model_identity, provenance
+from dataprep.stage import ModelId, ModelStage, Tally, Task, run_model_stage
 from dataprep.store import CAPTIONS_SCHEMA, EDITS_SCHEMA, check_shards, content_key, iter_rows, sha256_text, shard_paths
 
 DEFAULT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -113,153 +118,6 @@ class RewriteOptions:
         return {"first": self.attempt_sampling(1).to_dict(), "retry_temperature": self.retry_temperature}
 
 
-# ------------------------------------------------------------ retry policy (pure but for the engine)
-
-
-@dataclass
-class Outcome:
-    """The kept attempt for one caption."""
-
-    target: str | None
-    raw_output: str | None
-    verdict: Verdict | None  # None when the engine failed
-    attempts: int
-    sampling: Sampling
-    result: ChatResult
-    error: str | None = None
-    first_passed: bool = False
-    note: str | None = None  # non-fatal remark stored with the row (diversity steering)
-
-
-def messages(rules_text: str, caption: str) -> list[dict[str, str]]:
-    """The paper's layout: the rules as the system message, the caption as the user message."""
-    return [{"role": "system", "content": rules_text}, {"role": "user", "content": caption}]
-
-
-def rewrite_with_retries(
-    engine: Engine,
-    rules_text: str,
-    captions: list[str],
-    opts: RewriteOptions,
-    ids: list[str] | None = None,
-    start: list[int] | None = None,
-) -> list[Outcome]:
-    """Rewrite ``captions`` (one batch) under the retry policy; one Outcome each, same order.
-
-    Each round sends one ``engine.generate`` call holding only the captions
-    still failing (the engine groups requests by sampling). An engine error
-    for a caption ends its attempts with ``error`` set (the next run retries
-    it); empty or rule-breaking output is a checker failure and is retried.
-    ``start[i]`` is caption i's first attempt (default 1): a rerun with a
-    larger ``max_attempts`` continues after the attempts already made, which
-    would only repeat (greedy, then fixed seeds).
-    """
-    n = len(captions)
-    ids = ids or [str(i) for i in range(n)]
-    attempt = list(start) if start is not None else [1] * n
-    outcomes: list[Outcome | None] = [None] * n
-    todo = [i for i in range(n) if attempt[i] <= opts.max_attempts]
-    while todo:
-        requests = [
-            ChatRequest(messages=messages(rules_text, captions[i]), sampling=opts.attempt_sampling(attempt[i]), request_id=f"{ids[i]}#{attempt[i]}")
-            for i in todo
-        ]
-        results = engine.generate(requests)
-        still: list[int] = []
-        for i, req, res in zip(todo, requests, results):
-            if res.error is not None:
-                outcomes[i] = Outcome(None, res.text or None, None, attempt[i], req.sampling, res, error=res.error)
-                continue
-            verdict = check(captions[i], res.text)
-            first = attempt[i] == 1 and verdict.passed
-            outcomes[i] = Outcome(res.text.strip(), res.text, verdict, attempt[i], req.sampling, res, first_passed=first)
-            if not verdict.passed and attempt[i] < opts.max_attempts:
-                attempt[i] += 1
-                still.append(i)
-        todo = still
-    missing = ChatResult.failed("internal: the engine returned no result for this request")
-    return [o if o is not None else Outcome(None, None, None, 0, opts.attempt_sampling(1), missing, error=missing.error) for o in outcomes]
-
-
-def _over(counts: diversity.Diversity, target: str | None, opts: RewriteOptions) -> bool:
-    return target is not None and counts.n >= opts.share_min_edits and counts.share(target) > opts.max_target_share
-
-
-def steer_targets(
-    engine: Engine,
-    rules_text: str,
-    captions: list[str],
-    outcomes: list[Outcome],
-    opts: RewriteOptions,
-    counts: diversity.Diversity,
-    ids: list[str] | None = None,
-) -> list[Outcome]:
-    """Apply ``--max-target-share`` to one batch's outcomes, in input order; updates ``counts``.
-
-    Caption i's outcome is final once judged against ``counts`` plus the final
-    outcomes of captions 0..i-1 (the sequential rule of the module doc). Extra
-    attempts continue the attempt numbering (sampling of attempt k, see
-    :meth:`RewriteOptions.attempt_sampling`), so each is the same request
-    whatever the batch. To keep batching, each round asks the engine at once
-    for the next attempt of every caption that is over the share under the
-    current assumptions (a caption still waiting is assumed to keep its
-    outcome); rounds repeat until every caption is decided. An attempt a later
-    round no longer needs is simply unused.
-    """
-    n = len(captions)
-    ids = ids or [str(i) for i in range(n)]
-    extra: dict[tuple[int, int], Outcome] = {}
-    while True:
-        c = diversity.Diversity(Counter(counts.pairs), Counter(counts.targets))
-        final: list[Outcome] = []
-        needs: dict[int, int] = {}
-        for i, o in enumerate(outcomes):
-            if o.error is not None or o.verdict is None or not o.verdict.passed:
-                final.append(o)
-                continue
-            target = diversity.concept(o.verdict.target_span)
-            if not _over(c, target, opts):
-                c.add(o.verdict.source_span, o.verdict.target_span)
-                final.append(o)
-                continue
-            share, counted = c.share(target), c.n
-            kept, k = None, o.attempts + 1
-            while k <= opts.max_attempts:
-                r = extra.get((i, k))
-                if r is None:
-                    needs[i] = k
-                    break
-                if r.error is None and r.verdict is not None and r.verdict.passed and not _over(c, diversity.concept(r.verdict.target_span), opts):
-                    kept = r
-                    break
-                k += 1
-            why = f"target_share: {target!r} was {share:.1%} of {counted} passing edits (> --max-target-share {opts.max_target_share:g})"
-            if kept is not None:
-                kept = replace(kept, note=f"{why}; attempt {kept.attempts} replaced attempt {o.attempts}")
-            else:
-                kept = replace(o, attempts=max(o.attempts, opts.max_attempts), note=f"{why}; kept: no other passing target in {opts.max_attempts} attempts")
-            c.add(kept.verdict.source_span, kept.verdict.target_span)
-            final.append(kept)
-        if not needs:
-            counts.pairs, counts.targets = c.pairs, c.targets
-            return final
-        todo = sorted(needs.items())
-        requests = [
-            ChatRequest(messages=messages(rules_text, captions[i]), sampling=opts.attempt_sampling(k), request_id=f"{ids[i]}#{k}")
-            for i, k in todo
-        ]
-        for (i, k), req, res in zip(todo, requests, engine.generate(requests)):
-            if res.error is not None:
-                extra[(i, k)] = Outcome(None, res.text or None, None, k, req.sampling, res, error=res.error)
-            else:
-                extra[(i, k)] = Outcome(res.text.strip(), res.text, check(captions[i], res.text), k, req.sampling, res)
-
-
-def rewrite_batch(engine: Engine, todo: list[tuple[RewriteInput, str, int]], rules_text: str, opts: RewriteOptions) -> list[Outcome]:
-    """One batch of ``(caption, key, first attempt)`` under the retry policy; one Outcome each, same order."""
-    return rewrite_with_retries(engine, rules_text, [it.text for it, _, _ in todo], opts, [it.image_id or "" for it, _, _ in todo], [a for _, _, a in todo])
-
-
 # ------------------------------------------------------------ inputs
 
 
@@ -277,8 +135,6 @@ def inputs_from_captions(folder: Path | str) -> list[RewriteInput]:
 
 def inputs_from_file(path: Path | str, text_column: str = "caption", id_column: str | None = None) -> list[RewriteInput]:
     """Rows of a JSONL / JSON / Parquet file; ids from ``id_column``, else image_id/id, else the row number."""
-    from dataprep.check import read_records
-
     rows = read_records(path, flag="--input")
     columns: set[str] = set().union(*rows) if rows else set()
     if rows and text_column not in columns:
@@ -309,8 +165,6 @@ def resume_state(folder: Path | str, max_attempts: int) -> tuple[set[str], dict[
     ``max_attempts`` attempts; a good row that failed with fewer attempts is
     continued from its next attempt.
     """
-    import pyarrow.parquet as pq
-
     done: set[str] = set()
     tried: dict[str, int] = {}
     for path in shard_paths(folder):
@@ -329,17 +183,17 @@ def resume_state(folder: Path | str, max_attempts: int) -> tuple[set[str], dict[
 
 
 @dataclass
-class _Tally:
+class _Tally(Tally):
+    caption_errors: int = 0  # input rows that were caption error rows: never rewritten
     checked: int = 0
     passed: int = 0
     first: int = 0
     attempts: int = 0
-    caption_errors: int = 0
     by_rule: Counter = field(default_factory=Counter)  # violations of the rows kept failing
     share_retried: int = 0  # a passing rewrite replaced for diversity
     share_kept: int = 0  # kept over --max-target-share (with a note)
 
-    def add(self, o: Outcome) -> None:
+    def add(self, task: Task[RewriteInput], o: Outcome) -> None:
         self.checked += 1
         self.passed += o.verdict.passed
         self.first += o.first_passed
@@ -368,66 +222,72 @@ class _Tally:
                 out["kept over --max-target-share (noted)"] = self.share_kept
         return out
 
+    def counts(self) -> dict[str, int]:
+        return {
+            "checked": self.checked,
+            "passed": self.passed,
+            "passed_first_attempt": self.first,
+            "caption_errors_skipped": self.caption_errors,
+            "target_share_replaced": self.share_retried,
+            "target_share_kept_over": self.share_kept,
+            **{f"violations.{r}": n for r, n in self.by_rule.items()},
+        }
 
-def run_rewrite(
-    texts: Iterable[RewriteInput],
-    out: Path | str,
-    engine_cfg: EngineConfig,
-    opts: RewriteOptions = RewriteOptions(),
-    *,
-    engine: Engine | None = None,
-    executor: ExecutorConfig | None = None,
-    progress: bool = True,
-    console=None,
-) -> StageSummary:
-    """Rewrite every caption of ``texts`` into ``out/edits``; returns the summary.
 
-    Configuration (options, rules file, model) is checked and the model loaded
-    before any row is written. Pass ``engine`` to reuse a loaded model.
-    ``executor`` (default local) says where the model runs; with Ray the
-    replicas load it and this process only writes the rows.
+@dataclass
+class RewriteStage(ModelStage[RewriteInput, Outcome]):
+    """Captions in, one edit row each, under the retry policy of :mod:`dataprep.rewrite_policy`.
+
+    Its resume rule differs from the default: a row that failed the rules with
+    attempts left is continued from its next attempt (``tried``), and with
+    ``--max-target-share`` the passing edits already stored are counted first
+    (``counts``); :meth:`resume` reads both from the store.
     """
-    rules = load_prompt(opts.rules_file, flag="--rules")
-    if not engine_cfg.model:
-        engine_cfg.model = DEFAULT_MODEL
-    items = list(texts)
-    folder = Path(out) / "edits"
-    if opts.max_target_share is not None and executor is not None and executor.is_ray:
-        # steering asks the engine for more attempts in input order, one batch at a time: a driver-side loop
-        raise ConfigError("--max-target-share retries rewrites on this process's engine, not on Ray replicas", "--executor", "use --executor local with --max-target-share, or steer in a second local pass")
-    remote, engine = make_executor(executor, engine_cfg, engine, describe=False)  # text only: no image side to read
-    try:
-        run = StageRun(
-            STAGE, folder, EDITS_SCHEMA, engine_cfg, engine, progress=progress, rows_per_shard=opts.rows_per_shard,
-            config={"options": asdict(opts), "prompt_id": rules.prompt_id, "prompt_sha256": rules.sha256, "executor": (executor or ExecutorConfig()).public_dict()},
-            wait_lock=opts.wait_lock,
-        )
-        return _rewrite_rows(items, folder, run, remote or LocalExecutor(run.engine), engine_cfg, opts, rules)
-    finally:
-        if remote is not None:
-            remote.close()
 
+    opts: RewriteOptions
+    prompt: Prompt
+    caption_errors: int = 0
+    tried: dict[str, int] = field(default_factory=dict)  # key -> attempts already made (rows still failing)
+    counts: diversity.Diversity | None = None  # passing targets so far, in input order (--max-target-share)
 
-def _rewrite_rows(items: list[RewriteInput], folder: Path, run: StageRun, executor: Any, engine_cfg: EngineConfig, opts: RewriteOptions, rules: Any) -> StageSummary:
-    """The driver loop: sort out error, missing and done rows here, hand the rest to the executor."""
-    engine, summary, tally = run.engine, run.summary, _Tally()
+    name = STAGE
+    folder = "edits"
+    schema = EDITS_SCHEMA
 
-    def finish() -> None:  # also after an error: the counts so far go to the manifest
-        summary.extra.update(tally.extra())
-        run.manifest_counts.update({
-            "checked": tally.checked,
-            "passed": tally.passed,
-            "passed_first_attempt": tally.first,
-            "caption_errors_skipped": tally.caption_errors,
-            "target_share_replaced": tally.share_retried,
-            "target_share_kept_over": tally.share_kept,
-            **{f"violations.{r}": n for r, n in tally.by_rule.items()},
-        })
+    @property
+    def sampling(self) -> Sampling:
+        return self.opts.attempt_sampling(1)
 
-    run.on_finish = finish
+    def key(self, item: RewriteInput, model: ModelId) -> str:
+        return rewrite_key(item, model.model, model.revision, self.prompt.sha256, self.opts)
 
-    def row(item: RewriteInput, key: str, o: Outcome | None = None, error: str | None = None) -> dict[str, Any]:
-        v = o.verdict if o is not None else None
+    def input_error(self, item: RewriteInput) -> str | None:
+        if isinstance(item.text, str) and item.text.strip():
+            return None
+        if item.text is None or isinstance(item.text, str):
+            return failure(Reason.MISSING_CAPTION, "the input row has no caption text")
+        return failure(Reason.BAD_TYPE, f"the caption is {type(item.text).__name__}, not text: {str(item.text)[:80]!r}")
+
+    def resume(self, folder: Path, keys: set[str] | None, force: bool) -> set[str]:
+        done, self.tried = (set(), {}) if force else resume_state(folder, self.opts.max_attempts)
+        if self.opts.max_target_share is not None:
+            # the passing edits before this run's first row, in input order: with
+            # --force this run's own keys are recomputed, so their old rows do not count
+            self.counts = diversity.from_edits(folder, skip_keys=(keys or set()) if force else set())
+        return done
+
+    def infer(self, engine: Engine, tasks: list[Task[RewriteInput]]) -> list[Outcome]:
+        """One batch under the retry policy; with ``--max-target-share`` steered in input order
+        (the local executor hands batches in input order; Ray is refused for it)."""
+        texts, ids = [t.input.text for t in tasks], [t.input.image_id or "" for t in tasks]
+        start = [self.tried.get(t.key, 0) + 1 for t in tasks]
+        outcomes = rewrite_with_retries(engine, self.prompt.text, texts, self.opts, ids, start)
+        if self.counts is not None:
+            outcomes = steer_targets(engine, self.prompt.text, texts, outcomes, self.opts, self.counts, ids)
+        return outcomes
+
+    def row(self, task: Task[RewriteInput], o: Outcome | None) -> dict[str, Any]:
+        item, v = task.input, (o.verdict if o is not None else None)
         return {
             "image_id": item.image_id,
             "image_uri": item.image_uri if isinstance(item.image_uri, str) else None,
@@ -440,67 +300,30 @@ def _rewrite_rows(items: list[RewriteInput], folder: Path, run: StageRun, execut
             "target_span": v.target_span if v is not None else None,
             "attempts": o.attempts if o is not None else 0,
             "note": o.note if o is not None else None,
-            **provenance(
-                key=key,
-                engine=engine,
-                prompt_id=rules.prompt_id,
-                prompt_sha256=rules.sha256,
-                sampling=o.sampling if o is not None else opts.attempt_sampling(1),
-                run_id=run.run_id,
-                result=o.result if o is not None else None,
-                error=error if error is not None else (o.error if o is not None else None),
-            ),
         }
 
-    with run.open(total=len(items)):
-        done, tried = (set(), {}) if opts.force else resume_state(folder, opts.max_attempts)
-        model = model_identity(engine, engine_cfg)
-        counts = None
-        if opts.max_target_share is not None:
-            # the passing edits before this run's first row, in input order: with
-            # --force this run's own keys are recomputed, so their old rows do not count
-            redo = {rewrite_key(it, model, engine.revision, rules.sha256, opts) for it in items if it.error is None} if opts.force else set()
-            counts = diversity.from_edits(folder, skip_keys=redo)
-        todo: list[tuple[RewriteInput, str, int]] = []
-        for item in items:
-            if item.error is not None:
-                tally.caption_errors += 1
-                run.advance()
-                continue
-            key = rewrite_key(item, model, engine.revision, rules.sha256, opts)
-            if not isinstance(item.text, str) or not item.text.strip():
-                error = (
-                    "missing_caption: the input row has no caption text"
-                    if item.text is None or isinstance(item.text, str)
-                    else f"bad_type: the caption is {type(item.text).__name__}, not text: {str(item.text)[:80]!r}"
-                )
-                run.writer.add(row(item, key, error=error))
-                summary.fail(error)
-                run.advance()
-            elif key in done:
-                summary.skipped += 1
-                run.advance()
-            else:
-                todo.append((item, key, tried.get(key, 0) + 1))
-        def write(done_items: list[tuple[RewriteInput, str]], outcomes: list[Outcome]) -> None:
-            if counts is not None:  # --max-target-share: decided in input order, over the store's edits so far
-                texts, ids = [it.text for it, _ in done_items], [it.image_id or "" for it, _ in done_items]
-                outcomes = steer_targets(engine, rules.text, texts, outcomes, opts, counts, ids)
-            for (it, key), o in zip(done_items, outcomes):
-                run.writer.add(row(it, key, o))
-                if o.error:
-                    summary.fail(o.error)
-                else:
-                    summary.done += 1
-                    summary.truncated += o.result.finish_reason == "length"
-                    tally.add(o)
-            run.advance(len(done_items))
+    def tally(self) -> Tally:
+        return _Tally(caption_errors=self.caption_errors)
 
-        batch: list[tuple[tuple[RewriteInput, str], Outcome]] = []
-        for (it, key, _), o in executor.run(todo, None, partial(rewrite_batch, rules_text=rules.text, opts=opts), batch_size=run.batch_size):
-            batch.append(((it, key), o))
-            if len(batch) >= run.batch_size:
-                write([b for b, _ in batch], [o for _, o in batch])
-                batch.clear()
-        write([b for b, _ in batch], [o for _, o in batch])
-    return summary
+
+def run_rewrite(texts: Iterable[RewriteInput], out: Path | str, engine_cfg: EngineConfig, opts: RewriteOptions = RewriteOptions(), *,
+                engine: Engine | None = None, executor: ExecutorConfig | None = None, progress: bool = True, console=None) -> StageSummary:
+    """Rewrite every caption of ``texts`` into ``out/edits``; returns the summary.
+
+    Configuration (options, rules file, model) is checked and the model loaded
+    before any row is written. Pass ``engine`` to reuse a loaded model.
+    ``executor`` (default local) says where the model runs; with Ray the
+    replicas load it and this process only writes the rows. Captions that are
+    error rows are counted, not rewritten.
+    """
+    rules = load_prompt(opts.rules_file, flag="--rules")
+    if not engine_cfg.model:
+        engine_cfg.model = DEFAULT_MODEL
+    if opts.max_target_share is not None and executor is not None and executor.is_ray:
+        # steering asks the engine for more attempts in input order, one batch at a time: a driver-side loop
+        raise ConfigError("--max-target-share retries rewrites on this process's engine, not on Ray replicas", "--executor", "use --executor local with --max-target-share, or steer in a second local pass")
+    items = list(texts)
+    good = [it for it in items if it.error is None]
+    stage = RewriteStage(opts, rules, caption_errors=len(items) - len(good))
+    return run_model_stage(stage, good, out, engine_cfg, engine=engine, executor=executor, progress=progress,
+                           force=opts.force, rows_per_shard=opts.rows_per_shard, wait_lock=opts.wait_lock)

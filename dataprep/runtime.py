@@ -17,6 +17,7 @@ import time
 import types
 import typing
 from contextvars import ContextVar
+from importlib import metadata
 from collections import Counter
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
@@ -213,7 +214,7 @@ class Flags:
 
     def parameters(self, group: str) -> list[tuple[str, Any, Any]]:
         """(parameter name, typer OptionInfo, type) per flag; names are ``group__field``."""
-        import typer
+        import typer  # the command line only: this module serves the library too
 
         hints = typing.get_type_hints(self.resolve())
         out = []
@@ -272,13 +273,15 @@ def config_exit(message: str, code: int = 2):
     return typer.Exit(code)
 
 
-def config_command(typer_app: Any, name: str, **groups: Flags):
-    """Register a typer command whose keyword arguments ``groups`` arrive as built config dataclasses.
+def with_config(**groups: Flags):
+    """Make a typer command whose keyword arguments ``groups`` arrive as built config dataclasses.
 
-    The groups' flags join the command's own. A ConfigError, from a dataclass
-    or from the command, prints one line and exits 2 (``dataprep.errors``),
-    also where the app runs without ``run_cli`` (tests, ``python -m``).
+    The groups' flags join the command's own (:func:`register` adds it to an
+    app). A ConfigError, from a dataclass or from the command, prints one
+    line and exits 2 (``dataprep.errors``), also where the app runs without
+    ``run_cli`` (tests, ``python -m``).
     """
+
     def decorate(fn):
         @functools.wraps(fn)
         def command(**kwargs):
@@ -296,9 +299,37 @@ def config_command(typer_app: Any, name: str, **groups: Flags):
         own = [p for p in sig.parameters.values() if p.name not in groups and p.kind is not p.VAR_KEYWORD]
         command.__signature__ = sig.replace(parameters=own)
         setattr(command, _GROUPS_ATTR, groups)
-        return typer_app.command(name, cls=_config_command_class())(command)
+        return command
 
     return decorate
+
+
+def register(typer_app: Any, name: str, command: Any) -> Any:
+    """Add ``command`` to ``typer_app`` as ``name``; one made by :func:`with_config` gets its flag groups."""
+    return typer_app.command(name, cls=_config_command_class() if hasattr(command, _GROUPS_ATTR) else None)(command)
+
+
+def config_command(typer_app: Any, name: str, **groups: Flags):
+    """:func:`with_config` and :func:`register` in one decorator."""
+    return lambda fn: register(typer_app, name, with_config(**groups)(fn))
+
+
+def add_plugin_commands(typer_app: Any, group: str) -> list[str]:
+    """Add each command of the entry-point ``group`` to ``typer_app``; returns their names.
+
+    How a package adds a command to a command line it may not import (flows'
+    ``dataprep serve`` and ``softrepa recipe``). Only this distribution's own
+    metadata is read (scanning every installed distribution would cost about
+    50 ms of each start), every copy of it on sys.path: a checkout's stale
+    *.egg-info found first must not hide the installed entry points.
+    """
+    found: dict[str, metadata.EntryPoint] = {}
+    for dist in metadata.distributions(name="softrepa-dataprep"):
+        for ep in dist.entry_points.select(group=group):
+            found.setdefault(ep.name, ep)
+    for name, ep in found.items():
+        register(typer_app, name, ep.load())
+    return list(found)
 
 
 _COMMAND_CLASS: list = []
@@ -308,20 +339,20 @@ def _config_command_class() -> type:
     """typer's command class, with the groups' flags added when click first asks for the parameters."""
     if _COMMAND_CLASS:
         return _COMMAND_CLASS[0]
-    from typer.core import TyperCommand
+    import typer  # the command line only: this module serves the library too
 
-    class ConfigCommand(TyperCommand):
+    class ConfigCommand(typer.core.TyperCommand):
         _added: list[str] | None = None
 
         def _add_flags(self) -> list[str]:
             if self._added is None:
-                from typer.main import _get_param  # the converter typer uses for a signature's parameters
-                from typer.models import ParamMeta
+                import typer  # the command line only: this module serves the library too
 
                 self._added = []
                 for group, flags in getattr(self.callback, _GROUPS_ATTR, {}).items():
                     for name, info, kind in flags.parameters(group):
-                        self.params.append(_get_param(ParamMeta(name=name, default=info, annotation=kind)))
+                        # typer.main._get_param: the converter typer uses for a signature's parameters
+                        self.params.append(typer.main._get_param(typer.models.ParamMeta(name=name, default=info, annotation=kind)))
                         self._added.append(name)
             return self._added
 

@@ -18,7 +18,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dataprep.store import failure_counts, shard_paths
+from dataprep import diversity
+from dataprep.diversity import table_rows
+from dataprep.judge import agreement
+from dataprep.report.views import find_views
+from dataprep.store import caption_skips, edit_skip, failure_counts, read_manifest, shard_paths
 
 
 def _columns(folder: Path, columns: list[str]) -> pa.Table | None:
@@ -30,24 +34,18 @@ def _columns(folder: Path, columns: list[str]) -> pa.Table | None:
     return pa.concat_tables(tables, promote_options="default") if tables else None
 
 
-def _images(run: Path) -> dict[str, Any] | None:
-    t = _columns(run / "images", ["image_id", "error"])
-    if t is None:
-        return None
-    return {"rows": t.num_rows, "distinct": len(pc.unique(t["image_id"])), "errors": t.num_rows - t["error"].null_count, "failures": failure_counts(run / "images")}
-
-
 def _captions(run: Path) -> dict[str, Any] | None:
-    t = _columns(run / "captions", ["image_id", "error", "image_flags"])
+    t = _columns(run / "captions", ["image_id", "caption", "error", "image_flags"])
     if t is None:
         return None
     good = pc.is_null(t["error"])
+    usable = pc.is_null(caption_skips(t))  # captioned = a caption batches would use (dataprep.store.usable)
     flags: Counter = Counter()
     if "image_flags" in t.column_names:
         for names in t["image_flags"].drop_null().to_pylist():
             flags.update(names)
     ids_all = pc.unique(t["image_id"])
-    ids_good = pc.unique(t.filter(good)["image_id"])
+    ids_good = pc.unique(t.filter(usable)["image_id"])
     return {
         "rows": t.num_rows,
         "good": pc.sum(good).as_py() or 0,
@@ -61,11 +59,14 @@ def _captions(run: Path) -> dict[str, Any] | None:
 
 
 def _edits(run: Path) -> dict[str, Any] | None:
-    t = _columns(run / "edits", ["image_id", "passed", "violations", "error"])
+    t = _columns(run / "edits", ["image_id", "source", "target", "passed", "violations", "error"])
     if t is None:
         return None
     checked = t.filter(pc.is_null(t["error"]))
     passed = checked.filter(pc.fill_null(checked["passed"], False))
+    # the edits batches and exports would use: dataprep.store.edit_skip decides
+    usable = [edit_skip(r) is None for r in checked.select(["source", "target", "passed", "error"]).to_pylist()]
+    usable_ids = checked.filter(pa.array(usable, pa.bool_()))["image_id"]
     violations: Counter = Counter()
     if checked.num_rows:
         flat = pc.list_flatten(checked["violations"])
@@ -76,7 +77,7 @@ def _edits(run: Path) -> dict[str, Any] | None:
         "checked": checked.num_rows,
         "passed": passed.num_rows,
         "pass_rate": (passed.num_rows / checked.num_rows) if checked.num_rows else None,
-        "images_with_passing_edit": len(pc.unique(passed["image_id"])),
+        "images_with_passing_edit": len(pc.unique(usable_ids)),
         "violations": dict(violations.most_common()),
         "failures": failure_counts(run / "edits"),
     }
@@ -115,15 +116,11 @@ def _exports(run: Path) -> list[dict[str, Any]]:
 
 def _judge(run: Path) -> dict[str, Any] | None:
     """Checker x judge agreement (dataprep.judge.agreement), or None without a judge store."""
-    from dataprep.judge import agreement
-
     return agreement(run / "judge")
 
 
 def _dedup(run: Path) -> dict[str, Any] | None:
     """The last dedup run's counts (its manifest), or None."""
-    from dataprep.store import read_manifest
-
     m = read_manifest(run / "dedup")
     return None if m is None else {"run_id": m.get("run_id"), "counts": m.get("counts", {}), "failures": m.get("failures", {})}
 
@@ -131,15 +128,11 @@ def _dedup(run: Path) -> dict[str, Any] | None:
 def collect(run_dir: Path | str) -> dict[str, Any]:
     """Counts per stage of ``run_dir``; a stage that is absent maps to None."""
     run = Path(run_dir)
-    from dataprep.report.views import find_views
-
-    return {"run": str(run), "images": _images(run), "captions": _captions(run), "edits": _edits(run), "diversity": _diversity(run), "batches": _batches(run), "exports": _exports(run), "judge": _judge(run), "dedup": _dedup(run), "views": find_views(run)}
+    return {"run": str(run), "captions": _captions(run), "edits": _edits(run), "diversity": _diversity(run), "batches": _batches(run), "exports": _exports(run), "judge": _judge(run), "dedup": _dedup(run), "views": find_views(run)}
 
 
 def _diversity(run: Path) -> dict[str, Any] | None:
     """Replacement diversity of the passing edits (see dataprep.diversity), or None without edits."""
-    from dataprep import diversity
-
     if not shard_paths(run / "edits"):
         return None
     return diversity.from_edits(run / "edits").summary()
@@ -163,9 +156,7 @@ def render(stats: dict[str, Any]) -> Any:
             table.add_row(name if i == 0 else "", what, str(value))
         table.add_section()
 
-    img, cap, ed, b = stats["images"], stats["captions"], stats["edits"], stats["batches"]
-    if img:
-        section("images", [("rows", img["rows"]), ("distinct ids", img["distinct"]), ("errors", img["errors"]), ("failures by reason", _fmt(img["failures"]))])
+    cap, ed, b = stats["captions"], stats["edits"], stats["batches"]
     if cap:
         section("captions", [("images", cap["images"]), ("rows good / failed", f"{cap['good']} / {cap['failed']}"), ("images captioned", cap["images_captioned"]), ("images without caption", cap["images_without_caption"]), ("failures by reason", _fmt(cap["failures"])), ("image flags (rows)", _fmt(cap.get("image_flags", {})))])
     else:
@@ -177,8 +168,6 @@ def render(stats: dict[str, Any]) -> Any:
         section("edits", [("", "none")])
     div = stats.get("diversity")
     if div and div["replacements"]:
-        from dataprep.diversity import table_rows
-
         section("diversity", [(r["what"], r["value"]) for r in table_rows(div)])
     if b:
         section("batches", [("batches / shards", f"{b['rows']} / {b['shards']}"), ("presets", _fmt(b["presets"])), ("epochs", b["epochs"]), ("prompts by kind", _fmt(b["prompts"])), *[(f"run {k}", f"{v['preset']}, seed {v['seed']}, {v['epochs']} epochs, {v['batches']} batches") for k, v in b["runs"].items()]])

@@ -1,17 +1,23 @@
 """Tiny random checkpoints of the real architectures, for tests and the offline demo.
 
 ``dataprep tiny-models DIR`` writes one ``from_pretrained`` directory per model
-the pipeline uses (``DIR/llava``, ``DIR/llama``, and the diffusers pipelines
-from :mod:`softrepa.tiny`). They load through exactly the code path of the
-real models; only the weights' size differs (see OFFLINE_TESTING.md).
+dataprep uses (``DIR/llava``, ``DIR/llama``) and the data the demo runs on
+(``DIR/images``, ``DIR/div2k``). The diffusers pipelines and official token
+files are softrepa's (``softrepa tiny-models DIR``, :mod:`softrepa.tiny`):
+dataprep imports nothing of softrepa. They load through exactly the code path
+of the real models; only the weights' size differs (see OFFLINE_TESTING.md).
 Their outputs are random tokens: good for plumbing, not for content.
 """
 
 from __future__ import annotations
 
+import io
+import json
 from pathlib import Path
 
 from PIL import Image
+
+from dataprep.store import atomic_file
 
 # A generic chat template: string or list-of-parts content, LLaVA-1.5's
 # "USER: <image>\n... ASSISTANT:" layout. The real checkpoints ship their own.
@@ -132,8 +138,6 @@ def write_tiny_llava(out: Path | str, seed: int = 0) -> Path:
 
 
 def encode_image(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
-    import io
-
     buf = io.BytesIO()
     img.save(buf, format=fmt, **kw)
     return buf.getvalue()
@@ -217,10 +221,8 @@ def write_div2k_samples(folder: Path | str, n: int = 4, sizes: tuple[tuple[int, 
     for i in range(1, n + 1):
         p = folder / f"{i:04d}.png"
         if not p.exists():
-            tmp = p.with_name(f".{p.name}.tmp")
-            # compress_level 1: a few MB per frame written in a fraction of a second
-            div2k_like_image(i, sizes[(i - 1) % len(sizes)]).save(tmp, format="PNG", compress_level=1)
-            tmp.replace(p)
+            with atomic_file(p, fsync=False) as tmp:  # compress_level 1: a few MB per frame in a fraction of a second
+                div2k_like_image(i, sizes[(i - 1) % len(sizes)]).save(tmp, format="PNG", compress_level=1)
         paths.append(p)
     write_editing_pairs(folder / "prompts_editing.json")
     return paths
@@ -259,20 +261,18 @@ EDITING_PAIRS = [
 
 def write_editing_pairs(path: Path | str) -> Path:
     """Write :data:`EDITING_PAIRS` to ``path`` in the official ``prompts_editing.json`` layout."""
-    import json
-
     path = Path(path)
     path.write_text(json.dumps(EDITING_PAIRS, indent=4) + "\n", encoding="utf-8")
     return path
 
 
-def write_all(root: Path | str, diffusers: bool = True) -> dict[str, Path]:
-    """Every tiny model the pipeline uses, one subdirectory each, plus the demo's data.
+def write_all(root: Path | str) -> dict[str, Path]:
+    """dataprep's tiny models and the demo's data, one subdirectory each.
 
-    ``images/``: ten small images of awkward kinds; ``div2k/``: DIV2K-shaped
-    frames and their editing pairs; with ``diffusers``, the tiny SD pipelines
-    and ``official-tokens/<backbone>/`` (token files pickled as the paper's
-    code releases them).
+    ``llava/``, ``llama/``: tiny random checkpoints; ``images/``: ten small
+    images of awkward kinds; ``div2k/``: DIV2K-shaped frames and their editing
+    pairs. ``softrepa tiny-models`` adds the SD pipelines and official-format
+    token files to the same folder.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -281,13 +281,4 @@ def write_all(root: Path | str, diffusers: bool = True) -> dict[str, Path]:
     written["images"] = root / "images"
     write_div2k_samples(root / "div2k")
     written["div2k"] = root / "div2k"
-    if diffusers:
-        try:
-            from softrepa.tiny import write_official_token_sets, write_tiny_pipelines
-        except ImportError:  # the softrepa tiny builders are optional for the text stages
-            pass
-        else:
-            written.update(write_tiny_pipelines(root))
-            write_official_token_sets(root / "official-tokens")
-            written["official-tokens"] = root / "official-tokens"
     return written

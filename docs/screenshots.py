@@ -52,7 +52,7 @@ def main() -> None:
         tmp = Path(tmp)
         run = make_run(tmp / "run", judge=True, dedup=True)
         subprocess.run([bindir / "dataprep", "report", str(run), "--page-size", "6"], check=True, env=env)
-        subprocess.run([bindir / "dataprep", "tiny-models", str(tmp / "models")], check=True, env=env, stdout=subprocess.DEVNULL)
+        subprocess.run([bindir / "softrepa", "tiny-models", str(tmp / "models")], check=True, env=env, stdout=subprocess.DEVNULL)
         tokens = tmp / "tokens"  # freshly initialised soft tokens (what `softrepa train` starts from)
         import json
         from types import SimpleNamespace

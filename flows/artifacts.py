@@ -16,7 +16,9 @@ from typing import Any, Iterable
 import pyarrow.parquet as pq
 
 from dataprep.runtime import StageSummary
-from dataprep.store import shard_paths
+from dataprep.store import read_manifest, shard_paths
+from dataprep import diversity
+from dataprep.judge import agreement
 
 
 def artifact_key(*parts: str) -> str:
@@ -94,8 +96,6 @@ def rule_rows(edits_dir: Path | str) -> list[dict[str, Any]]:
 
 def diversity_rows(edits_dir: Path | str) -> list[dict[str, Any]]:
     """The replacement diversity of the passing edits (dataprep.diversity) as (what, value) rows."""
-    from dataprep import diversity
-
     summary = diversity.from_edits(edits_dir).summary()
     return diversity.table_rows(summary) if summary["replacements"] else []
 
@@ -107,8 +107,6 @@ def judge_agreement_rows(judge_dir: Path | str) -> list[dict[str, Any]]:
     good), then ``agreement``: checker-passed judged good, checker-failed
     judged bad, and their ``share`` of every judged pair.
     """
-    from dataprep.judge import agreement
-
     a = agreement(judge_dir)
     if a is None:
         return []
@@ -123,8 +121,6 @@ def judge_agreement_rows(judge_dir: Path | str) -> list[dict[str, Any]]:
 
 def dedup_rows(dedup_dir: Path | str) -> list[dict[str, Any]]:
     """The last dedup run's counts as (metric, value) rows."""
-    from dataprep.store import read_manifest
-
     m = read_manifest(dedup_dir)
     if m is None:
         return []

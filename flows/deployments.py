@@ -15,11 +15,13 @@ same definitions live in ``prefect.yaml`` for work pools and workers.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from prefect.events import DeploymentEventTrigger
 
-from flows.flows import DEFAULT_DATA, DEFAULT_OUT, SHARDS_EVENT, TOKENS_EVENT
+from flows.flows import DEFAULT_DATA, DEFAULT_OUT, SHARDS_EVENT, TOKENS_EVENT, evaluate_edit, prepare, train
+from dataprep.errors import ConfigError
 
 NIGHTLY = "0 2 * * *"  # 02:00 every night, in the schedule's time zone (UTC by default)
 PREPARE = "prepare-div2k"
@@ -62,10 +64,6 @@ def evaluate_trigger() -> DeploymentEventTrigger:
 
 def prepare_parameters(data: str = DEFAULT_DATA, out: str = DEFAULT_OUT, **overrides: Any) -> dict[str, Any]:
     """Default parameters of ``prepare-div2k``; ``overrides`` are prepare() parameters."""
-    import inspect
-
-    from flows.flows import prepare
-
     known = set(inspect.signature(prepare.fn).parameters)
     unknown = sorted(set(overrides) - known)
     if unknown:
@@ -77,8 +75,6 @@ def deployments(cron: str = NIGHTLY, timezone: str | None = None, prepare_params
     """The three RunnerDeployments (module entrypoints: importable from any cwd)."""
     from prefect.client.schemas.schedules import CronSchedule
     from prefect.deployments.runner import EntrypointType
-
-    from flows.flows import evaluate_edit, prepare, train
 
     kw = dict(entrypoint_type=EntrypointType.MODULE_PATH, tags=["softrepa"])
     return [
@@ -100,8 +96,6 @@ def validate_cron(cron: str, timezone: str | None = None) -> None:
     """Raise ConfigError (naming --cron) for an expression Prefect would reject."""
     from prefect.client.schemas.schedules import CronSchedule
     from pydantic import ValidationError
-
-    from dataprep.errors import ConfigError
 
     try:
         CronSchedule(cron=cron, timezone=timezone)

@@ -22,6 +22,7 @@ Events (the hand-off contract):
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -29,17 +30,23 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from dataprep.batches import BatchOptions
-from dataprep.caption import DEFAULT_MODEL as CAPTION_MODEL
+from dataprep.batches import BatchOptions, apply_quality, attach_edits, load_caption_index, run_id_for
+from dataprep.caption import CaptionOptions, DEFAULT_MODEL as CAPTION_MODEL
 from dataprep.engines import EngineConfig
 from dataprep.errors import ConfigError
 from dataprep.runtime import StageSummary
-from dataprep.rewrite import DEFAULT_MODEL as REWRITE_MODEL
+from dataprep.rewrite import DEFAULT_MODEL as REWRITE_MODEL, RewriteOptions, inputs_from_captions
 from dataprep.store import shard_paths
 from flows import artifacts
 from flows.tasks import SHARD_TIMEOUT_S, build_batches_task, caption_shard, chunks, evaluate_task, gpu_slot, release_engines, rewrite_shard, train_task, uses_local_gpu
 from flows.tasks import dedup_task, judge_task
 from softrepa.paper import BACKBONE_MODELS, SD3_MODEL
+from dataprep.executors import ExecutorConfig
+from dataprep.judge import JudgeOptions
+from dataprep.promptfile import load_prompt
+from dataprep.report import ReportOptions, build_report
+from dataprep.sources import div2k, folder
+from softrepa.metrics import MetricConfig
 
 SHARDS_EVENT = "softrepa.shards.written"
 TOKENS_EVENT = "softrepa.tokens.written"
@@ -73,8 +80,6 @@ def build(cls: type, options: dict[str, Any] | None, flag: str, *, locked: str |
 
 
 def _refs(source: str, data: str, split: str, ids: str | None, limit: int | None) -> list:
-    from dataprep.sources import div2k, folder
-
     if source == "div2k":
         return div2k(data, split=split, ids=ids, limit=limit)
     if source == "folder":
@@ -125,16 +130,12 @@ def _shards(items: list, shard_size: int, executor: Any, timeout_s: float | None
 
 def _stage_configs(model: str, engine: dict | None, options_cls: type, options: dict | None, options_flag: str, executor: dict | None) -> tuple[Any, Any, Any]:
     """(EngineConfig, the stage's options, ExecutorConfig) of a model stage's flow parameters, each checked as built."""
-    from dataprep.executors import ExecutorConfig
-
     return build(EngineConfig, engine, "engine", model=model), build(options_cls, options, options_flag), build(ExecutorConfig, executor, "executor")
 
 
 def _model_stage(dataset: str, stage: str, store: Path, shard_task: Any, items_arg: str, items: list, cfg: Any, opts: Any, ex: Any,
                  shard_size: int, task_timeout_s: float | None, prompt_file: str, prompt_flag: str = "--prompt-file") -> StageSummary:
     """A model stage as shard tasks: ``shard_task(<items_arg>=shard, ...)`` per ``shard_size`` items, gathered in order."""
-    from dataprep.promptfile import load_prompt
-
     prompt_sha = load_prompt(prompt_file, flag=prompt_flag).sha256
     shards, timeout_s = _shards(items, shard_size, ex, task_timeout_s)
     run = store.parent
@@ -166,8 +167,6 @@ def caption(
     ``executor``: ExecutorConfig fields (e.g. ``{"executor": "ray", "replicas": 4}``);
     ``task_timeout_s``: seconds a shard task may run (None: no limit).
     """
-    from dataprep.caption import CaptionOptions
-
     cfg, opts, ex = _stage_configs(model, engine, CaptionOptions, caption_options, "caption_options", executor)
     refs = _refs(source, data, split, ids, limit)  # paths are checked before a model loads
     run = Path(out).resolve()
@@ -189,8 +188,6 @@ def rewrite(
 
     ``executor`` and ``task_timeout_s`` as in :func:`caption`.
     """
-    from dataprep.rewrite import RewriteOptions, inputs_from_captions
-
     cfg, opts, ex = _stage_configs(model, engine, RewriteOptions, rewrite_options, "rewrite_options", executor)
     run = Path(out).resolve()
     items = inputs_from_captions(run / "captions")  # caption error rows included: the stage counts them
@@ -261,10 +258,6 @@ def finished_batches(captions: Path, edits: Path | None, folder: Path, opts: Any
     (dataprep.batches.run_id_for); a finished run left ``_run-<id>.json`` listing
     its shards. Rebuilding would only rewrite identical bytes.
     """
-    import json
-
-    from dataprep.batches import apply_quality, attach_edits, load_caption_index, run_id_for
-
     index = load_caption_index(captions)
     if edits is not None:
         attach_edits(index, edits)
@@ -378,7 +371,6 @@ def train(
 def evaluate_edit(pairs: str, model: str = SD3_MODEL, tokens: str | None = None, out: str | None = None, eval_options: dict[str, Any] | None = None) -> Any:
     """FlowEdit with and without soft tokens on the caption/edit pairs of a run (softrepa.evaluate)."""
     from softrepa.evaluate import EvalConfig
-    from softrepa.metrics import MetricConfig
 
     options = dict(eval_options or {})
     metrics = build(MetricConfig, options.pop("metrics", None), "evaluate.metrics")
@@ -397,8 +389,6 @@ def evaluate_edit(pairs: str, model: str = SD3_MODEL, tokens: str | None = None,
 @flow(name="report", log_prints=True)
 def report(out: str = DEFAULT_OUT, dataset: str = DATASET, report_options: dict[str, Any] | None = None) -> str:
     """The static HTML report of a run (dataprep.report) in OUT/report; returns its index.html path."""
-    from dataprep.report import ReportOptions, build_report
-
     options = dict(report_options or {})
     folder = options.pop("out", None) or str(Path(out) / "report")
     opts = build(ReportOptions, options, "report")
@@ -414,8 +404,6 @@ def judge(out: str = DEFAULT_OUT, dataset: str = DATASET, model: str = REWRITE_M
 
     Run it before ``batches`` with ``batch_options={"require_judge": true}`` to keep only judged-good edits.
     """
-    from dataprep.judge import JudgeOptions
-
     cfg = build(EngineConfig, engine, "engine", model=model)
     opts = build(JudgeOptions, judge_options, "judge_options")
     run = Path(out).resolve()

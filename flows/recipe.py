@@ -36,6 +36,8 @@ from prefect import flow
 from dataprep.errors import ConfigError
 from dataprep.runtime import option
 from softrepa.paper import SD3_MODEL
+from softrepa import paper
+from softrepa.metrics import MetricConfig
 
 
 @dataclass
@@ -89,7 +91,6 @@ def recipe_configs(cfg: RecipeConfig) -> tuple[Any, Any, Any, Path]:
     """(BatchOptions, TrainConfig without its batch run yet, EvalConfig without tokens yet, OUT), all checked before any work."""
     from dataprep.batches import BatchOptions
     from softrepa.evaluate import EvalConfig
-    from softrepa.metrics import MetricConfig
 
     out = Path(cfg.out)
     with recipe_flags("batch_options"):
@@ -148,7 +149,6 @@ def recipe_flags(section: str, renamed: dict[str, str] | None = None):
 def run_recipe(cfg: RecipeConfig, on_stage: Callable[[str], None] | None = None) -> RecipeResult:
     """Batches, training, evaluation, and the side-by-side table. ConfigError before any work for a bad option."""
     from dataprep.batches import build_coco_batches
-    from softrepa import paper
     from softrepa.evaluate import evaluate_edit
     from softrepa.train import train
 

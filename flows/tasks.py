@@ -33,6 +33,9 @@ from prefect.tasks import exponential_backoff
 from dataprep.engines import Engine, EngineConfig, load_engine
 from dataprep.errors import ConfigError
 from dataprep.store import shard_paths
+from dataprep.batches import build_batches
+from dataprep.judge import inputs_from_edits, run_judge
+from dataprep.rewrite import run_rewrite
 
 GPU_LIMIT = "gpu"
 ENGINE_RETRIES = 2
@@ -192,8 +195,6 @@ def rewrite_shard(items: list, out: Path, engine_cfg: EngineConfig, opts: Any, p
     ``prompt_sha256`` is the rules file's content hash (cache key only).
     ``executor``: as in :func:`caption_shard`.
     """
-    from dataprep.rewrite import run_rewrite
-
     if executor is not None and executor.is_ray:
         return run_rewrite(items, out, engine_cfg, opts, executor=executor, progress=False)
     return run_rewrite(items, out, engine_cfg, opts, engine=engine_for(engine_cfg), progress=False)
@@ -202,8 +203,6 @@ def rewrite_shard(items: list, out: Path, engine_cfg: EngineConfig, opts: Any, p
 @task(name="build-batches", timeout_seconds=BATCHES_TIMEOUT_S)
 def build_batches_task(captions: Path, out_dir: Path, opts: Any, edits: Path | None) -> Any:
     """Contrastive batch shards (deterministic: same inputs and options, same files)."""
-    from dataprep.batches import build_batches
-
     return build_batches(captions, out_dir, opts, edits_dir=edits)
 
 
@@ -226,8 +225,6 @@ def evaluate_task(cfg: Any) -> Any:
 @task(name="judge-edits", timeout_seconds=JUDGE_TIMEOUT_S, **_retry)
 def judge_task(out: Path, engine_cfg: EngineConfig, opts: Any) -> Any:
     """Grade the run's edit pairs into ``out/judge`` (see dataprep.judge.run_judge); resumable by key."""
-    from dataprep.judge import inputs_from_edits, run_judge
-
     items, left = inputs_from_edits(Path(out) / "edits", opts.all_edits)
     return run_judge(items, out, engine_cfg, opts, engine=engine_for(engine_cfg), progress=False, left_out=left)
 

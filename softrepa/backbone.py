@@ -4,7 +4,11 @@ Loading and freezing the pipeline (:func:`load_parts`), encoding each distinct
 prompt once (:class:`PromptCache`), VAE-encoding images, and the grid forward
 pass that gives the error matrix ``E`` ``[B, P]`` (:func:`grid_errors`):
 SD3 flow matching (velocity target) and SD1.5/SDXL DDPM (noise or velocity
-target). The training loop itself lives in :mod:`softrepa.train`.
+target). The training loop itself lives in :mod:`softrepa.train`; the
+pipeline is loaded by :func:`softrepa.pipelines.load_pipeline`, the loader
+sampling and editing use too. torch is imported at the top: nothing here
+runs without it, and the command line imports this module only inside the
+commands that train.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from typing import Any
 import torch
 
 from dataprep.errors import ConfigError
+from softrepa.loss import error_matrix
+from softrepa.pipelines import load_pipeline
 
 
 #: SD3's T5 prompt length, in training and editing alike: the official sampler
@@ -39,30 +45,17 @@ class Parts:
 
 
 def load_parts(model: str, backbone: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, resolution: int | None = None) -> Parts:
-    """Load the pipeline from ``model`` (id or path) and freeze it.
+    """Load the pipeline from ``model`` (id or path) with :func:`softrepa.pipelines.load_pipeline`, frozen.
 
+    ``device`` and ``dtype`` are already resolved (the trainer decides them).
     The VAE stays in fp32 (SDXL's VAE overflows in fp16; it is only run once
     per image). Raises :class:`ConfigError` when the pipeline is not of the
     preset's family.
     """
-    import diffusers
-
-    cls = {"sd3": diffusers.StableDiffusion3Pipeline, "sdxl": diffusers.StableDiffusionXLPipeline, "sd1.5": diffusers.StableDiffusionPipeline}[backbone]
-    kwargs: dict[str, Any] = {"torch_dtype": dtype}
-    if backbone == "sd1.5":
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
-    try:
-        pipe = cls.from_pretrained(model, **kwargs)
-    except (OSError, ValueError, TypeError) as e:
-        raise ConfigError(f"cannot load {model} as a {cls.__name__}: {e}", "--model", f"give a {backbone} diffusers pipeline or pick the matching --preset") from e
+    pipe = load_pipeline(model, backbone, device, dtype)
     device = torch.device(device)
     denoiser = pipe.transformer if backbone == "sd3" else pipe.unet
     pipe.vae.to(dtype=torch.float32)
-    for name, comp in pipe.components.items():
-        if isinstance(comp, torch.nn.Module):
-            comp.requires_grad_(False)
-            comp.eval()
-            comp.to(device)
     vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     res = resolution or int(denoiser.config.sample_size) * vae_factor
     return Parts(backbone, pipe, denoiser, pipe.vae, pipe.scheduler, res, device, dtype)
@@ -188,8 +181,6 @@ def predict_grid(parts: Parts, model: torch.nn.Module, zt: torch.Tensor, prompts
 
 def grid_errors(parts: Parts, model: torch.nn.Module, latents: torch.Tensor, prompts: PromptEmbeds, t: int, noise: torch.Tensor) -> torch.Tensor:
     """Error matrix ``E`` ``[B, P]``: MSE of image i's prediction under prompt j."""
-    from softrepa.loss import error_matrix
-
     zt, target = noisy_and_target(parts, latents, noise, t)
     pred = predict_grid(parts, model, zt.to(parts.dtype), prompts, t)
     return error_matrix(pred, target, latents.shape[0], prompts.embeds.shape[0])

@@ -12,7 +12,6 @@ shows the traceback); see :mod:`dataprep.errors`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
@@ -20,8 +19,10 @@ from typing import Annotated, Optional
 import typer
 
 from dataprep.errors import ConfigError, run_cli
-from dataprep.runtime import Flags, config_command, typer_app
+from dataprep.runtime import Flags, add_plugin_commands, config_command, typer_app
 from softrepa.paper import SD3_MODEL
+from softrepa.tiny import write_all as write_tiny_models  # torch and diffusers load inside the builders
+from softrepa.metrics import write_tiny_metric_models
 
 app = typer_app(
     "softrepa",
@@ -299,8 +300,6 @@ def evaluate_edit_cmd(
     cfg = replace(cfg, metrics=replace(metrics, device=cfg.device))  # metrics run where the edits run
     cfg.validate()  # every argument, before the tiny metric models are written
     if tiny_metrics:
-        from softrepa.metrics import write_tiny_metric_models
-
         tiny = write_tiny_metric_models(Path(cfg.out) / "tiny-metrics")
         cfg = replace(cfg, metrics=replace(cfg.metrics, clip_model=str(tiny["clip"]), pickscore_model=str(tiny["clip"]), pickscore_processor=None, lpips_model=str(tiny["lpips"])))
     res = evaluate_edit(cfg)
@@ -314,31 +313,22 @@ def evaluate_edit_cmd(
         console.print(f"[bold yellow]warning, leakage:[/] {escape(res.leakage.message())}", highlight=False)
 
 
-@config_command(app, "recipe", cfg=Flags("flows.recipe:RecipeConfig", parse={name: (Path, str) for name in ("coco_captions", "coco_images", "pairs", "out")} | {"hard_negatives": (Optional[Path], str)}))
-def recipe_cmd(
-    train_steps: Annotated[Optional[int], typer.Option("--train-steps", help="Training steps (default: the trainer's Table 3 value).")] = None,
-    options: Annotated[Optional[Path], typer.Option("--options", help='JSON file {"batch_options": {...}, "train_options": {...}, "eval_options": {...}} with BatchOptions / TrainConfig / EvalConfig fields (eval_options.metrics: MetricConfig fields).')] = None,
-    cfg=None,
-) -> None:
-    """The paper's recipe in one command: COCO batches -> train SD3 tokens -> FlowEdit on DIV2K pairs, Table 5 with the paper's numbers beside ours."""
-    from flows.recipe import run_recipe
+# ------------------------------------------------------------ tiny models, demo
 
-    extra: dict = {}
-    if options is not None:
-        try:
-            extra = json.loads(options.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"cannot read {options}: {exc}", "--options", "pass a JSON object") from None
-        unknown = sorted(set(extra) - {"batch_options", "train_options", "eval_options"})
-        if unknown:
-            raise ConfigError(f"unknown keys {unknown} in {options}", "--options", "use batch_options, train_options, eval_options")
-    train_options = dict(extra.get("train_options", {}))
-    if train_steps is not None:
-        train_options["steps"] = train_steps
-    cfg = replace(cfg, batch_options=dict(extra.get("batch_options", {})), train_options=train_options, eval_options=dict(extra.get("eval_options", {})))
-    res = run_recipe(cfg, on_stage=lambda msg: typer.echo(f"== {msg}"))
-    typer.echo(res.markdown)
-    typer.echo(f"tokens: {res.train.tokens_dir}\nscores: {res.evaluation.scores_path}\ntable: {res.table_md}")
+
+@app.command("tiny-models")
+def tiny_models_cmd(
+    out: Annotated[Path, typer.Argument(help="Directory to write into; one from_pretrained directory per pipeline (the folder `dataprep tiny-models` writes into too).")],
+) -> None:
+    """Write tiny random SD3, SDXL and SD1.5 pipelines and official-format token files (official-tokens/<backbone>) for offline tests and the demo."""
+    for name, path in write_tiny_models(out).items():
+        typer.echo(f"{name:15s} {path}")
+
+
+# `softrepa recipe` belongs to flows (it wires dataprep's batches to training and
+# evaluation; softrepa imports nothing of flows): flows names it in the
+# entry-point group "softrepa.commands" (pyproject.toml) and it is added here.
+add_plugin_commands(app, "softrepa.commands")
 
 
 def main() -> None:

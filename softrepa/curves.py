@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dataprep.store import atomic_file
+
 
 @dataclass
 class Curves:
@@ -100,9 +102,9 @@ def write_curves(log_path: str | Path, png_path: str | Path) -> tuple[Curves, st
     axes[-1].set_xlabel("step")
     fig.suptitle(f"softrepa train: {curves.step[-1]} steps")
     fig.tight_layout()
-    png = Path(png_path)
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    tmp.replace(png)
+    try:
+        with atomic_file(png_path, suffix=".tmp.png", fsync=False) as tmp:  # savefig picks the format by extension
+            fig.savefig(tmp, dpi=80)
+    finally:
+        plt.close(fig)
     return curves, None

@@ -21,17 +21,21 @@ binds it to a loaded ``StableDiffusion3Pipeline`` (prompt encoding, VAE with
 the pipeline's shift/scaling factors, scheduler sigmas) and to soft tokens
 through ``softrepa.tokens.wrap_model``.
 
-torch and diffusers are imported lazily (``softrepa --help`` stays fast).
+The pure core needs only torch; the SD3 binding loads its pipeline with
+:func:`softrepa.pipelines.load_pipeline`, the loader the trainer and the
+sampler use too.
 """
 
 from __future__ import annotations
 
 import math
-
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from dataprep.errors import ConfigError
+from softrepa.backbone import T5_MAX_LENGTH
+from softrepa.pipelines import load_pipeline
+from softrepa.tokens import wrap_model
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -82,6 +86,9 @@ class EditConfig:
     seed: int = 0
     size: int = 1024
     cfg_rule: str = "official"  # sampler.py SD3EulerFE.sample (see CFG_RULES)
+
+    def __post_init__(self) -> None:
+        self.validate()  # an EditConfig that exists is valid
 
     def validate(self) -> "EditConfig":
         if self.steps < 1:
@@ -187,43 +194,10 @@ def flowedit(
 # ------------------------------------------------------------------ SD3 binding
 
 
-def resolve_device(device: str = "auto") -> str:
-    import torch
-
-    if device == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    return device
-
-
-def resolve_dtype(dtype: str, device: str) -> "torch.dtype":
-    import torch
-
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype == "auto":
-        return torch.float32 if device == "cpu" else torch.bfloat16
-    if dtype not in table:
-        raise ConfigError(f"unknown dtype {dtype!r}", flag="--dtype", fix="auto, float32, bfloat16 or float16")
-    return table[dtype]
-
-
 def load_sd3(model: str, device: str = "auto", dtype: str = "auto", revision: str | None = None) -> Any:
-    """Load a ``StableDiffusion3Pipeline`` by hub id or local path, frozen, on ``device``."""
-    from diffusers import StableDiffusion3Pipeline
-
-    dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
-    try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(model, torch_dtype=torch_dtype, revision=revision)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot load SD3 pipeline {model!r}: {exc}", flag="--model", fix="pass a diffusers SD3 repo id (e.g. stabilityai/stable-diffusion-3-medium-diffusers) or a local pipeline folder") from exc
-    pipe.to(dev)
-    for part in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
-        if part is not None:
-            part.requires_grad_(False).eval()
+    """Load a ``StableDiffusion3Pipeline`` by hub id or local path, frozen, on ``device``
+    (:func:`softrepa.pipelines.load_pipeline`; ``--device``/``--dtype`` in the dataprep vocabulary)."""
+    pipe = load_pipeline(model, "sd3", device, dtype, revision)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -243,8 +217,6 @@ class SD3FlowEditor:
         self.base = pipe.transformer
         self.with_tokens = None
         if tokens is not None:
-            from softrepa.tokens import wrap_model
-
             self.with_tokens = wrap_model(self.base, tokens.to(self.device))
         self._uncond: tuple[Any, Any] | None = None
         self._prompt_cache: dict[tuple[str, ...], tuple[Any, Any]] = {}
@@ -311,8 +283,6 @@ class SD3FlowEditor:
         """
         import torch
         from diffusers.utils import logging as dlogging
-
-        from softrepa.backbone import T5_MAX_LENGTH
 
         key = tuple(prompts)
         if key in self._prompt_cache:

@@ -34,45 +34,55 @@ Output folder::
 
 Editing is resumable: an edited image already on disk is not recomputed
 (images are written to a temp name and renamed, so a killed run never leaves
-a truncated file). Scores are recomputed from the images on every run.
+a truncated file). Scores are recomputed from the images on every run. One
+OUT holds the evaluation of one ``--pairs`` input: rerunning into it with
+other pairs is a ConfigError naming ``--pairs`` (the new scores would
+replace the earlier ones); evaluate another input into another ``--out``.
+
+The pieces: :mod:`softrepa.eval_pairs` (pairs, leakage),
+:mod:`softrepa.eval_run` (editing and scoring passes),
+:mod:`softrepa.eval_table` (summary tables), :mod:`softrepa.images`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
+import logging
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
-from dataprep.errors import ConfigError
+import pyarrow as pa
+
+from dataprep.errors import ConfigError, reason_of
+from dataprep.runtime import DTYPES, StageSummary
+from dataprep.store import Manifest, new_run_id, utcnow, write_table_atomic
 from softrepa import paper
 from softrepa.edit import EditConfig
-from softrepa.metrics import ALL_METRICS, LOWER_IS_BETTER, LPIPS_PACKAGE_NETS, TABLE_ORDER, MetricConfig
+from softrepa.eval_pairs import TRAINED_IMAGES_FILE, Leakage, Pair, find_leakage, load_pairs, pairs_from_json, pairs_from_run, read_trained_images, short_hash
+from softrepa.eval_run import edit_all, score_all
+from softrepa.eval_table import METHOD_LABELS, METRIC_LABELS, SCORES_SCHEMA, summarize, table_markdown, write_csv
+from softrepa.grids import write_grids
+from softrepa.images import open_image, save_image_atomic
+from softrepa.metrics import ALL_METRICS, LPIPS_PACKAGE_NETS, MetricConfig
 
 METHODS = ("flowedit", "flowedit+tokens")
-METHOD_LABELS = {"flowedit": "FlowEdit", "flowedit+tokens": "FlowEdit + soft tokens"}
 #: paper defaults per method (Tables 5 and 6; see softrepa.paper)
 DEFAULT_N_MAX = dict(paper.N_MAX)
 DEFAULT_TGT_CFG = dict(paper.ROWS["table5"])
 ROW_SETS = tuple(paper.ROWS)
-TRAINED_IMAGES_FILE = "trained_images.json"
-METRIC_LABELS = {"imagereward": "ImageReward", "pickscore": "PickScore", "clip": "CLIP", "hpsv2": "HPS", "fid": "FID", "lpips": "LPIPS"}
+CONFIG_FILE = "config.json"
 
-
-@dataclass
-class Pair:
-    """One source image with its source and target prompts."""
-
-    pair_id: str  # stable, filename-safe: same image + prompts -> same id across runs
-    image_id: str
-    image_path: str
-    source: str
-    target: str
-    error: str | None = None  # the input item itself is unusable (wrong types): every setting of it is an error row
-    passed: bool | None = None  # the rule checker's verdict (None: not checked, e.g. a prompts_editing.json)
+# The pieces live in their own modules (pairs and leakage, the two passes,
+# the tables, image files); their public names stay importable from here.
+__all__ = [
+    "EvalConfig", "EvalResult", "Setting", "evaluate_edit", "METHODS", "DEFAULT_N_MAX", "DEFAULT_TGT_CFG", "ROW_SETS",
+    "Pair", "Leakage", "load_pairs", "pairs_from_json", "pairs_from_run", "find_leakage", "read_trained_images", "TRAINED_IMAGES_FILE",
+    "edit_all", "score_all", "summarize", "table_markdown", "write_csv", "SCORES_SCHEMA", "METHOD_LABELS", "METRIC_LABELS",
+    "open_image", "save_image_atomic",
+]
 
 
 @dataclass(frozen=True)
@@ -137,7 +147,7 @@ class EvalConfig:
             for w in self.tgt_cfgs or paper.ROWS.get(self.rows, DEFAULT_TGT_CFG)[m]:
                 e = self.edit_config(Setting(m, n_max, float(w)))
                 tokens = _dir_digest(self.tokens) if m == "flowedit+tokens" and self.tokens else ""
-                fp = _short_hash(json.dumps([e.to_dict(), self.model, self.revision or "", tokens], sort_keys=True))[:8]
+                fp = short_hash(json.dumps([e.to_dict(), self.model, self.revision or "", tokens], sort_keys=True))[:8]
                 out.append(Setting(m, n_max, float(w), fp))
         return out
 
@@ -149,22 +159,41 @@ class EvalConfig:
     def edit_config(self, s: Setting) -> EditConfig:
         return EditConfig(steps=self.steps, n_max=s.n_max, n_min=self.n_min, src_cfg=self.src_cfg, tgt_cfg=s.tgt_cfg, seed=self.seed, size=self.size, cfg_rule=self.cfg_rule)
 
-    def validate(self) -> "EvalConfig":
-        if not Path(self.pairs).exists():
-            raise ConfigError(f"{self.pairs} does not exist", flag="--pairs", fix="pass a run directory (with edits/) or a prompts_editing.json")
+    def __post_init__(self) -> None:
+        for name in ("methods", "tgt_cfgs"):
+            if getattr(self, name) is not None:
+                setattr(self, name, tuple(getattr(self, name)))
+        self.check_values()
+
+    def check_values(self) -> None:
+        """Every check that needs only the values (run when the config is built)."""
         bad = [m for m in self.resolved_methods() if m not in METHODS]
         if bad:
             raise ConfigError(f"unknown method(s) {bad}", flag="--methods", fix=f"choose from {', '.join(METHODS)}")
-        if "flowedit+tokens" in self.resolved_methods() and not self.tokens:
-            raise ConfigError("method flowedit+tokens needs soft tokens", flag="--tokens", fix="pass --tokens DIR (written by softrepa train)")
-        if self.tokens and not Path(self.tokens).is_dir():
-            raise ConfigError(f"{self.tokens} is not a folder", flag="--tokens", fix="pass the folder softrepa train wrote (tokens.safetensors + tokens.json)")
         if self.rows not in ROW_SETS:
             raise ConfigError(f"unknown rows {self.rows!r}", flag="--rows", fix=f"one of {', '.join(ROW_SETS)}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError("limit must be >= 1", flag="--limit", fix="omit --limit to edit every pair")
-        for s in self.settings():
-            self.edit_config(s).validate()
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {self.dtype!r}", flag="--dtype", fix=f"one of {', '.join(DTYPES)}")
+        for m in self.resolved_methods():
+            n_max = self.n_max if self.n_max is not None else DEFAULT_N_MAX[m]
+            for w in self.tgt_cfgs or paper.ROWS[self.rows][m]:
+                self.edit_config(Setting(m, n_max, float(w)))  # EditConfig checks itself when built
+
+    def validate(self) -> "EvalConfig":
+        """The value checks plus what must hold when the run starts: the input exists, the tokens are given and are a folder.
+
+        Apart from the values because the recipe builds this config before
+        training has written the tokens.
+        """
+        self.check_values()
+        if not Path(self.pairs).exists():
+            raise ConfigError(f"{self.pairs} does not exist", flag="--pairs", fix="pass a run directory (with edits/) or a prompts_editing.json")
+        if "flowedit+tokens" in self.resolved_methods() and not self.tokens:
+            raise ConfigError("method flowedit+tokens needs soft tokens", flag="--tokens", fix="pass --tokens DIR (written by softrepa train)")
+        if self.tokens and not Path(self.tokens).is_dir():
+            raise ConfigError(f"{self.tokens} is not a folder", flag="--tokens", fix="pass the folder softrepa train wrote (tokens.safetensors + tokens.json)")
         self.metrics.validate()
         return self
 
@@ -187,13 +216,7 @@ class EvalResult:
     markdown: str = ""
     manifest_path: Path | None = None
     leakage: Leakage | None = None  # set when the tokens record their training images
-
-
-# ------------------------------------------------------------------ pairs
-
-
-def _short_hash(*parts: str) -> str:
-    return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()[:10]
+    summary: StageSummary | None = None  # the stage summary, as every stage prints it (dataprep.runtime.print_summary)
 
 
 def _dir_digest(folder: str) -> str:
@@ -206,449 +229,84 @@ def _dir_digest(folder: str) -> str:
     return h.hexdigest()
 
 
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-
-
-def pairs_from_json(path: Path) -> list[Pair]:
-    """Official ``prompts_editing.json`` -> pairs; ``img_path`` is relative to the JSON."""
-    try:
-        items = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}", flag="--pairs", fix="pass a JSON list of {prompt, img_path, tgt_prompt}") from exc
-    if not isinstance(items, list):
-        raise ConfigError(f"{path} is not a JSON list", flag="--pairs", fix="pass a JSON list of {prompt, img_path, tgt_prompt}")
-    out = []
-    for i, it in enumerate(items):
-        bad = _bad_item(it)
-        if bad is not None:  # str(None) would edit towards the prompt "None"
-            out.append(Pair(f"item{i}-{_short_hash(repr(it))}", f"item{i}", "", "", "", error=f"bad_type: item {i}: {bad}"))
-            continue
-        img = it["img_path"]
-        src, tgt = it["prompt"], it["tgt_prompt"]
-        image_id = Path(img).stem or f"item{i}"
-        full = img if os.path.isabs(img) else str(path.parent / img)
-        out.append(Pair(f"{_safe(image_id)}-{_short_hash(img, src, tgt)}", image_id, full, src, tgt))
-    return out
-
-
-def _bad_item(item: Any) -> str | None:
-    """Why an item of prompts_editing.json cannot be edited, or None."""
-    if not isinstance(item, dict):
-        return f"{type(item).__name__}, not an object"
-    for key in ("img_path", "prompt", "tgt_prompt"):
-        if not isinstance(item.get(key), str) or not item[key].strip():
-            return f"{key} is {'missing' if item.get(key) is None else type(item[key]).__name__ if not isinstance(item[key], str) else 'empty'}"
-    return None
-
-
-def pairs_from_run(run_dir: Path, passed_only: bool = False) -> list[Pair]:
-    """``RUN/edits`` (or the edits folder itself) -> error-free pairs with a target, one per
-    (image, source, target), each with the checker's verdict; ``passed_only`` keeps passed ones."""
-    from dataprep.store import EDITS_SCHEMA, iter_rows
-
-    folder = run_dir / "edits" if (run_dir / "edits").is_dir() else run_dir
-    seen: dict[str, Pair] = {}
-    cols = ["key", "image_id", "image_uri", "source", "target", "passed", "error"]
-    for row in iter_rows(folder, EDITS_SCHEMA, columns=cols):
-        if row["error"] is not None or not row["target"]:
-            continue
-        uri = row["image_uri"] or ""
-        path = uri[len("file://"):] if uri.startswith("file://") else uri
-        image_id = row["image_id"] or Path(path).stem
-        pid = f"{_safe(image_id)}-{_short_hash(image_id, row['source'] or '', row['target'])}"
-        passed = None if row["passed"] is None else bool(row["passed"])
-        # one pair per row key, later shards win: a rewrite rerun with more attempts
-        # writes a new row under the same key, and only that newer edit is evaluated
-        seen[row["key"] or pid] = Pair(pid, image_id, path, row["source"] or "", row["target"], passed=passed)
-    out = list(seen.values())
-    return [p for p in out if p.passed] if passed_only else out
-
-
-def load_pairs(pairs: str | Path, limit: int | None = None, passed_only: bool = False) -> list[Pair]:
-    p = Path(pairs)
-    if p.is_file():
-        out = pairs_from_json(p)
-    elif p.is_dir():
-        out = pairs_from_run(p, passed_only)
-        if not out and not any((p / "edits").glob("part-*.parquet")) and not any(p.glob("part-*.parquet")):
-            raise ConfigError(f"{p} has no edits shards", flag="--pairs", fix="pass a run directory written by dataprep (RUN/edits/part-*.parquet) or a prompts_editing.json")
-    else:
-        raise ConfigError(f"{p} does not exist", flag="--pairs", fix="pass a run directory or a prompts_editing.json")
-    return out[:limit] if limit else out
-
-
-# ------------------------------------------------------------------ leakage guard
-
-
-@dataclass
-class Leakage:
-    """Evaluation images that the soft tokens were trained on."""
-
-    n_images: int  # distinct evaluation images
-    n_trained: int  # images listed in trained_images.json
-    overlap: list[str]  # evaluation image ids found in training, sorted
-    by_sha256: int  # of which matched by file content
-    by_id: int  # of which matched only by image id / file stem
-
-    @property
-    def n_pairs_affected(self) -> int:
-        return len(self.overlap)
-
-    def message(self) -> str:
-        return (f"{len(self.overlap)} of {self.n_images} evaluation images were in the tokens' training set "
-                f"({self.by_sha256} by file sha256, {self.by_id} by image id / file stem; {self.n_trained} images trained on): "
-                "their scores measure memorisation, not editing. Train on another set (COCO train2017 or DIV2K valid) "
-                "to evaluate on DIV2K train pairs (README, Reproducing the paper)")
-
-
-def read_trained_images(tokens_dir: str | Path) -> tuple[set[str], set[str]] | None:
-    """``TOKENS/trained_images.json`` -> (image ids, sha256s), or None when absent.
-
-    The file is ``{"image_ids": [...], "sha256": [...]}``; empty sha256 strings
-    (unknown) are ignored. An unreadable file is a ConfigError naming ``--tokens``.
-    """
-    path = Path(tokens_dir) / TRAINED_IMAGES_FILE
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-        ids = {str(i) for i in data.get("image_ids", []) if i}
-        shas = {str(h).lower() for h in data.get("sha256", []) if h}
-    except (OSError, json.JSONDecodeError, AttributeError, TypeError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}", flag="--tokens", fix='the trainer writes {"image_ids": [...], "sha256": [...]}; fix or remove the file') from exc
-    return ids, shas
-
-
-def _file_sha256(path: str) -> str | None:
-    h = hashlib.sha256()
-    try:
-        if "://" in path:
-            import fsspec
-
-            with fsspec.open(path, "rb") as fh:
-                h.update(fh.read())
-        else:
-            with open(path, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-    except OSError:
-        return None  # a missing image is that pair's error later, not a leakage question
-    return h.hexdigest()
-
-
-def find_leakage(pairs: Sequence[Pair], tokens_dir: str | Path) -> Leakage | None:
-    """Compare the evaluation images with the images the tokens were trained on.
-
-    A pair's image counts as trained on when its file's sha256 is listed, or
-    its image id is, or its file stem equals the last path part of a listed id
-    (``0001.png`` vs ``div2k/0001``). None when the tokens carry no record.
-    """
-    record = read_trained_images(tokens_dir)
-    if record is None:
-        return None
-    ids, shas = record
-    stems = {i.rsplit("/", 1)[-1] for i in ids}
-    images: dict[str, Pair] = {}
-    for p in pairs:
-        images.setdefault(p.image_path, p)
-    overlap, by_sha, by_id = [], 0, 0
-    for path, p in images.items():
-        sha = _file_sha256(path) if shas else None
-        if sha is not None and sha in shas:
-            by_sha += 1
-        elif p.image_id in ids or Path(path).stem in stems or p.image_id.rsplit("/", 1)[-1] in ids:
-            by_id += 1
-        else:
-            continue
-        overlap.append(p.image_id)
-    return Leakage(len(images), max(len(ids), len(shas)), sorted(overlap), by_sha, by_id)
-
-
-def open_image(path: str) -> "Any":
-    """Open a local path or any fsspec URL as an RGB PIL image."""
-    from PIL import Image
-
-    if "://" in path:
-        import fsspec
-
-        with fsspec.open(path, "rb") as fh:
-            return Image.open(fh).convert("RGB")
-    with Image.open(path) as im:
-        return im.convert("RGB")
-
-
-def save_image_atomic(image: "Any", path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-# ------------------------------------------------------------------ summary (pure)
-
-
-def summarize(rows: Sequence[dict[str, Any]], settings: Sequence[Setting], fid: dict[str, float | None], metrics: Sequence[str]) -> list[dict[str, Any]]:
-    """Per-image score rows -> one summary row per setting (means over scored pairs).
-
-    A metric with no value for a setting (not requested, unavailable, every
-    row failed) is None there.
-    """
-    table = []
-    for s in settings:
-        mine = [r for r in rows if r["setting"] == s.setting_id]
-        row: dict[str, Any] = {"method": METHOD_LABELS[s.method], "method_id": s.method, "n_max": s.n_max, "tgt_cfg": s.tgt_cfg,
-                               "pairs": sum(1 for r in mine if r["error"] is None), "failed": sum(1 for r in mine if r["error"] is not None)}
-        for m in TABLE_ORDER:
-            if m == "fid":
-                row[m] = fid.get(s.setting_id) if m in metrics else None
-                continue
-            vals = [r[m] for r in mine if r.get(m) is not None]
-            row[m] = sum(vals) / len(vals) if vals else None
-        table.append(row)
-    return table
-
-
-def table_markdown(table: Sequence[dict[str, Any]], unavailable: dict[str, str], notes: Sequence[str] = ()) -> str:
-    """The summary in the paper's Tables 5/6 layout, plus a line per missing metric."""
-    arrows = {m: ("↓" if m in LOWER_IS_BETTER else "↑") for m in TABLE_ORDER}
-    head = ["Model", "NMAX", "target CFG", "pairs"] + [f"{METRIC_LABELS[m]}{arrows[m]}" for m in TABLE_ORDER]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in table:
-        cells = [r["method"], str(r["n_max"]), f"{r['tgt_cfg']:g}", f"{r['pairs']}" + (f" ({r['failed']} failed)" if r["failed"] else "")]
-        cells += ["n/a" if r[m] is None else f"{r[m]:.3f}" for m in TABLE_ORDER]
-        lines.append("| " + " | ".join(cells) + " |")
-    bullets = [f"- {METRIC_LABELS.get(m, m)}: {why}" for m, why in unavailable.items()] + [f"- {n}" for n in notes]
-    if bullets:
-        lines += [""] + bullets
-    return "\n".join(lines) + "\n"
-
-
-def write_csv(table: Sequence[dict[str, Any]], path: Path) -> None:
-    import csv
-
-    cols = ["method", "n_max", "tgt_cfg", "pairs", "failed", *TABLE_ORDER]
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols)
-        w.writeheader()
-        for r in table:
-            w.writerow({c: ("" if r.get(c) is None else r[c]) for c in cols})
-
-
-# ------------------------------------------------------------------ the run
-
-
-def _batches(items: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
-    for i in range(0, len(items), n):
-        yield items[i : i + n]
-
-
-def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), disable=not enabled, transient=False)
-
-
-def edit_all(cfg: EvalConfig, pairs: Sequence[Pair], out: Path) -> tuple[dict[tuple[str, str], str], int, int]:
-    """Edit every pair under every setting; returns ({(pair, setting): error}, n_edited, n_reused).
-
-    Writes ``images/source/<pair>.png`` (the source at the edit size) and
-    ``images/<setting>/<pair>.png``; existing edited images are kept.
-    """
-    settings = cfg.settings()
-    todo = [(p, s) for p in pairs for s in settings if not (out / "images" / s.setting_id / f"{p.pair_id}.png").exists()]
-    missing_sources = [p for p in pairs if not (out / "images" / cfg.source_folder / f"{p.pair_id}.png").exists()]
-    errors: dict[tuple[str, str], str] = {}
-    n_reused = len(pairs) * len(settings) - len(todo)
-    if not todo and not missing_sources:
-        return errors, 0, n_reused
-
-    import torch
-
-    from softrepa.edit import SD3FlowEditor, load_sd3
-
-    tokens = None
-    project_later = False  # 4096-wide official tokens: projected once the model (its context_embedder) is loaded
-    if cfg.tokens and any(s.method == "flowedit+tokens" for s in settings):
-        from softrepa.token_files import NeedsContextEmbedder, read_official
-        from softrepa.tokens import load_tokens
-
-        try:
-            # the official release ships torch pickles (dc_tokens.pth); ours is safetensors + JSON
-            official = (Path(cfg.tokens) / "dc_tokens.pth").exists() and not (Path(cfg.tokens) / "tokens.json").exists()
-            tokens = read_official(cfg.tokens, "sd3") if official else load_tokens(cfg.tokens)
-        except NeedsContextEmbedder:
-            project_later = True
-        except (OSError, ValueError, KeyError) as exc:
-            raise ConfigError(f"cannot load soft tokens from {cfg.tokens}: {exc}", flag="--tokens", fix="pass a folder written by softrepa train") from exc
-    if tokens is not None and getattr(tokens.config, "backbone", "sd3") != "sd3":
-        raise ConfigError(f"{cfg.tokens} holds {tokens.config.backbone} tokens; FlowEdit here runs on SD3", flag="--tokens", fix="pass tokens trained with softrepa train --preset sd3")
-    pipe = load_sd3(cfg.model, device=cfg.device, dtype=cfg.dtype, revision=cfg.revision)
-    if project_later:
-        from softrepa.token_files import read_official
-
-        try:
-            tokens = read_official(cfg.tokens, "sd3", pipe.transformer.context_embedder)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot load soft tokens from {cfg.tokens}: {exc}", flag="--tokens", fix="pass tokens made for this --model") from exc
-    editor = SD3FlowEditor(pipe, tokens)
-    n_edited = 0
-    by_pair: dict[str, list[Setting]] = {}
-    for p, s in todo:
-        by_pair.setdefault(p.pair_id, []).append(s)
-    with _progress(cfg.progress) as bar:
-        task = bar.add_task("FlowEdit", total=len(todo))
-        for p in pairs:
-            wanted = by_pair.get(p.pair_id, [])
-            src_png = out / "images" / cfg.source_folder / f"{p.pair_id}.png"
-            if not wanted and src_png.exists():
-                continue
-            if p.error is not None:
-                for s in settings:
-                    errors[(p.pair_id, s.setting_id)] = p.error
-                bar.advance(task, len(wanted))
-                continue
-            try:
-                image = open_image(p.image_path)
-            except Exception as exc:  # noqa: BLE001 -- bad input is a per-row error (corrupt, missing, unreadable)
-                for s in settings:
-                    errors[(p.pair_id, s.setting_id)] = f"image: {type(exc).__name__}: {exc}"
-                bar.advance(task, len(wanted))
-                continue
-            w, h = editor.target_size(*image.size, cfg.size)
-            if not src_png.exists():
-                from PIL import Image
-
-                save_image_atomic(image.resize((w, h), Image.BICUBIC), src_png)
-            try:
-                x_src = editor.encode_image(image, cfg.size)
-            except (RuntimeError, ValueError) as exc:  # e.g. out of memory at size 0 on a huge image
-                for s in wanted:
-                    errors[(p.pair_id, s.setting_id)] = f"encode: {type(exc).__name__}: {exc}"
-                bar.advance(task, len(wanted))
-                continue
-            for s in wanted:
-                try:
-                    z = editor.edit_latent(x_src, p.source, p.target, cfg.edit_config(s), use_tokens=s.method == "flowedit+tokens")
-                    save_image_atomic(editor.decode(z)[0], out / "images" / s.setting_id / f"{p.pair_id}.png")
-                    n_edited += 1
-                except (RuntimeError, ValueError) as exc:  # e.g. out of memory on one huge image: record, go on
-                    errors[(p.pair_id, s.setting_id)] = f"edit: {type(exc).__name__}: {exc}"
-                bar.advance(task)
-    del editor, pipe
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # the metric models come next
-    return errors, n_edited, n_reused
-
-
-def score_all(cfg: EvalConfig, pairs: Sequence[Pair], out: Path, errors: dict[tuple[str, str], str]) -> tuple[list[dict[str, Any]], dict[str, float | None], dict[str, str]]:
-    """Score every edited image; returns (per-image rows, FID per setting, unavailable metrics).
-
-    Images are opened one batch at a time (an 800-pair DIV2K run at 1024 px
-    would not fit in memory at once); FID features accumulate per batch.
-    """
-    import torch
-
-    from softrepa.metrics import PER_IMAGE, TAKES_PATHS, frechet_distance, load_scorers
-
-    scorers = load_scorers(cfg.metrics)
-    per_image = [m for m in PER_IMAGE if m in cfg.metrics.metrics and m in scorers.per_image]
-    unavailable = dict(scorers.unavailable)
-    rows: list[dict[str, Any]] = []
-    fid: dict[str, float | None] = {}
-    src_feats: list[torch.Tensor] = []
-    fid_failed = False
-    settings = cfg.settings()
-    with _progress(cfg.progress) as bar:
-        task = bar.add_task("scoring", total=len(pairs) * len(settings))
-        for si, s in enumerate(settings):
-            edit_feats: list[torch.Tensor] = []
-            mine = []
-            for p in pairs:
-                row: dict[str, Any] = {"pair_id": p.pair_id, "image_id": p.image_id, "passed": p.passed, "setting": s.setting_id, "method": s.method,
-                                       "n_max": s.n_max, "tgt_cfg": s.tgt_cfg, "source_prompt": p.source, "target_prompt": p.target,
-                                       "source_image": str(out / "images" / cfg.source_folder / f"{p.pair_id}.png"),
-                                       "edited_image": str(out / "images" / s.setting_id / f"{p.pair_id}.png"),
-                                       "error": errors.get((p.pair_id, s.setting_id)), **{m: None for m in PER_IMAGE}}
-                rows.append(row)
-                mine.append(row)
-            for batch in _batches(mine, cfg.metrics.batch_size):
-                ready, eds, srcs = [], [], []
-                for r in batch:
-                    if r["error"] is not None:
-                        continue
-                    try:
-                        eds.append(open_image(r["edited_image"]))
-                        srcs.append(open_image(r["source_image"]))
-                        ready.append(r)
-                    except Exception as exc:  # noqa: BLE001 -- a missing/corrupt file is this row's error
-                        del eds[len(ready):], srcs[len(ready):]
-                        r["error"] = f"image: {type(exc).__name__}: {exc}"
-                for m in per_image if ready else []:
-                    try:
-                        prompts = [r["target_prompt"] for r in ready]
-                        if m == "lpips":
-                            vals = scorers.per_image[m](srcs, eds)
-                        elif m in TAKES_PATHS:
-                            vals = scorers.per_image[m]([r["edited_image"] for r in ready], prompts)
-                        else:
-                            vals = scorers.per_image[m](eds, prompts)
-                    except (RuntimeError, ValueError) as exc:
-                        for r in ready:
-                            r["error"] = r["error"] or f"{m}: {type(exc).__name__}: {exc}"
-                        continue
-                    for r, v in zip(ready, vals):
-                        r[m] = float(v)
-                if scorers.fid is not None and ready:
-                    try:
-                        edit_feats.append(scorers.fid(eds))
-                        if si == 0:  # the source set is the same for every setting
-                            src_feats.append(scorers.fid(srcs))
-                    except (RuntimeError, ValueError) as exc:  # FID over a partial set would mislead: drop it
-                        unavailable.setdefault("fid", f"feature extraction failed: {type(exc).__name__}: {exc}")
-                        fid_failed = True
-                bar.advance(task, len(batch))
-            if scorers.fid is not None and not fid_failed:
-                try:
-                    fid[s.setting_id] = frechet_distance(torch.cat(src_feats), torch.cat(edit_feats)) if edit_feats else None
-                except (RuntimeError, ValueError) as exc:
-                    fid[s.setting_id] = None
-                    unavailable.setdefault("fid", f"not computed for {s.setting_id}: {exc}")
-    return rows, fid, unavailable
-
 
 def evaluate_edit(cfg: EvalConfig) -> EvalResult:
-    """Edit all pairs under all settings, score them, write scores and the summary table."""
-    import pyarrow as pa
+    """Edit all pairs under all settings, score them, write scores and the summary table.
 
-    from dataprep.store import Manifest, new_run_id, write_table_atomic
-
+    One ``--out`` folder holds the evaluation of one ``--pairs`` input: a
+    rerun with other pairs is refused (:func:`check_same_pairs`) rather than
+    replacing the earlier scores.
+    """
     cfg.validate()
+    out = Path(cfg.out)
+    check_same_pairs(cfg, out)
     pairs = load_pairs(cfg.pairs, cfg.limit, cfg.passed_only)
     uses_tokens = cfg.tokens is not None and "flowedit+tokens" in cfg.resolved_methods()
     leakage = find_leakage(pairs, cfg.tokens) if uses_tokens else None
     if leakage is not None and leakage.overlap:
-        import logging
-
         logging.getLogger("softrepa.evaluate").warning("leakage: %s", leakage.message())
-    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
+    (out / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
     manifest = Manifest(stage="evaluate-edit", config=cfg.to_dict(), run_id=new_run_id())
+    summary = StageSummary("evaluate-edit", out, manifest.run_id)
 
     errors, n_edited, n_reused = edit_all(cfg, pairs, out)
     rows, fid, unavailable = score_all(cfg, pairs, out, errors)
 
-    scores = pa.Table.from_pylist(rows, schema=SCORES_SCHEMA)
-    write_table_atomic(scores, out / "scores.parquet")
+    write_table_atomic(pa.Table.from_pylist(rows, schema=SCORES_SCHEMA), out / "scores.parquet")
     table = summarize(rows, cfg.settings(), fid, cfg.metrics.metrics)
     for m in ALL_METRICS:
         if m not in cfg.metrics.metrics:
             unavailable.setdefault(m, "not requested (--metrics)")
+    md = _summary_markdown(cfg, pairs, rows, table, fid, unavailable, leakage)
+    (out / "summary.md").write_text(md)
+    write_csv(table, out / "summary.csv")
+
+    failures = Counter(reason_of(r["error"]) for r in rows if r["error"] is not None)
+    n_failed = sum(failures.values())
+    manifest.counts = {"pairs": len(pairs), "settings": len(cfg.settings()), "edited": n_edited, "reused": n_reused, "failed": n_failed}
+    if leakage is not None:
+        manifest.counts["images_in_training"] = len(leakage.overlap)
+    manifest.failures = dict(failures)
+    manifest.finished_at = utcnow().isoformat()
+    manifest_path = manifest.write(out)
+    write_grids(out, rows, cfg.settings())  # OUT/grids: one page + a PNG per pair (see softrepa.grids)
+
+    summary.done, summary.skipped, summary.failed = n_edited, n_reused, failures
+    summary.finish()
+    summary.extra = {"pairs": len(pairs), "settings": len(cfg.settings()), "scores": str(out / "scores.parquet")}
+    if leakage is not None:
+        summary.extra["images in the tokens' training set"] = len(leakage.overlap)
+    return EvalResult(out, out / "scores.parquet", out / "summary.md", out / "summary.csv", table, unavailable,
+                      len(pairs), n_edited, n_reused, n_failed, md, manifest_path, leakage, summary)
+
+
+def check_same_pairs(cfg: EvalConfig, out: Path) -> None:
+    """Refuse to score other ``--pairs`` into an ``--out`` that holds scores of an earlier input.
+
+    ``scores.parquet`` and the summary are rewritten by every run from the
+    pairs of that run, so a rerun with another input would silently drop the
+    earlier scores (their edited images stay, unscored). A researcher
+    comparing two pair sets wants both tables: one folder per input keeps
+    them apart. The same input rerun (resumed, more settings, another
+    --limit) is fine.
+    """
+    path = out / CONFIG_FILE
+    if not (out / "scores.parquet").exists() or not path.is_file():
+        return
+    try:
+        before = json.loads(path.read_text()).get("pairs")
+    except (OSError, ValueError, AttributeError):
+        return  # an unreadable record says nothing about the input
+    if before is None or before == cfg.pairs or Path(before).resolve() == Path(cfg.pairs).resolve():
+        return
+    raise ConfigError(f"{out} already holds the scores of --pairs {before}; this run evaluates {cfg.pairs}, and its scores would replace them",
+                      "--pairs", f"write this evaluation to a new --out (or rerun with --pairs {before} to continue that one)")
+
+
+def _summary_markdown(cfg: EvalConfig, pairs: list[Pair], rows: list[dict[str, Any]], table: list[dict[str, Any]], fid: dict[str, Any],
+                      unavailable: dict[str, str], leakage: Leakage | None) -> str:
+    """summary.md: the table, a line per missing metric and per caveat, and the table over passed pairs."""
     notes = []
     if leakage is not None and leakage.overlap:
         notes.append(f"WARNING, leakage: {leakage.message()}")
@@ -669,50 +327,4 @@ def evaluate_edit(cfg: EvalConfig) -> EvalResult:
         passed_rows = [r for r in rows if r["passed"]]
         md += (f"\nOnly the {n_pass} pairs that passed the rule checker (FID not split):\n\n"
                + table_markdown(summarize(passed_rows, cfg.settings(), {}, cfg.metrics.metrics), {}))
-    (out / "summary.md").write_text(md)
-    write_csv(table, out / "summary.csv")
-
-    n_failed = sum(1 for r in rows if r["error"] is not None)
-    failures: dict[str, int] = {}
-    for r in rows:
-        if r["error"] is not None:
-            reason = r["error"].split(":", 1)[0]
-            failures[reason] = failures.get(reason, 0) + 1
-    manifest.counts = {"pairs": len(pairs), "settings": len(cfg.settings()), "edited": n_edited, "reused": n_reused, "failed": n_failed}
-    if leakage is not None:
-        manifest.counts["images_in_training"] = len(leakage.overlap)
-    manifest.failures = failures
-    from dataprep.store import utcnow
-
-    manifest.finished_at = utcnow().isoformat()
-    manifest_path = manifest.write(out)
-    from softrepa.grids import write_grids  # OUT/grids: one page + a PNG per pair (see softrepa.grids)
-
-    write_grids(out, rows, cfg.settings())
-    return EvalResult(out, out / "scores.parquet", out / "summary.md", out / "summary.csv", table, unavailable,
-                      len(pairs), n_edited, n_reused, n_failed, md, manifest_path, leakage)
-
-
-def _scores_schema():
-    import pyarrow as pa
-
-    return pa.schema(
-        [
-            pa.field("pair_id", pa.string()),
-            pa.field("image_id", pa.string()),
-            pa.field("passed", pa.bool_()),  # rule checker verdict; null when the pairs carry none
-            pa.field("setting", pa.string()),
-            pa.field("method", pa.string()),
-            pa.field("n_max", pa.int32()),
-            pa.field("tgt_cfg", pa.float64()),
-            pa.field("source_prompt", pa.string()),
-            pa.field("target_prompt", pa.string()),
-            pa.field("source_image", pa.string()),
-            pa.field("edited_image", pa.string()),
-            *[pa.field(m, pa.float64()) for m in ("clip", "pickscore", "lpips", "imagereward", "hpsv2")],
-            pa.field("error", pa.string()),
-        ]
-    )
-
-
-SCORES_SCHEMA = _scores_schema()
+    return md

@@ -20,10 +20,12 @@ import hashlib
 import json
 import os
 import re
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
+
+from dataprep.store import atomic_file, atomic_write_text
+from softrepa.images import open_image
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 #: per-image metrics shown under a tile, in the paper's table order
@@ -129,8 +131,6 @@ def draw_grid(pair: dict[str, Any], tile: int) -> Any:
     """One pair as a PIL image: a header with both prompts, then source | tiles, each labelled and scored."""
     from PIL import Image, ImageDraw
 
-    from softrepa.evaluate import open_image
-
     cols = 1 + len(pair["tiles"])
     pad, fs = 6, max(10, tile // 18)
     font, bold = _font(fs), _font(fs + 1)
@@ -192,13 +192,8 @@ def _content_hash(pair: dict[str, Any], tile: int) -> str:
 
 
 def _save_png(image: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    with atomic_file(path, fsync=False) as tmp:
         image.save(tmp, format="PNG", optimize=True)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def write_grids(out: Path | str, rows: Sequence[dict[str, Any]], settings: Sequence[Any], tile: int = 256, title: str | None = None) -> GridSummary:
@@ -240,9 +235,7 @@ def write_grids(out: Path | str, rows: Sequence[dict[str, Any]], settings: Seque
         methods=[(m, METHOD_LABELS.get(m, m)) for m in dict.fromkeys(s.method for s in settings)], fmt=_short, tile=tile,
     )
     page = folder / "index.html"
-    tmp = page.with_name(f".index.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(html, encoding="utf-8")
-    os.replace(tmp, page)
+    atomic_write_text(page, html)
     return GridSummary(folder, page, len(pairs), drawn, reused)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dataprep.errors import ConfigError
+from softrepa.metrics import ClipScorer
 
 
 @dataclass
@@ -102,8 +103,6 @@ class ClipEval:
 
     def __init__(self, parts: Any, prompts: list[str], clip_model: str, *, steps: int, guidance: float,
                  size: int | None, batch_size: int, seed: int, group: Any, autocast_dtype: Any = None):
-        from softrepa.metrics import ClipScorer
-
         try:
             self.scorer = ClipScorer(clip_model, device=str(parts.device))
         except (OSError, ValueError) as e:

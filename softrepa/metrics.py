@@ -35,6 +35,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from dataprep.errors import ConfigError
+from dataprep.runtime import resolve_device
+from softrepa.paper import COLUMNS, LOWER_IS_BETTER  # noqa: F401 - the paper's table layout, declared once there
+from softrepa.tiny import build_clip_tokenizer
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -43,9 +46,8 @@ if TYPE_CHECKING:  # pragma: no cover
 PER_IMAGE = ("clip", "pickscore", "lpips", "imagereward", "hpsv2")
 PER_SET = ("fid",)
 ALL_METRICS = PER_IMAGE + PER_SET
-#: column order of the summary table, as in the paper (higher is better unless marked)
-TABLE_ORDER = ("imagereward", "pickscore", "clip", "hpsv2", "fid", "lpips")
-LOWER_IS_BETTER = {"fid", "lpips"}
+#: column order of the summary table, as in the paper (higher is better unless in LOWER_IS_BETTER)
+TABLE_ORDER = COLUMNS
 LPIPS_PACKAGE_NETS = ("alex", "vgg", "squeeze")
 
 #: metric -> (python module to import, install hint)
@@ -68,12 +70,21 @@ class MetricConfig:
     batch_size: int = 8
     device: str = "auto"
 
-    def validate(self) -> "MetricConfig":
+    def __post_init__(self) -> None:
+        self.metrics = tuple(self.metrics)
+        self.check_values()
+
+    def check_values(self) -> None:
+        """The checks that need only the values (run when the config is built)."""
         unknown = [m for m in self.metrics if m not in ALL_METRICS]
         if unknown:
             raise ConfigError(f"unknown metric(s) {unknown}", flag="--metrics", fix=f"choose from {', '.join(ALL_METRICS)}")
         if self.batch_size < 1:
             raise ConfigError("metric batch size must be >= 1", flag="--metric-batch-size", fix="e.g. 8")
+
+    def validate(self) -> "MetricConfig":
+        """The value checks plus the model folders given as local paths: they must exist when the run starts."""
+        self.check_values()
         for flag, value, wanted in (
             ("--clip-model", self.clip_model, "clip"),
             ("--pickscore-model", self.pickscore_model, "pickscore"),
@@ -169,19 +180,13 @@ def frechet_distance(feats_a: "torch.Tensor", feats_b: "torch.Tensor") -> float:
 # ------------------------------------------------------------------ model-backed scorers
 
 
-def _device(device: str) -> str:
-    from softrepa.edit import resolve_device
-
-    return resolve_device(device)
-
-
 class ClipScorer:
     """CLIP-family image-text score. ``scaled=False``: cosine (CLIP score); True: PickScore."""
 
     def __init__(self, model: str, processor: str | None = None, scaled: bool = False, device: str = "auto"):
         from transformers import AutoProcessor, CLIPModel
 
-        self.device = _device(device)
+        self.device = resolve_device(device)
         self.model = CLIPModel.from_pretrained(model).to(self.device).eval().requires_grad_(False)
         self.processor = AutoProcessor.from_pretrained(processor or model)
         self.scaled = scaled
@@ -217,7 +222,7 @@ class FeatureNet:
         import torch
         from transformers import AutoModel
 
-        self.device = _device(device)
+        self.device = resolve_device(device)
         self.model = AutoModel.from_pretrained(model).to(self.device).eval().requires_grad_(False)
         mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
         try:
@@ -245,7 +250,7 @@ class LpipsScorer:
     """LPIPS(source, edited): the lpips package for alex/vgg/squeeze, else the uncalibrated form."""
 
     def __init__(self, model: str = "alex", device: str = "auto"):
-        self.device = _device(device)
+        self.device = resolve_device(device)
         self.calibrated = model in LPIPS_PACKAGE_NETS
         if self.calibrated:
             import lpips
@@ -279,7 +284,7 @@ class ImageRewardScorer:
     def __init__(self, device: str = "auto"):
         import ImageReward
 
-        self.model = ImageReward.load("ImageReward-v1.0", device=_device(device))
+        self.model = ImageReward.load("ImageReward-v1.0", device=resolve_device(device))
 
     def __call__(self, paths: Sequence[str], prompts: Sequence[str]) -> list[float]:
         import torch
@@ -314,7 +319,7 @@ class InceptionFeatures:
     def __init__(self, device: str = "auto"):
         from pytorch_fid.inception import InceptionV3
 
-        self.device = _device(device)
+        self.device = resolve_device(device)
         self.net = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).to(self.device).eval()
 
     def __call__(self, images: Sequence["Image"]) -> "torch.Tensor":
@@ -384,8 +389,6 @@ def write_tiny_metric_models(root: Path | str) -> dict[str, Path]:
     """
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, ResNetConfig, ResNetModel
-
-    from softrepa.tiny import build_clip_tokenizer
 
     root = Path(root)
     out = {"clip": root / "clip", "lpips": root / "lpips"}

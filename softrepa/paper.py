@@ -39,38 +39,35 @@ ROWS = {
 TABLE_TITLES = {"table5": "Table 5 (DIV2K)", "table6": "Table 6 (Cat2Dog)"}
 
 
-def _row(*values: float) -> dict[str, float]:
-    return dict(zip(COLUMNS, values))
-
-
-#: (method, n_max, target cfg) -> the paper's means, per table
-NUMBERS: dict[str, dict[tuple[str, int, float], dict[str, float]]] = {
+#: the paper's means per table and method: one row per target CFG of ``ROWS``
+#: (same order), columns ``COLUMNS``; the NMAX is ``N_MAX[method]``
+NUMBERS: dict[str, dict[str, tuple[tuple[float, ...], ...]]] = {
     "table5": {
-        ("flowedit", 33, 13.5): _row(0.380, 21.749, 0.261, 0.255, 52.038, 0.154),
-        ("flowedit", 33, 16.5): _row(0.466, 21.824, 0.263, 0.259, 55.371, 0.180),
-        ("flowedit", 33, 19.5): _row(0.510, 21.869, 0.265, 0.261, 58.069, 0.200),
-        ("flowedit+tokens", 30, 9.0): _row(0.466, 21.884, 0.263, 0.260, 52.633, 0.149),
-        ("flowedit+tokens", 30, 11.0): _row(0.564, 21.985, 0.268, 0.265, 56.900, 0.178),
-        ("flowedit+tokens", 30, 13.0): _row(0.627, 22.050, 0.272, 0.270, 59.710, 0.201),
+        "flowedit": ((0.380, 21.749, 0.261, 0.255, 52.038, 0.154),
+                     (0.466, 21.824, 0.263, 0.259, 55.371, 0.180),
+                     (0.510, 21.869, 0.265, 0.261, 58.069, 0.200)),
+        "flowedit+tokens": ((0.466, 21.884, 0.263, 0.260, 52.633, 0.149),
+                            (0.564, 21.985, 0.268, 0.265, 56.900, 0.178),
+                            (0.627, 22.050, 0.272, 0.270, 59.710, 0.201)),
     },
     "table6": {
-        ("flowedit", 33, 13.5): _row(0.937, 20.726, 0.225, 0.266, 197.1, 0.199),
-        ("flowedit", 33, 16.5): _row(0.908, 20.641, 0.229, 0.272, 201.05, 0.217),
-        ("flowedit", 33, 19.5): _row(0.882, 20.572, 0.232, 0.276, 202.92, 0.234),
-        ("flowedit+tokens", 30, 7.0): _row(1.111, 21.143, 0.226, 0.269, 198.71, 0.173),
-        ("flowedit+tokens", 30, 9.0): _row(1.144, 21.221, 0.234, 0.283, 208.18, 0.204),
-        ("flowedit+tokens", 30, 11.0): _row(1.144, 21.224, 0.239, 0.290, 214.72, 0.230),
-        ("flowedit+tokens", 30, 13.0): _row(1.135, 21.200, 0.241, 0.293, 219.35, 0.252),
+        "flowedit": ((0.937, 20.726, 0.225, 0.266, 197.1, 0.199),
+                     (0.908, 20.641, 0.229, 0.272, 201.05, 0.217),
+                     (0.882, 20.572, 0.232, 0.276, 202.92, 0.234)),
+        "flowedit+tokens": ((1.111, 21.143, 0.226, 0.269, 198.71, 0.173),
+                            (1.144, 21.221, 0.234, 0.283, 208.18, 0.204),
+                            (1.144, 21.224, 0.239, 0.290, 214.72, 0.230),
+                            (1.135, 21.200, 0.241, 0.293, 219.35, 0.252)),
     },
 }
 
 
 def paper_value(table: str, method: str, tgt_cfg: float) -> tuple[int, dict[str, float]] | None:
     """(the paper's NMAX, its numbers) for one method and target CFG, or None when the table has no such row."""
-    for (m, n_max, w), values in NUMBERS.get(table, {}).items():
-        if m == method and w == float(tgt_cfg):
-            return n_max, values
-    return None
+    cfgs = ROWS.get(table, {}).get(method, ())
+    if float(tgt_cfg) not in cfgs:
+        return None
+    return N_MAX[method], dict(zip(COLUMNS, NUMBERS[table][method][cfgs.index(float(tgt_cfg))]))
 
 
 def side_by_side_markdown(rows: Sequence[dict[str, Any]], table: str = "table5") -> str:

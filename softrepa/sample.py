@@ -11,7 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-PIPELINES = {"sd3": "StableDiffusion3Pipeline", "sdxl": "StableDiffusionXLPipeline", "sd1.5": "StableDiffusionPipeline"}
+from softrepa.backbone import T5_MAX_LENGTH
+from softrepa.pipelines import load_pipeline
+from softrepa.tokens import load_tokens, wrap_model
+
 # Inference settings of the official sampler (train.py sample_cfg)
 DEFAULT_STEPS = {"sd3": 28, "sdxl": 30, "sd1.5": 30}
 DEFAULT_GUIDANCE = {"sd3": 4.0, "sdxl": 7.0, "sd1.5": 7.0}
@@ -24,17 +27,6 @@ class SampleResult:
     side_by_side: Path  # [base | with tokens]
 
 
-def load_pipeline(model: str, backbone: str, device: str = "cpu", dtype=None):
-    import diffusers
-    import torch
-
-    cls = getattr(diffusers, PIPELINES[backbone])
-    kwargs = {"torch_dtype": dtype or torch.float32}
-    if backbone == "sd1.5":
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
-    return cls.from_pretrained(model, **kwargs).to(device)
-
-
 def sample_pair(model: str, tokens_dir: str | Path, prompt: str, out: str | Path, seed: int = 0,
                 steps: int | None = None, guidance: float | None = None, device: str = "auto",
                 height: int | None = None, width: int | None = None) -> SampleResult:
@@ -45,21 +37,16 @@ def sample_pair(model: str, tokens_dir: str | Path, prompt: str, out: str | Path
     import torch
     from PIL import Image
 
-    from softrepa.tokens import load_tokens, wrap_model
-
     tokens = load_tokens(tokens_dir)
     backbone = tokens.config.backbone
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
-    pipe = load_pipeline(model, backbone, dev, dtype)
+    pipe = load_pipeline(model, backbone, device, "auto")
+    dev = pipe.device
     denoiser = pipe.transformer if backbone == "sd3" else pipe.unet
     wrapper = wrap_model(denoiser, tokens.to(dev))
     kwargs = dict(prompt=prompt, num_inference_steps=steps or DEFAULT_STEPS[backbone],
                   guidance_scale=DEFAULT_GUIDANCE[backbone] if guidance is None else guidance,
                   height=height, width=width)
     if backbone == "sd3":
-        from softrepa.backbone import T5_MAX_LENGTH
-
         kwargs["max_sequence_length"] = T5_MAX_LENGTH  # the official sampler's T5 length (as in training)
     images = []
     try:

@@ -1,5 +1,10 @@
 """Tiny random diffusers pipelines (SD3, SDXL, SD1.5) for tests and the demo.
 
+``softrepa tiny-models DIR`` writes them (``DIR/sd3``, ``DIR/sdxl``,
+``DIR/sd1.5``) with token files pickled like the released ones
+(``DIR/official-tokens/<backbone>``); ``dataprep tiny-models DIR`` writes the
+captioning/rewriting models and the demo's images into the same folder.
+
 No machine here reaches a model hub, so tests use the real architectures with
 tiny configs (``shared/design/OFFLINE_TESTING.md``, values from diffusers' own
 tests). Each pipeline is saved with ``save_pretrained`` and must load back with
@@ -18,6 +23,8 @@ Shapes that matter downstream (resolution = ``sample_size * vae_scale_factor``):
 
 from __future__ import annotations
 
+import io
+import zipfile
 from pathlib import Path
 
 BACKBONES = ("sd3", "sdxl", "sd1.5")
@@ -203,7 +210,7 @@ def write_tiny_pipelines(root: Path | str, backbones: tuple[str, ...] = BACKBONE
     """Write ``root/sd3``, ``root/sdxl``, ``root/sd1.5``; returns backbone -> directory.
 
     A directory that already holds a ``model_index.json`` is reused, so calling
-    this twice (tests, ``dataprep tiny-models``) costs nothing the second time.
+    this twice (tests, ``softrepa tiny-models``) costs nothing the second time.
     """
     root = Path(root)
     out: dict[str, Path] = {}
@@ -237,9 +244,6 @@ def _save_as_official(obj, path: Path, archive_name: str, device: str) -> None:
     so a length-prefixed string can change length in place). Loading such a
     file needs ``map_location`` -- which is what this fixture is for.
     """
-    import io
-    import zipfile
-
     import torch
 
     buf = io.BytesIO()
@@ -285,3 +289,13 @@ def write_official_token_sets(root: Path | str, backbones: tuple[str, ...] = BAC
     """``root/<backbone>/dc_tokens.pth`` (+ ``dc_t_tokens.pth``) for each backbone."""
     root = Path(root)
     return {b: write_official_tokens(root / b, b) for b in backbones}
+
+
+def write_all(root: Path | str) -> dict[str, Path]:
+    """The tiny pipelines and ``official-tokens/``: what ``softrepa tiny-models DIR`` writes."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    written = write_tiny_pipelines(root)
+    write_official_token_sets(root / "official-tokens")
+    written["official-tokens"] = root / "official-tokens"
+    return written

@@ -1,6 +1,7 @@
-"""Token files: our safetensors + JSON format, and import of the official ``.pth``.
+"""Token files: the official ``.pth`` files in and out, beside our safetensors + JSON format.
 
-Our format, one directory per token set:
+Our format (written and read by :func:`softrepa.tokens.save_tokens` /
+:func:`~softrepa.tokens.load_tokens`, re-exported here), one directory per token set:
 
 - ``tokens.safetensors``: ``tokens`` ``[n_layers, n_tokens, dim]`` (fp32) and,
   when t-dependent, ``t_embedding`` ``[100, n_layers * dim]``;
@@ -34,82 +35,22 @@ once instead of in every step.
 
 from __future__ import annotations
 
-import json
-import os
 import pickle
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from softrepa.tokens import SoftTokens
+from dataprep.store import atomic_file
 
-FORMAT = "softrepa-tokens"
-VERSION = 1
-TENSORS_FILE = "tokens.safetensors"
-CONFIG_FILE = "tokens.json"
+# our format lives with the module it stores; re-exported here for the importers of token files
+from softrepa.tokens import BACKBONES, CONFIG_FILE, FORMAT, N_TIME_BUCKETS, TENSORS_FILE, VERSION, SoftTokens, TokenConfig, load_tokens, save_tokens  # noqa: F401
+
+if TYPE_CHECKING:
+    import torch
 
 # The official UNet wrapper defaults (train.py/run_train.sh): which block
 # groups a .pth was trained for is not stored in the file, so it comes from here.
 OFFICIAL_UNET_APPLY = {"sd1.5": ("down",), "sdxl": ("down", "mid")}
-
-
-def save_tokens(tokens: "SoftTokens", out_dir: Path | str, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``tokens.safetensors`` and ``tokens.json`` into ``out_dir`` (created).
-
-    Both files are written to temp names and renamed, JSON last, so a reader
-    that finds ``tokens.json`` also finds the tensors it describes.
-    """
-    from safetensors.torch import save_file
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {"tokens": tokens.tokens.detach().float().cpu().contiguous()}
-    if tokens.t_embedding is not None:
-        tensors["t_embedding"] = tokens.t_embedding.weight.detach().float().cpu().contiguous()
-    meta = {
-        "format": FORMAT,
-        "version": VERSION,
-        "config": tokens.config.to_dict(),
-        "shapes": {k: list(v.shape) for k, v in tensors.items()},
-        **(extra or {}),
-    }
-    tmp = out_dir / f".{TENSORS_FILE}.tmp"
-    save_file(tensors, str(tmp), metadata={"format": FORMAT, "version": str(VERSION)})
-    os.replace(tmp, out_dir / TENSORS_FILE)
-    tmp = out_dir / f".{CONFIG_FILE}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, out_dir / CONFIG_FILE)
-    return out_dir
-
-
-def load_tokens(directory: Path | str) -> "SoftTokens":
-    """Rebuild :class:`~softrepa.tokens.SoftTokens` from a saved directory (CPU, fp32)."""
-    import torch
-    from safetensors.torch import load_file
-
-    from softrepa.tokens import SoftTokens, TokenConfig
-
-    directory = Path(directory)
-    cfg_path = directory / CONFIG_FILE
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"{cfg_path} not found: not a token directory (expected {CONFIG_FILE} + {TENSORS_FILE})")
-    meta = json.loads(cfg_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{cfg_path}: format {meta.get('format')!r} is not {FORMAT!r}")
-    if int(meta.get("version", 0)) > VERSION:
-        raise ValueError(f"{cfg_path}: version {meta['version']} is newer than this code reads ({VERSION})")
-    config = TokenConfig.from_dict(meta["config"])
-    tensors = load_file(str(directory / TENSORS_FILE))
-    module = SoftTokens(config)
-    with torch.no_grad():
-        if tuple(tensors["tokens"].shape) != tuple(module.tokens.shape):
-            raise ValueError(f"tokens shape {tuple(tensors['tokens'].shape)} != config's {tuple(module.tokens.shape)}")
-        module.tokens.copy_(tensors["tokens"])
-        if module.t_embedding is not None:
-            if "t_embedding" not in tensors:
-                raise ValueError(f"{directory}: config is t-dependent but {TENSORS_FILE} has no t_embedding")
-            module.t_embedding.weight.copy_(tensors["t_embedding"])
-    return module
 
 
 class UnsafeTokenFile(pickle.UnpicklingError):
@@ -124,8 +65,6 @@ def _safe_load(path: Path) -> Any:
     which would run whatever the file holds, so only the offending global is
     kept from it.
     """
-    import re
-
     import torch
 
     try:
@@ -168,7 +107,7 @@ def project_tokens(tokens: "torch.Tensor", context_embedder: "torch.nn.Module") 
     return out.to(torch.float32)
 
 
-def read_official(src_dir: Path | str, backbone: str, context_embedder: "torch.nn.Module | None" = None) -> "SoftTokens":
+def read_official(src_dir: Path | str, backbone: str, context_embedder: "torch.nn.Module | None" = None) -> SoftTokens:
     """Read ``dc_tokens.pth`` (+ ``dc_t_tokens.pth`` if present) from ``src_dir``.
 
     sd3: ``dc_tokens`` ``[L, N, D]``, ``dc_t_tokens`` ``[100, L*D]`` chunked per
@@ -182,8 +121,6 @@ def read_official(src_dir: Path | str, backbone: str, context_embedder: "torch.n
     is kept as is.
     """
     import torch
-
-    from softrepa.tokens import BACKBONES, N_TIME_BUCKETS, SoftTokens, TokenConfig
 
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; expected one of {BACKBONES}")
@@ -228,7 +165,7 @@ def read_official(src_dir: Path | str, backbone: str, context_embedder: "torch.n
     return module
 
 
-def import_official(src_dir: Path | str, out_dir: Path | str, backbone: str, context_embedder: "torch.nn.Module | None" = None) -> "SoftTokens":
+def import_official(src_dir: Path | str, out_dir: Path | str, backbone: str, context_embedder: "torch.nn.Module | None" = None) -> SoftTokens:
     """Convert an official token folder to our format; returns the module.
 
     ``context_embedder``: the SD3 transformer's, needed for 4096-wide tokens.
@@ -260,7 +197,7 @@ def load_context_embedder(model: str | Path, revision: str | None = None) -> "to
 OFFICIAL_FILES = ("dc_tokens.pth", "dc_t_tokens.pth")
 
 
-def export_official(tokens: "SoftTokens | Path | str", out_dir: Path | str) -> list[Path]:
+def export_official(tokens: SoftTokens | Path | str, out_dir: Path | str) -> list[Path]:
     """Write ``dc_tokens.pth`` (+ ``dc_t_tokens.pth`` when t-dependent) as the official code saves them.
 
     ``dc_tokens``: ``torch.save(nn.Parameter)``, sd3 ``[L, N, D]`` (after
@@ -270,8 +207,6 @@ def export_official(tokens: "SoftTokens | Path | str", out_dir: Path | str) -> l
     Files are written to temp names and renamed. Returns the paths written.
     """
     import torch
-
-    from softrepa.tokens import N_TIME_BUCKETS
 
     module = load_tokens(tokens) if isinstance(tokens, (str, Path)) else tokens
     out = Path(out_dir)
@@ -288,9 +223,8 @@ def export_official(tokens: "SoftTokens | Path | str", out_dir: Path | str) -> l
         objects.append(("dc_t_tokens.pth", emb))
     written = []
     for name, obj in objects:
-        tmp = out / f".{name}.tmp"
-        torch.save(obj, tmp)
-        os.replace(tmp, out / name)
+        with atomic_file(out / name) as tmp:
+            torch.save(obj, tmp)
         written.append(out / name)
     stale = out / "dc_t_tokens.pth"
     if module.t_embedding is None and stale.exists():

@@ -26,12 +26,17 @@ is peft-style prompt tuning on a frozen denoiser:
 Hooks are live while the wrapper is ``enabled``: a diffusers pipeline holding
 the *base* model then also runs with tokens (handy for sampling and FlowEdit);
 ``wrapper.enabled = False`` or ``wrapper.remove()`` restores the base exactly.
+
+:func:`save_tokens` / :func:`load_tokens` store a token set in our format
+(``tokens.safetensors`` + ``tokens.json``, see :mod:`softrepa.token_files`,
+which also reads and writes the official ``.pth`` files).
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,9 +44,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from dataprep.store import atomic_file, atomic_write_text
+
 BACKBONES = ("sd3", "sdxl", "sd1.5")
 UNET_GROUPS = ("down", "mid", "up")
 N_TIME_BUCKETS = 100  # t // 10 for t in 0..999 (official code)
+
+# Our token file format (see :mod:`softrepa.token_files` for the official .pth files)
+FORMAT = "softrepa-tokens"
+VERSION = 1
+TENSORS_FILE = "tokens.safetensors"
+CONFIG_FILE = "tokens.json"
 
 
 @dataclass
@@ -336,15 +349,54 @@ def wrap_model(model: nn.Module, tokens: SoftTokens | None) -> _TokenWrapper:
     return cls(model, tokens)
 
 
-def save_tokens(tokens: SoftTokens, out_dir: Path | str, extra: dict[str, Any] | None = None) -> None:
-    """``out_dir/tokens.safetensors`` + ``out_dir/tokens.json`` (see :mod:`softrepa.token_files`)."""
-    from softrepa.token_files import save_tokens as _save
+def save_tokens(tokens: SoftTokens, out_dir: Path | str, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``tokens.safetensors`` and ``tokens.json`` into ``out_dir`` (created).
 
-    _save(tokens, out_dir, extra=extra)
+    Both files are written to temp names and renamed, JSON last, so a reader
+    that finds ``tokens.json`` also finds the tensors it describes.
+    """
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {"tokens": tokens.tokens.detach().float().cpu().contiguous()}
+    if tokens.t_embedding is not None:
+        tensors["t_embedding"] = tokens.t_embedding.weight.detach().float().cpu().contiguous()
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": tokens.config.to_dict(),
+        "shapes": {k: list(v.shape) for k, v in tensors.items()},
+        **(extra or {}),
+    }
+    with atomic_file(out_dir / TENSORS_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, "version": str(VERSION)})
+    atomic_write_text(out_dir / CONFIG_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return out_dir
 
 
 def load_tokens(directory: Path | str) -> SoftTokens:
-    """Inverse of :func:`save_tokens` (fp32 tensors on CPU)."""
-    from softrepa.token_files import load_tokens as _load
+    """Rebuild :class:`~softrepa.tokens.SoftTokens` from a saved directory (CPU, fp32)."""
+    from safetensors.torch import load_file
 
-    return _load(directory)
+    directory = Path(directory)
+    cfg_path = directory / CONFIG_FILE
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{cfg_path} not found: not a token directory (expected {CONFIG_FILE} + {TENSORS_FILE})")
+    meta = json.loads(cfg_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{cfg_path}: format {meta.get('format')!r} is not {FORMAT!r}")
+    if int(meta.get("version", 0)) > VERSION:
+        raise ValueError(f"{cfg_path}: version {meta['version']} is newer than this code reads ({VERSION})")
+    config = TokenConfig.from_dict(meta["config"])
+    tensors = load_file(str(directory / TENSORS_FILE))
+    module = SoftTokens(config)
+    with torch.no_grad():
+        if tuple(tensors["tokens"].shape) != tuple(module.tokens.shape):
+            raise ValueError(f"tokens shape {tuple(tensors['tokens'].shape)} != config's {tuple(module.tokens.shape)}")
+        module.tokens.copy_(tensors["tokens"])
+        if module.t_embedding is not None:
+            if "t_embedding" not in tensors:
+                raise ValueError(f"{directory}: config is t-dependent but {TENSORS_FILE} has no t_embedding")
+            module.t_embedding.weight.copy_(tensors["t_embedding"])
+    return module

@@ -1,15 +1,19 @@
-"""Shared fixtures: tiny random models on disk, DIV2K-shaped samples, images.
+"""Shared fixtures: tiny random models on disk, DIV2K-shaped samples.
 
-Tiny models are built once per session from small configs and saved with
-save_pretrained; tests load them by path through the real loading code.
+Every tiny model is built once per session by :mod:`tests.tiny_models` (from
+small configs, saved with save_pretrained) and tests load it by path through
+the real loading code. Ask for the fixture; don't build models in a test.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
+
+from tests import tiny_models as tiny
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,14 +23,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")
-def samples_dir(tmp_path_factory) -> Path:
+def samples_dir() -> Path:
     """A DIV2K-shaped folder the tests make themselves: 0001.png (2040x1356),
     0002.png (1356x2040) and prompts_editing.json in the official layout."""
-    from dataprep.tiny import write_div2k_samples
-
-    root = tmp_path_factory.mktemp("div2k_samples")
-    write_div2k_samples(root, n=2)
-    return root
+    return tiny.samples_dir()
 
 
 @pytest.fixture(scope="session")
@@ -36,21 +36,24 @@ def editing_pairs(samples_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
-def official_tokens(tmp_path_factory) -> Path:
-    """DIR/<backbone>/dc_tokens.pth (+ dc_t_tokens.pth), pickled like the released files."""
-    from softrepa.tiny import write_official_token_sets
-
-    root = tmp_path_factory.mktemp("official_tokens")
-    write_official_token_sets(root)
-    return root
+def tiny_models() -> Path:
+    """DIR with llava/ and llama/ (tiny random, loadable with from_pretrained)."""
+    return tiny.tiny_models()
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory) -> Path:
-    """DIR with llava/ and llama/ (tiny random, loadable with from_pretrained)."""
-    from dataprep.tiny import write_tiny_llama, write_tiny_llava
+def tiny_pipelines() -> Mapping[str, Path]:
+    """backbone (sd3, sdxl, sd1.5) -> tiny random diffusers pipeline folder, each built on first use."""
+    return tiny.tiny_pipelines()
 
-    root = tmp_path_factory.mktemp("tiny_models")
-    write_tiny_llava(root / "llava")
-    write_tiny_llama(root / "llama")
-    return root
+
+@pytest.fixture(scope="session")
+def official_tokens() -> Path:
+    """DIR/<backbone>/dc_tokens.pth (+ dc_t_tokens.pth), pickled like the released files."""
+    return tiny.official_tokens()
+
+
+@pytest.fixture(scope="session")
+def metric_models() -> dict[str, Path]:
+    """clip (also the PickScore stand-in) and lpips: tiny metric networks, name -> folder."""
+    return tiny.metric_models()

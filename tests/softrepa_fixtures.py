@@ -1,29 +1,14 @@
-"""Helpers for the softrepa tests: tiny pipelines on disk, batch shards, small PNGs.
+"""Helpers for the softrepa tests: batch shards, small PNGs, prompts.
 
-Tiny pipelines are built once per process (``softrepa.tiny`` reuses a folder
-that already holds them) and always loaded back by path.
+Tiny pipelines come from :mod:`tests.tiny_models` (the ``tiny_pipelines``
+fixture; the function is re-exported here for the tests that call it).
 """
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
-_ROOT: Path | None = None
-
-
-def tiny_pipelines() -> dict[str, Path]:
-    """backbone -> folder of a tiny random diffusers pipeline (built once per process)."""
-    global _ROOT
-    from softrepa.tiny import write_tiny_pipelines
-
-    if _ROOT is None:
-        import atexit
-        import shutil
-
-        _ROOT = Path(tempfile.mkdtemp(prefix="softrepa_tiny_"))
-        atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
-    return write_tiny_pipelines(_ROOT)
+from tests.tiny_models import tiny_pipelines  # noqa: F401  (re-exported: one builder for every test)
 
 
 def write_pngs(folder: Path, n: int, size: tuple[int, int] = (48, 40)) -> list[Path]:

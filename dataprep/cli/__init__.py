@@ -2,8 +2,10 @@
 
 One module per command group (``caption``: caption and pipeline; ``rewrite``:
 check, rewrite, judge; ``data``: batches, dedup, export, stats, report;
-``server``: server, serve, tiny-models); ``common`` holds the app and the
-flag groups. Flags of a stage's settings come from its config dataclass
+``server``: server, tiny-models); ``common`` holds the app and the
+flag groups. ``dataprep serve`` belongs to flows: dataprep imports nothing
+of flows, so flows names it in the entry-point group ``dataprep.commands``
+(pyproject.toml) and :func:`dataprep.runtime.add_plugin_commands` adds it here. Flags of a stage's settings come from its config dataclass
 (:mod:`dataprep.runtime`, "command-line flags from config dataclasses").
 Heavy libraries (torch, transformers, datasets, pyarrow) are imported inside
 the commands, never at module level, so ``dataprep --help`` starts fast.
@@ -22,8 +24,9 @@ import typer
 from dataprep.cli import caption, data, rewrite, server  # noqa: F401  (registers the commands)
 from dataprep.cli.common import app
 from dataprep.errors import run_cli
+from dataprep.runtime import add_plugin_commands
 
-__all__ = ["app", "main"]
+__all__ = ["add_plugin_commands", "app", "main"]
 
 
 @app.callback()
@@ -33,6 +36,9 @@ def _global_options(
     # `main` takes --debug off the command line before typer parses it (so it
     # works after a subcommand too); this declaration puts it in --help.
     del debug
+
+
+add_plugin_commands(app, "dataprep.commands")
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ import typer
 
 from dataprep.errors import ConfigError
 from dataprep.runtime import Flags, Ref, print_summary, typer_app
+from dataprep.engines import split_base_urls
 
 app = typer_app("dataprep", "Data preparation for SoftREPA: caption images, rewrite captions into single-concept edits, build contrastive batches, export pairs.")
 
@@ -26,8 +27,6 @@ JUDGE_MODEL = Ref("dataprep.judge:DEFAULT_MODEL")
 
 def _base_urls(values: list[str]) -> str | None:
     """--base-url repeated (or comma lists): one comma list in the config."""
-    from dataprep.engines import split_base_urls
-
     return ",".join(split_base_urls(values)) or None
 
 

@@ -32,9 +32,8 @@ def batches_cmd(
 ) -> None:
     """Build contrastive image x prompt batches (positives, hard negatives from passing edits, negatives) as Parquet shards."""
     from rich.console import Console
-    from rich.table import Table
 
-    from dataprep.batches import build_batches, build_coco_batches
+    from dataprep.batches import build_batches, build_coco_batches, print_batch_summary
 
     console = Console()
     if (captions is None) == (coco_captions is None):
@@ -50,27 +49,7 @@ def batches_cmd(
             s = build_batches(captions, out, options, edits_dir=edits, progress=update, judge_dir=judge, dedup_dir=dedup_dir)
         else:
             s = build_coco_batches(coco_captions, coco_images, out, options, edits_dir=edits, progress=update, judge_dir=judge, dedup_dir=dedup_dir)
-    t = Table(title=f"batches: {s.run_id}", header_style="bold")
-    t.add_column("what")
-    t.add_column("value", justify="right")
-    n, m = s.grid
-    t.add_row("preset (images x prompts)", f"{s.preset} ({n} x {m})")
-    t.add_row("images with a caption", str(s.images))
-    t.add_row("batches (epochs)", f"{s.batches} ({s.epochs})")
-    t.add_row("prompts: positive / hard negative / negative", f"{s.positives} / {s.hard_negatives} / {s.negatives}")
-    t.add_row("passing edits available / unused", f"{s.edits_available} / {s.edits_unused}")
-    t.add_row("images dropped (last partial batch)", str(s.dropped_images))
-    if s.duplicate_images:
-        t.add_row("images left over (caption duplicates one in every open batch)", str(s.duplicate_images))
-    if s.unfillable_batches:
-        t.add_row("batches not fillable (too few distinct captions)", str(s.unfillable_batches))
-    for reason, k in s.skipped.items():
-        t.add_row(f"  skipped: {reason}", str(k))
-    t.add_row("wall time", f"{s.seconds:.2f} s ({s.batches / max(s.seconds, 1e-9):.0f} batches/s)")
-    t.add_row("shards", f"{len(s.shards)} in {s.out_dir}")
-    console.print(t)
-    if s.other_runs:
-        console.print(f"[yellow]note:[/] {s.out_dir} also holds shards of other runs: {', '.join(s.other_runs)} (train on this run with softrepa train --batch-run {s.run_id})", highlight=False)
+    print_batch_summary(s, console)
 
 
 @config_command(app, "dedup", options=Flags("dataprep.dedup:DedupOptions"))
@@ -168,6 +147,8 @@ def stats_cmd(
     from rich.console import Console
 
     from dataprep import stats
+
+    # inside: check_run_shards is loaded with pyarrow (dataprep.store's lazy attributes); --help must not pay for it
     from dataprep.store import check_run_shards
 
     if not run_dir.is_dir():

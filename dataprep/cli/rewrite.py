@@ -10,6 +10,7 @@ import typer
 from dataprep.cli.common import EXECUTOR, JUDGE_MODEL, REWRITE_MODEL, StrictOpt, app, engine_flags, positive_limit, print_stage
 from dataprep.errors import ConfigError
 from dataprep.runtime import Flags, config_command
+from dataprep.check import check_rows, pick_columns, print_check_summary, print_failures, read_records, write_report
 
 
 @config_command(app, "check")
@@ -25,11 +26,10 @@ def check_cmd(
     """Check (source, target) pairs against the single-concept rules of prompts/edit.txt; print counts per rule and the pass rate."""
     from rich.console import Console
 
-    from dataprep import diversity
-    from dataprep.check import check_rows, pick_columns, print_check_summary, print_failures, read_records, write_report
-
     if out is not None and out.suffix.lower() not in (".parquet", ".jsonl", ".json"):
         raise ConfigError(f"unknown report type {out.suffix!r}", "--out", "end the path in .parquet or .jsonl")
+    from dataprep import diversity  # inside: it loads pyarrow (through dataprep.store), which --help must not pay for
+
     rows = read_records(path)
     src, tgt = pick_columns(rows, source_column, target_column)
     report, summary = check_rows(rows, src, tgt)

@@ -20,6 +20,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from dataprep.engines.redact import redact
 from dataprep.errors import ConfigError
 from dataprep.runtime import option
 
@@ -157,8 +158,6 @@ class EngineConfig:
     def public_dict(self) -> dict[str, Any]:
         """For manifests: never contains a secret (only the env var's name; URLs lose any
         ``user:password@`` part and key-like query parameters)."""
-        from dataprep.engines.redact import redact
-
         d = asdict(self)
         if d["base_url"]:
             d["base_url"] = redact(d["base_url"])

@@ -20,13 +20,14 @@ the plain left-padded path (same greedy outputs; a test checks this).
 from __future__ import annotations
 
 import copy
+import gc
 import inspect
 import logging
 from pathlib import Path
 from typing import Any
 
 from dataprep.engines import ChatRequest, ChatResult, EngineConfig
-from dataprep.errors import ConfigError
+from dataprep.errors import ConfigError, Reason, failure
 from dataprep.runtime import resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -239,7 +240,7 @@ class TransformersEngine:
                 prompts.append(self.render(r))
             except Exception as exc:  # a template that rejects one request fails that row only
                 prompts.append(None)
-                results[i] = ChatResult.failed(f"template_error: {exc}")
+                results[i] = ChatResult.failed(failure(Reason.TEMPLATE_ERROR, exc))
         # group by sampling (one generate call has one setting), then by length
         groups: dict[Any, list[int]] = {}
         for i, r in enumerate(requests):
@@ -256,7 +257,7 @@ class TransformersEngine:
                 chunk = idx[start : start + self.batch_size]
                 for i, res in zip(chunk, self._generate_safe([requests[i] for i in chunk], [prompts[i] for i in chunk])):
                     results[i] = res
-        return [r if r is not None else ChatResult.failed("internal: no result") for r in results]
+        return [r if r is not None else ChatResult.failed(failure(Reason.INTERNAL, "no result")) for r in results]
 
     def _generate_safe(self, reqs: list[ChatRequest], prompts: list[str]) -> list[ChatResult]:
         """Run a batch; on OOM split it, on another error isolate the bad request."""
@@ -267,14 +268,14 @@ class TransformersEngine:
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             if len(reqs) == 1:
-                return [ChatResult.failed("out_of_memory: one request does not fit; lower --max-new-tokens or use --quantize")]
+                return [ChatResult.failed(failure(Reason.OUT_OF_MEMORY, "one request does not fit; lower --max-new-tokens or use --quantize"))]
             half = len(reqs) // 2
             self.batch_size = max(1, half)
             log.warning("out of memory at batch %d; continuing with batch %d", len(reqs), self.batch_size)
             return self._generate_safe(reqs[:half], prompts[:half]) + self._generate_safe(reqs[half:], prompts[half:])
         except Exception as exc:
             if len(reqs) == 1:
-                return [ChatResult.failed(f"generate_error: {type(exc).__name__}: {exc}")]
+                return [ChatResult.failed(failure(Reason.GENERATE_ERROR, f"{type(exc).__name__}: {exc}"))]
             out: list[ChatResult] = []
             for r, p in zip(reqs, prompts):
                 out.extend(self._generate_safe([r], [p]))
@@ -371,8 +372,6 @@ class TransformersEngine:
         return ids
 
     def close(self) -> None:
-        import gc
-
         import torch
 
         self.net = None

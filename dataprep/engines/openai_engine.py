@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dataprep.engines import ChatRequest, ChatResult, EngineConfig, split_base_urls
-from dataprep.errors import ConfigError
+from dataprep.errors import ConfigError, Reason, failure
 from dataprep.engines.redact import redact
 
 if TYPE_CHECKING:
@@ -123,7 +123,7 @@ def parse_response(data: Any) -> ChatResult:
     content) is an error result whose reason names the field and what it held.
     """
     def bad(what: str) -> ChatResult:
-        return ChatResult.failed(f"bad_response: {what}")
+        return ChatResult.failed(failure(Reason.BAD_RESPONSE, what))
 
     if not isinstance(data, dict):
         return bad(f"the body is {_kind(data)}, not a JSON object: {_snippet(data)}")
@@ -155,7 +155,7 @@ def parse_response(data: Any) -> ChatResult:
     if finish not in ("stop", "length"):
         # vLLM / SGLang answer 200 with "abort" (and OpenAI with "content_filter")
         # around a partial text: an error row that resume retries, not a caption
-        return ChatResult.failed(f"generate_error: the server finished with {finish[:40]!r}")
+        return ChatResult.failed(failure(Reason.GENERATE_ERROR, f"the server finished with {finish[:40]!r}"))
     usage = data.get("usage")
     if usage is None:
         usage = {}
@@ -454,7 +454,7 @@ class OpenAIEngine:
             async with self._payloads:
                 result = await self._encode_and_send(req)
         except Exception as exc:  # a bug or an exception nobody foresaw: one row, not the batch
-            result = ChatResult.failed(f"internal_error: {type(exc).__name__}: {exc}")
+            result = ChatResult.failed(failure(Reason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"))
         # the boundary: every text that leaves the engine is redacted here
         if result.error is not None:
             result.error = self.redact(result.error)[:500]
@@ -470,7 +470,7 @@ class OpenAIEngine:
             else:
                 body = build_payload(req, self.model)
         except Exception as exc:  # e.g. an image PIL cannot encode: this row only
-            return ChatResult.failed(f"request_error: {type(exc).__name__}: {exc}")
+            return ChatResult.failed(failure(Reason.REQUEST_ERROR, f"{type(exc).__name__}: {exc}"))
         return await self._post(body)
 
     async def _post(self, body: dict[str, Any]) -> ChatResult:
@@ -496,15 +496,15 @@ class OpenAIEngine:
                     # sends a byte a second never trips it
                     r = await self._send(server.base + "/chat/completions", body)
                 except (asyncio.TimeoutError, httpx.TimeoutException) as exc:
-                    r, last = None, f"timeout: no complete answer within {self.timeout_s:g} s ({type(exc).__name__})"
+                    r, last = None, failure(Reason.TIMEOUT, f"no complete answer within {self.timeout_s:g} s ({type(exc).__name__})")
                 except httpx.TransportError as exc:  # refused, reset, dropped mid-response: the server is gone
                     self.fleet.down(server, loop.time())
-                    r, last = None, f"connection_error: {type(exc).__name__}: {exc}"
+                    r, last = None, failure(Reason.CONNECTION_ERROR, f"{type(exc).__name__}: {exc}")
                     if failovers < len(self.bases) - 1 and self.fleet.any_up(loop.time(), besides=server):
                         failovers += 1  # another server takes it now; not a retry
                         continue
                 except httpx.HTTPError as exc:  # e.g. a body that fails to decompress
-                    r, last = None, f"bad_response: {type(exc).__name__}: {exc}"
+                    r, last = None, failure(Reason.BAD_RESPONSE, f"{type(exc).__name__}: {exc}")
                 finally:
                     server.inflight -= 1
             if r is not None:
@@ -513,7 +513,7 @@ class OpenAIEngine:
                     try:
                         data = r.json()
                     except ValueError:
-                        return ChatResult.failed(f"bad_response: body is not JSON: {self.redact(r.text)[:200]!r}")
+                        return ChatResult.failed(failure(Reason.BAD_RESPONSE, f"body is not JSON: {self.redact(r.text)[:200]!r}"))
                     return parse_response(data)
                 detail = self.redact(r.text).replace("\n", " ")[:300]
                 if r.status_code not in RETRY_STATUS:  # 400 (context too long), 404 (model): retrying cannot help

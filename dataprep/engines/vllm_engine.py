@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dataprep.engines import ChatRequest, ChatResult, EngineConfig, Sampling
-from dataprep.errors import ConfigError
+from dataprep.errors import ConfigError, Reason, failure
 from dataprep.engines.hf import chat_messages, load_config
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def to_result(output: Any) -> ChatResult:
     c = output.outputs[0]
     reason = getattr(c, "finish_reason", None)
     if reason not in ("stop", "length"):
-        return ChatResult.failed(f"generate_error: vllm finished with {reason!r}")
+        return ChatResult.failed(failure(Reason.GENERATE_ERROR, f"vllm finished with {reason!r}"))
     return ChatResult(
         text=(c.text or "").strip(),
         finish_reason=reason,
@@ -210,10 +210,10 @@ class VLLMEngine:
                 params.append(SamplingParams(**sampling_kwargs(r.sampling, self.sampling_extra), **guided_json_kwargs(r.json_schema)))
                 where.append(i)
             except Exception as exc:  # one request's template or sampling error fails that row only
-                results[i] = ChatResult.failed(f"template_error: {exc}")
+                results[i] = ChatResult.failed(failure(Reason.TEMPLATE_ERROR, exc))
         for i, res in zip(where, self._run(items, params)):
             results[i] = res
-        return [r if r is not None else ChatResult.failed("internal: no result") for r in results]
+        return [r if r is not None else ChatResult.failed(failure(Reason.INTERNAL, "no result")) for r in results]
 
     def _run(self, items: list[dict], params: list) -> list[ChatResult]:
         """All at once; if vLLM rejects the batch (e.g. one prompt too long), isolate the bad request."""
@@ -223,7 +223,7 @@ class VLLMEngine:
             return [to_result(o) for o in self.llm.generate(items, params, use_tqdm=False)]
         except Exception as exc:
             if len(items) == 1:
-                return [ChatResult.failed(f"generate_error: {type(exc).__name__}: {exc}")]
+                return [ChatResult.failed(failure(Reason.GENERATE_ERROR, f"{type(exc).__name__}: {exc}"))]
             log.warning("vllm rejected a batch of %d (%s); retrying one by one", len(items), exc)
             return [r for it, p in zip(items, params) for r in self._run([it], [p])]
 

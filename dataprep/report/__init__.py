@@ -19,17 +19,18 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from dataprep.errors import ConfigError
 from dataprep.runtime import option
-from dataprep.store import check_run_shards
+from dataprep.store import atomic_write_text, check_run_shards
+from dataprep.report.cards import collect
+from dataprep.report.thumbs import make_thumbs
 from dataprep.report.views import REPORTS_INDEX  # RUN/reports.json: where reports of this run were written
+from dataprep.rules import RULES
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -72,10 +73,7 @@ class ReportSummary:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def _js_json(obj: Any) -> str:
@@ -110,10 +108,6 @@ def build_report(run: Path | str, out: Path | str, options: ReportOptions | None
     ``progress(done, total)`` follows the thumbnails. Raises ConfigError (naming RUN) when ``run``
     is not a run directory; unreadable images are per-card errors.
     """
-    from dataprep.report.cards import collect
-    from dataprep.report.thumbs import make_thumbs
-    from dataprep.rules import RULES
-
     opts = options or ReportOptions()
     run, out = Path(run), Path(out)
     if not run.is_dir():

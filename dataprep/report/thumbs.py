@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import uuid
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Iterable
+
+from dataprep.errors import Reason, failure
+from dataprep.images import to_rgb
+from dataprep.sources import ImageRef, read_bytes
+from dataprep.store import atomic_file
 
 JPEG_QUALITY = 82
 
@@ -29,22 +32,18 @@ def make_thumb(uri: str, dest: str, size: int, max_pixels: int) -> tuple[str, in
     """Write one thumbnail (longest side <= ``size``); (file name, width, height) or an error string."""
     from PIL import Image, ImageOps
 
-    from dataprep.images import to_rgb
-    from dataprep.sources import ImageRef, read_bytes
-
     try:
         path = uri[len("file://"):] if uri.startswith("file://") else uri
         data = read_bytes(ImageRef(image_id="", source="", uri=path))
         with Image.open(io.BytesIO(data)) as im:
             if im.width * im.height > max_pixels:
-                return f"too_large: {im.width}x{im.height}"
+                return failure(Reason.TOO_LARGE, f"{im.width}x{im.height}")
             im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, far faster
             im = ImageOps.exif_transpose(to_rgb(im))
             im.thumbnail((size, size), Image.Resampling.LANCZOS)
             out = Path(dest)
-            tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
-            im.save(tmp, format="JPEG", quality=JPEG_QUALITY, optimize=True)
-            os.replace(tmp, out)
+            with atomic_file(out, fsync=False) as tmp:  # many, and cheap to redo
+                im.save(tmp, format="JPEG", quality=JPEG_QUALITY, optimize=True)
             return out.name, im.width, im.height
     except Exception as exc:  # noqa: BLE001 -- any unreadable image is this card's error, the report goes on
         return f"{type(exc).__name__}: {exc}"

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dataprep.batches import PRESETS, BatchOptions, build_batches, build_coco_batches, load_caption_index
-from dataprep.errors import ConfigError
+from dataprep.errors import ConfigError, Reason
 from dataprep.store import CAPTIONS_SCHEMA, EDITS_SCHEMA, ShardWriter
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
@@ -117,6 +117,12 @@ def test_every_rule_per_preset(run, preset):
     assert s.images == N_IMAGES
     if preset != "sd3":  # sd3's 4x4 grid has no free slot for an edit
         assert s.hard_negatives > 0
+    # reported like a model stage: the Manifest shape, failures in the one vocabulary
+    manifest = json.loads((root / "batches" / "_manifest.json").read_text())
+    assert manifest["stage"] == "batches" and manifest["failures"] == s.skipped and manifest["counts"]["batches"] == s.batches
+    assert set(manifest["failures"]) <= {r.value for r in Reason}
+    summary = s.stage_summary()
+    assert summary.done == s.batches and summary.failed == Counter(s.skipped) and summary.run_id == s.run_id
 
 
 @pytest.mark.parametrize("k", [0, 2, None])

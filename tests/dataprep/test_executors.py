@@ -23,7 +23,7 @@ import pytest
 
 from dataprep.engines import ChatResult, EngineConfig
 from dataprep.errors import ConfigError
-from dataprep.executors import ExecutorConfig, LocalExecutor, resolve_gpus
+from dataprep.executors import ExecutorConfig, LocalExecutor, Work, resolve_gpus
 
 REPO = Path(__file__).resolve().parents[2]
 DATAPREP = [sys.executable, "-m", "dataprep"]
@@ -102,7 +102,7 @@ def _infer(engine: _Echo, items: list[int]) -> list[ChatResult]:
 
 def test_local_executor_batches_model_items_and_passes_the_rest_through():
     engine = _Echo()
-    out = list(LocalExecutor(engine).run(range(10), lambda i: i * 10, _infer, wants_model=lambda p: p % 30 != 0, batch_size=3))
+    out = list(LocalExecutor(engine).run(range(10), Work(_infer, batch_size=3, prepare=lambda i: i * 10, wants_model=lambda p: p % 30 != 0)))
     assert len(out) == 10
     assert {p: (r.text if r else None) for p, r in out} == {p: (None if p % 30 == 0 else f"out-{p}") for p in range(0, 100, 10)}
     assert engine.batches == [[10, 20, 40], [50, 70, 80]]  # 0, 30, 60, 90 never reach the model

@@ -11,7 +11,13 @@ from typer.testing import CliRunner
 from dataprep.export import export_hf
 from dataprep.hfcard import card_markdown, size_category
 from dataprep.store import ShardWriter
-from tests.dataprep.test_export import run  # noqa: F401  (the run-dir fixture)
+from tests.export_run import make_export_run
+
+
+@pytest.fixture
+def run(tmp_path):
+    """The export tests' run dir: passing, failed, superseded, error and unreadable edits."""
+    return make_export_run(tmp_path)
 
 
 def add_judge(root):

@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 from dataprep.caption import CaptionOptions, run_caption
 from dataprep.cli import app
 from dataprep.engines import ChatResult, EngineConfig
-from dataprep.errors import ConfigError
+from dataprep.errors import ConfigError, Reason, failure, read_failure, reason_of
 from dataprep.sources import folder
 from dataprep.store import (
     CAPTIONS_SCHEMA,
@@ -83,6 +83,40 @@ def py(code: str, **kw) -> subprocess.Popen:
 def dataprep_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", COLUMNS="300")
     return subprocess.run([sys.executable, "-m", "dataprep", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# ------------------------------------------------------------ one vocabulary of reasons
+
+WRITTEN_ERRORS: list[str] = []  # every row error a shard of this module's tests got
+
+
+@pytest.fixture(autouse=True)
+def _record_row_errors(monkeypatch):
+    """Collect the ``error`` of every row written to a shard by the tests below
+    (in this process), for the vocabulary test at the end of the module."""
+    original = ShardWriter.flush
+
+    def flush(self):
+        path = original(self)
+        if path is not None:
+            WRITTEN_ERRORS.extend(e for e in read_table_of(path) if e is not None)
+        return path
+
+    monkeypatch.setattr(ShardWriter, "flush", flush)
+
+
+def read_table_of(path: Path) -> list:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path, columns=["error"]).column("error").to_pylist()
+
+
+def test_failure_text_is_reason_colon_detail_and_reason_of_reads_it_back():
+    assert failure(Reason.TOO_LARGE, "9 bytes") == "too_large: 9 bytes" and failure(Reason.EMPTY_OUTPUT) == "empty_output"
+    assert reason_of(failure(Reason.BAD_JSON, "line 3: x: y")) == Reason.BAD_JSON == "bad_json"
+    assert read_failure(FileNotFoundError("gone")).startswith("missing_file: ") and read_failure(OSError("crc")) == "read_error: crc"
+    with pytest.raises(ValueError):
+        failure("no_such_reason", "x")  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------ nothing finished is lost
@@ -417,7 +451,7 @@ def refs():
 
 spec = _KeySpec(model="m", revision=None, prompt_sha256="p", sampling="{}", seed=None, prep=PrepOptions())
 for item in _ordered_map(refs(), spec, workers=2, window=1):
-    print("got", item["ref"].image_id, flush=True)
+    print("got", item.input.image_id, flush=True)
 """
 
 
@@ -589,3 +623,12 @@ def test_shards_written_before_later_columns_resume_untouched(tmp_path):
         assert done_keys(folder) == {f"k-{name}"}
         t = read_table(folder, schema)
         assert t.num_rows == 1 and all(t.column(c).null_count == 1 for c in LATER_COLUMNS if c in schema.names)
+
+
+def test_zz_every_reason_the_tests_above_wrote_is_in_the_vocabulary():
+    """Runs last in this module: the error rows the failure tests made (caption,
+    rewrite and store coercion) carry only reasons of dataprep.errors.Reason."""
+    if not WRITTEN_ERRORS:
+        pytest.skip("run with the tests above (they write the error rows)")
+    vocabulary = {r.value for r in Reason}
+    assert {reason_of(e) for e in WRITTEN_ERRORS} <= vocabulary, sorted({reason_of(e) for e in WRITTEN_ERRORS} - vocabulary)

@@ -16,12 +16,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dataprep.batches import BatchOptions, BuildCounts, check_fillable, iter_batches, make_index
+from dataprep.batches import BatchOptions, batch_rows, check_fillable, make_index
 from dataprep.check import check_rows, read_records, write_report
 from dataprep.cli import app as dataprep_app
 from dataprep.errors import ConfigError
 from softrepa.cli import app as softrepa_app
-from tests.softrepa.test_softrepa_import import _Evil
+from tests.pickles import EvilPickle as _Evil
 
 runner = CliRunner()
 
@@ -46,8 +46,7 @@ def test_duplicate_captions_are_counted_as_duplicates_not_as_a_partial_batch():
     # 8 distinct captions for 8 images, plus 4 images that repeat one caption:
     # those cannot share a batch with each other, so they are left over as duplicates
     caps = [f"caption number {i}" for i in range(8)] + ["caption number 0"] * 4
-    counts = BuildCounts()
-    rows = list(iter_batches(_index(caps), BatchOptions(preset="custom", images=2, prompts=4, seed=0), counts=counts))
+    rows, counts = batch_rows(_index(caps), BatchOptions(preset="custom", images=2, prompts=4, seed=0))
     placed = sum(len(r["image_ids"]) for r in rows)
     assert placed + counts.dropped_images + counts.duplicate_images == len(caps)
     assert counts.duplicate_images >= 1

@@ -60,3 +60,45 @@ def test_compact_keeps_newest_good_row_per_key(tmp_path):
     assert len(shard_paths(tmp_path)) == 1
     assert compact(tmp_path, CAPTIONS_SCHEMA) == 0
     assert pq.read_schema(shard_paths(tmp_path)[0]).equals(CAPTIONS_SCHEMA, check_metadata=False)
+
+
+# ---------------------------------------------------------------- one usable-row decision
+
+
+EDIT_CASES = [
+    ({"error": None, "passed": True, "source": "a red cat", "target": "a red dog"}, None, None),
+    ({"error": "timeout: x", "passed": True, "source": "a red cat", "target": "a red dog"}, "edit_error_rows", "edit_error_rows"),
+    ({"error": None, "passed": False, "source": "a red cat", "target": "a red dog"}, "edit_failed_rows", None),
+    ({"error": None, "passed": None, "source": "a red cat", "target": "a red dog"}, "edit_failed_rows", None),
+    ({"error": None, "passed": True, "source": "a red cat", "target": "  "}, "edit_empty_rows", "edit_empty_rows"),
+    ({"error": None, "passed": True, "source": None, "target": "a red dog"}, "edit_empty_rows", "edit_empty_rows"),
+]
+
+
+@pytest.mark.parametrize("row, strict, lenient", EDIT_CASES)
+def test_edit_skip_is_keep_or_a_reason_of_the_vocabulary(row, strict, lenient):
+    from dataprep.errors import Reason
+    from dataprep.store import edit_skip
+
+    assert edit_skip(row) == strict and edit_skip(row, require_passed=False) == lenient
+    assert all(r is None or isinstance(r, Reason) for r in (edit_skip(row), edit_skip(row, require_passed=False)))
+
+
+def test_the_column_wise_caption_decision_agrees_with_the_row_one():
+    import pyarrow as pa
+
+    from dataprep.store import caption_skip, caption_skips
+
+    rows = [{"error": None, "caption": "a cat"}, {"error": "x: y", "caption": "a cat"}, {"error": None, "caption": " \n"},
+            {"error": None, "caption": None}, {"error": "x: y", "caption": None}]
+    column = caption_skips(pa.Table.from_pylist(rows)).to_pylist()
+    assert column == [None if caption_skip(r) is None else caption_skip(r).value for r in rows]
+    assert column == [None, "caption_error_rows", "caption_empty_rows", "caption_empty_rows", "caption_error_rows"]
+
+
+def test_store_imports_without_pyarrow_until_a_name_needs_it():
+    import subprocess
+    import sys
+
+    code = "import sys; from dataprep.store import atomic_write_text, edit_skip, Manifest, stage_lock; assert 'pyarrow' not in sys.modules; from dataprep.store import EDITS_SCHEMA; assert 'pyarrow' in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

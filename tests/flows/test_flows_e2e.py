@@ -98,16 +98,12 @@ def div2k_folder(samples: Path, out: Path) -> Path:
     return out
 
 
-def test_serve_schedule_trigger_and_event_driven_training(server, tmp_path, tiny_models, samples_dir):
-    from softrepa.metrics import write_tiny_metric_models
-    from softrepa.tiny import write_tiny_pipeline
-
+def test_serve_schedule_trigger_and_event_driven_training(server, tmp_path, tiny_models, samples_dir, tiny_pipelines, metric_models):
     from dataprep.server import client_env
 
     api = server.api_url
     data = div2k_folder(samples_dir, tmp_path / "DIV2K_train_HR")
-    sd3 = write_tiny_pipeline("sd3", tmp_path / "sd3")
-    metric_models = write_tiny_metric_models(tmp_path / "metrics")
+    sd3 = tiny_pipelines["sd3"]
     run = tmp_path / "run"
     env = client_env(server) | {"PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "results"), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     log = tmp_path / "serve.log"

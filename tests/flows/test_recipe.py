@@ -65,13 +65,11 @@ def _div2k_pairs(root):
     return path
 
 
-def test_recipe_runs_end_to_end_and_prints_the_paper_numbers_beside_ours(tmp_path):
-    from softrepa.metrics import write_tiny_metric_models
+def test_recipe_runs_end_to_end_and_prints_the_paper_numbers_beside_ours(tmp_path, metric_models):
 
     model = tiny_pipelines()["sd3"]
     cap, imgs = _coco(tmp_path / "coco")
     pairs = _div2k_pairs(tmp_path / "div2k")
-    metric_models = write_tiny_metric_models(tmp_path / "metrics")
     options = {
         "train_options": {"resolution": 32, "device": "cpu", "checkpoint_every": 100,
                           # 8 COCO images are too few to hold 50 out for the best-by-CLIP pick (a real run keeps it)

@@ -105,12 +105,9 @@ def test_bad_edit_config_names_the_flag(kwargs, flag):
 
 
 @pytest.fixture(scope="module")
-def editor(tmp_path_factory):
-    from softrepa.tiny import write_tiny_pipelines
-
+def editor(tiny_pipelines):
     torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("tiny")
-    pipe = load_sd3(str(write_tiny_pipelines(root, ("sd3",))["sd3"]), device="cpu")
+    pipe = load_sd3(str(tiny_pipelines["sd3"]), device="cpu")
     from softrepa.tokens import SoftTokens, TokenConfig
 
     torch.manual_seed(0)

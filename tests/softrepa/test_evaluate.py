@@ -13,18 +13,16 @@ from PIL import Image
 from dataprep.errors import ConfigError
 from dataprep.store import EDITS_SCHEMA, ShardWriter
 from softrepa.evaluate import EvalConfig, Setting, evaluate_edit, load_pairs, summarize, table_markdown
-from softrepa.metrics import MetricConfig, missing_metrics, write_tiny_metric_models
+from softrepa.metrics import MetricConfig, missing_metrics
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from softrepa.tiny import write_tiny_pipelines
+def tiny(tmp_path_factory, tiny_pipelines, metric_models):
     from softrepa.tokens import SoftTokens, TokenConfig, save_tokens
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("tiny-eval")
-    sd3 = write_tiny_pipelines(root, ("sd3",))["sd3"]
-    metric_models = write_tiny_metric_models(root / "metrics")
+    sd3 = tiny_pipelines["sd3"]
     from types import SimpleNamespace
 
     torch.manual_seed(0)
@@ -302,3 +300,51 @@ def test_tokens_of_another_backbone_are_a_config_error_naming_tokens(tmp_path):
     with pytest.raises(ConfigError) as exc:
         evaluate_edit(EvalConfig(pairs=str(pairs), model=str(tmp_path / "no-model-needed"), out=str(tmp_path / "out"), tokens=str(tmp_path / "tok"), metrics=MetricConfig(metrics=("clip",))))
     assert exc.value.flag == "--tokens"
+
+
+def test_rerun_with_other_pairs_into_the_same_out_is_refused_and_keeps_the_scores(tiny, tmp_path):
+    """scores.parquet and the summary are per input: other --pairs into the same --out would replace them silently."""
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    _png(tmp_path / "a.png", 5)
+    _png(tmp_path / "b.png", 6)
+    first.write_text(json.dumps([{"prompt": "a red car", "img_path": "a.png", "tgt_prompt": "a red bus"}]))
+    second.write_text(json.dumps([{"prompt": "a cup of tea", "img_path": "b.png", "tgt_prompt": "a cup of coffee"}]))
+    cfg = EvalConfig(pairs=str(first), model=str(tiny["sd3"]), out=str(tmp_path / "eval"), n_max=2, tgt_cfgs=(4.0,),
+                     metrics=_metrics(tiny, ("clip",)), **FAST)
+    res = evaluate_edit(cfg)
+    before = pq.read_table(res.scores_path).column("pair_id").to_pylist()
+    from dataclasses import replace
+
+    with pytest.raises(ConfigError) as err:
+        evaluate_edit(replace(cfg, pairs=str(second)))
+    assert err.value.flag == "--pairs" and "--out" in str(err.value) and str(first) in str(err.value)
+    assert pq.read_table(res.scores_path).column("pair_id").to_pylist() == before  # the first input's scores are kept
+    again = evaluate_edit(replace(cfg, pairs=str(tmp_path / "." / "a.json")))  # the same input by another spelling continues
+    assert (again.n_edited, again.n_reused) == (0, 1)
+    other = evaluate_edit(replace(cfg, pairs=str(second), out=str(tmp_path / "eval-b")))
+    assert other.n_edited == 1
+
+
+def test_evaluate_reports_like_the_data_stages(tiny, tmp_path):
+    from dataprep.runtime import StageSummary
+    from dataprep.store import read_manifest
+
+    res = evaluate_edit(EvalConfig(pairs=str(_run_dir(tmp_path / "run")), model=str(tiny["sd3"]), out=str(tmp_path / "eval"), n_max=2,
+                                   tgt_cfgs=(4.0,), metrics=_metrics(tiny, ("clip",)), **FAST))
+    man = read_manifest(tmp_path / "eval")
+    assert man["stage"] == "evaluate-edit" and man["run_id"] == res.summary.run_id and man["finished_at"]
+    assert isinstance(res.summary, StageSummary) and res.summary.stage == "evaluate-edit"
+    assert (res.summary.done, res.summary.skipped, res.summary.n_failed) == (res.n_edited, res.n_reused, res.n_failed)
+    assert dict(res.summary.failed) == man["failures"] and "image" in man["failures"]  # the missing file, by reason
+
+
+@pytest.mark.parametrize("kwargs, flag", [({"n_max": 99}, "--n-max"), ({"limit": 0}, "--limit"), ({"rows": "table7"}, "--rows"),
+                                          ({"methods": ("sdedit",)}, "--methods"), ({"dtype": "bf16"}, "--dtype")])
+def test_invalid_eval_values_cannot_be_built(kwargs, flag):
+    """Values are checked when the config is built; what must exist on disk, when the run starts."""
+    with pytest.raises(ConfigError) as err:
+        EvalConfig(**{"pairs": "/not/yet", "model": "m", "out": "o", **kwargs})
+    assert err.value.flag == flag
+    with pytest.raises(ConfigError, match="--metrics"):
+        MetricConfig(metrics=("clip", "bleu"))
+    EvalConfig(pairs="/not/yet", model="m", out="o", methods=("flowedit", "flowedit+tokens"))  # the recipe's, before training

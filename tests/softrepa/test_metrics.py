@@ -17,14 +17,13 @@ from softrepa.metrics import (
     load_scorers,
     lpips_distance,
     missing_metrics,
-    write_tiny_metric_models,
 )
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(metric_models):
     torch.set_num_threads(1)
-    return write_tiny_metric_models(tmp_path_factory.mktemp("metric-models"))
+    return metric_models
 
 
 def _images(n: int, size: int = 32, seed: int = 0) -> list[Image.Image]:

@@ -120,12 +120,10 @@ def test_leakage_is_counted_by_sha256_and_by_id(tmp_path):
     assert find_leakage(pairs, tokens).overlap == []
 
 
-def test_evaluate_warns_with_counts_when_evaluation_images_were_trained_on(tmp_path):
-    from softrepa.metrics import write_tiny_metric_models
+def test_evaluate_warns_with_counts_when_evaluation_images_were_trained_on(tmp_path, metric_models):
     from softrepa.tokens import SoftTokens, TokenConfig, save_tokens
 
     model = tiny_pipelines()["sd3"]
-    metric_models = write_tiny_metric_models(tmp_path / "metrics")
     cfgjson = json.loads((model / "transformer" / "config.json").read_text())
     from types import SimpleNamespace
 

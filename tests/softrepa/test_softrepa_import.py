@@ -18,6 +18,7 @@ import torch
 
 from softrepa.token_files import import_official, read_official
 from softrepa.tokens import load_tokens
+from tests.pickles import EvilPickle as _Evil
 
 RELEASED_ENV = "SOFTREPA_OFFICIAL_TOKENS"
 
@@ -76,11 +77,6 @@ def test_sd3_time_embedding_is_split_per_layer_like_the_official_forward(officia
     dc = torch.load(official / "sd3" / "dc_tokens.pth", weights_only=True, map_location="cpu")
     for k in range(5):
         assert torch.allclose(ours[k][0], dc[k] + chunks[k][0])
-
-
-class _Evil:
-    def __reduce__(self):
-        return (os.system, ("echo pwned",))
 
 
 def test_a_pickle_with_other_globals_is_refused(tmp_path):

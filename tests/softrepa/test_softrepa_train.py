@@ -89,16 +89,14 @@ def test_thirty_steps_on_a_fixed_batch_lower_the_contrastive_loss():
 
 
 @pytest.fixture()
-def shards(tmp_path) -> dict[str, Path]:
+def shards(tmp_path, samples_dir) -> dict[str, Path]:
     """Batch shards for sd3 (4 x 4) and sd1.5 (2 x 4): PNG paths, a zip:// URL and one missing file."""
     pngs = [str(p) for p in write_pngs(tmp_path / "img", 3)]
     with zipfile.ZipFile(tmp_path / "imgs.zip", "w") as zf:
         zf.write(pngs[0], "inside/zipped.png")
     uris = pngs + [f"zip://inside/zipped.png::{tmp_path / 'imgs.zip'}"]
     # and one DIV2K-sized frame (2040x1356), which the trainer resizes like any other
-    from dataprep.tiny import write_div2k_samples
-
-    uris.append(str(write_div2k_samples(tmp_path / "div2k", n=1)[0]))
+    uris.append(str(samples_dir / "0001.png"))
     write_batch_shards(tmp_path / "sd3", "sd3", uris, PROMPTS, n_rows=3, n_images=4, n_prompts=4, bad_uri_rows=(1,))
     write_batch_shards(tmp_path / "sd15", "sd1.5", uris, PROMPTS, n_rows=3, n_images=2, n_prompts=4, bad_uri_rows=(1,))
     return {"sd3": tmp_path / "sd3", "sd1.5": tmp_path / "sd15", "root": tmp_path}
@@ -128,6 +126,67 @@ def test_resume_continues_the_same_trajectory(shards):
     # a run that never resumed would differ (the RNG and optimizer state matter)
     fresh = train(TrainConfig(out=str(root / "fresh"), steps=3, **{**common, "seed": 1}))
     assert not torch.equal(load_tokens(fresh.tokens_dir).tokens, a.tokens)
+
+
+def test_resume_refuses_a_changed_resolution(shards):
+    """The checkpoint's steps ran at one size; resuming at another would mix two trainings under one config."""
+    root, model = shards["root"], str(tiny_pipelines()["sd1.5"])
+    common = dict(preset="sd1.5", batches=str(shards["sd1.5"]), model=model, checkpoint_every=2, lr=0.05, progress=False, best_by="none")
+    train(TrainConfig(out=str(root / "native"), steps=2, resolution="native", **common))  # the tiny model's own 32 px
+    with pytest.raises(ConfigError) as err:  # a number: refused before the model loads
+        train(TrainConfig(out=str(root / "native"), steps=3, resume=True, resolution=64, **common))
+    assert err.value.flag == "--resolution" and "32" in str(err.value)
+    train(TrainConfig(out=str(root / "px64"), steps=2, resolution=64, **common))
+    with pytest.raises(ConfigError) as err:  # native is known once the model is loaded
+        train(TrainConfig(out=str(root / "px64"), steps=3, resume=True, resolution="native", **common))
+    assert err.value.flag == "--resolution" and "64" in str(err.value)
+    assert _log_steps(root / "px64" / "train_log.jsonl")[-1]["step"] == 2  # nothing was trained or rewritten
+    done = train(TrainConfig(out=str(root / "px64"), steps=3, resume=True, resolution=64, **common))
+    assert done.steps == 3
+
+
+def test_train_reports_like_the_data_stages(shards):
+    """The same manifest shape (dataprep.store.Manifest) and summary (StageSummary) as every stage."""
+    from dataprep.runtime import StageSummary
+    from dataprep.store import read_manifest
+
+    out = shards["root"] / "reported"
+    res = train(TrainConfig(preset="sd1.5", batches=str(shards["sd1.5"]), model=str(tiny_pipelines()["sd1.5"]), out=str(out), steps=3,
+                            checkpoint_every=2, resolution="native", best_by="none", progress=False))
+    man = read_manifest(out)
+    assert man["stage"] == "train" and man["run_id"] and man["finished_at"] and man["config"]["dtype"] == "auto"
+    assert man["counts"]["steps"] == 3 and man["counts"]["rows_skipped"] == sum(res.skipped.values()) > 0
+    assert man["failures"] == res.skipped and res.manifest_path == out / "_manifest.json"
+    assert isinstance(res.summary, StageSummary) and res.summary.stage == "train" and res.summary.done == 3
+    assert res.summary.failed["image_unreadable"] == res.skipped["image_unreadable"]
+
+
+def test_dtype_is_the_dataprep_vocabulary_and_precision_still_reads(tmp_path):
+    """--precision bf16 became --dtype bfloat16; configs and run folders written with precision still load."""
+    from softrepa.checkpoints import read_train_config
+
+    assert TrainConfig("sd3", ".", "m", "o").dtype == "auto"
+    assert TrainConfig("sd3", ".", "m", "o", precision="bf16").dtype == "bfloat16"
+    assert TrainConfig("sd3", ".", "m", "o", precision="fp32").dtype == "float32"
+    with pytest.raises(ConfigError) as err:
+        TrainConfig("sd3", ".", "m", "o", dtype="bf16")
+    assert err.value.flag == "--dtype" and "bfloat16" in str(err.value)
+    (tmp_path / "train_config.json").write_text(json.dumps({"preset": "sd3", "precision": "fp16", "resolution": 512}))
+    assert read_train_config(tmp_path)["dtype"] == "float16"
+    with pytest.raises(ConfigError, match="--dtype"):  # autocast in half precision is CUDA only
+        from softrepa.train import training_precision
+
+        training_precision("bfloat16", "cpu")
+
+
+def test_invalid_values_cannot_be_built():
+    """TrainConfig checks its values when built (files are checked when the run starts)."""
+    for kwargs, flag in (({"steps": 0}, "--steps"), ({"resolution": "huge"}, "--resolution"), ({"resolution": 30}, "--resolution"),
+                         ({"preset": "sd4"}, "--preset"), ({"best_by": "lpips"}, "--best-by"), ({"accumulate": 0}, "--accumulate")):
+        with pytest.raises(ConfigError) as err:
+            TrainConfig(**{"preset": "sd3", "batches": "/missing", "model": "m", "out": "o", **kwargs})
+        assert err.value.flag == flag and "Fix:" in str(err.value)
+    TrainConfig("sd3", "/not/yet/built", "m", "o")  # a recipe builds its config before the batches exist
 
 
 def test_softrepa_train_cli_three_steps_writes_tokens(shards):
@@ -309,7 +368,7 @@ def test_training_visits_every_row_once_per_pass_in_a_new_order(tmp_path):
     assert [r["batch_id"] for r in _log_steps(plain.log_path)] == ["b000", "b001", "b002", "b003"]
 
 
-def test_best_checkpoint_trained_images_and_curves(tmp_path):
+def test_best_checkpoint_trained_images_and_curves(tmp_path, metric_models):
     """Held-out captions are sampled and CLIP-scored at each checkpoint; best/ holds the best tokens;
     every token folder records the images it was trained on; the curves PNG follows the log."""
     import hashlib
@@ -317,11 +376,10 @@ def test_best_checkpoint_trained_images_and_curves(tmp_path):
     from PIL import Image
 
     from softrepa.curves import read_curves
-    from softrepa.metrics import write_tiny_metric_models
 
     pngs = [str(p) for p in write_pngs(tmp_path / "img", 6)]
     write_batch_shards(tmp_path / "b", "sd1.5", pngs, PROMPTS[:6], n_rows=6, n_images=2, n_prompts=4)
-    clip = write_tiny_metric_models(tmp_path / "metrics")["clip"]
+    clip = metric_models["clip"]
     seen_png: dict[str, object] = {}
 
     def on_step(rec):

@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from softrepa.metrics import write_tiny_metric_models
 from softrepa.tokens import load_tokens
 from softrepa.train import TrainConfig, load_checkpoint, train
 from tests.softrepa_fixtures import PROMPTS, tiny_pipelines, write_batch_shards, write_pngs
@@ -43,11 +42,11 @@ def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed beside this python")
-def test_two_torchrun_processes_match_one_process_with_two_rows_per_step_and_resume(tmp_path):
+def test_two_torchrun_processes_match_one_process_with_two_rows_per_step_and_resume(tmp_path, metric_models):
     pngs = [str(p) for p in write_pngs(tmp_path / "img", 8)]
     write_batch_shards(tmp_path / "b", "sd1.5", pngs, PROMPTS, n_rows=4, n_images=2, n_prompts=4, bad_uri_rows=(1,))
     model = str(tiny_pipelines()["sd1.5"])
-    clip = str(write_tiny_metric_models(tmp_path / "metrics")["clip"])
+    clip = str(metric_models["clip"])
     # scale 1000 / temperature 1: the tiny UNet's error differences are ~1e-3, so at the paper's 4 / 0.07
     # the contrastive logits underflow and only the denoising term would carry a gradient
     common = dict(preset="sd1.5", batches=str(tmp_path / "b"), model=model, lr=0.05, checkpoint_every=2, resolution="native",
