@@ -31,7 +31,7 @@ from dataprep.executors import ExecutorConfig
 from dataprep.imagecheck import ImageChecks
 from dataprep.images import DEFAULT_MAX_PIXELS, PrepOptions, prepare
 from dataprep.promptfile import Prompt, load_prompt
-from dataprep.runtime import FORCE_HELP, MAX_NEW_TOKENS_HELP, ROWS_PER_SHARD_HELP, SEED_HELP, StageSummary, TOP_P_HELP, at_least, option, wait_lock_help
+from dataprep.runtime import MAX_NEW_TOKENS_HELP, StageOptions, StageSummary, TOP_P_HELP, at_least, option, wait_lock_help
 from dataprep.sources import ImageRef, read_bytes, stored_size
 from dataprep.stage import Generated, ModelId, ModelStage, Preparation, Tally, Task, run_model_stage
 from dataprep.store import CAPTIONS_SCHEMA, content_key, sha256_text
@@ -45,7 +45,7 @@ DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
-class CaptionOptions:
+class CaptionOptions(StageOptions):
     """What to caption and how; the fields are the caption commands' flags. Invalid values cannot be built."""
 
     prompt_file: str = option("caption.txt", "Caption prompt file; a bare name means the shipped prompts/ file.", panel="Caption")
@@ -54,9 +54,6 @@ class CaptionOptions:
     temperature: float = option(0.0, "0 = greedy (default); > 0 samples.", panel="Sampling")
     top_p: float = option(1.0, TOP_P_HELP, panel="Sampling")
     max_new_tokens: int = option(256, MAX_NEW_TOKENS_HELP, panel="Sampling")
-    seed: int = option(0, SEED_HELP, panel="Sampling")
-    force: bool = option(False, FORCE_HELP, panel="Run")
-    rows_per_shard: int = option(256, ROWS_PER_SHARD_HELP, panel="Run")
     workers: int = option(2, "Decode processes (0 = decode in the main process).", panel="Run")
     # larger files become too_large rows without being read
     max_bytes: int = option(DEFAULT_MAX_BYTES, "Files larger than this many bytes become too_large error rows, decided from the file size without reading it (default 256 MiB).", panel="Caption")
@@ -71,6 +68,7 @@ class CaptionOptions:
         return ImageChecks(min_side=self.min_side, blank_std=self.blank_std, max_aspect=self.max_aspect)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.image_checks()  # raises ConfigError naming --min-side / --blank-std / --max-aspect
         at_least(self.max_bytes, 1, "--max-bytes", f"default {DEFAULT_MAX_BYTES} (256 MiB)")
         at_least(self.workers, 0, "--workers", "use 0 (in-process) or more")
@@ -79,8 +77,6 @@ class CaptionOptions:
         at_least(self.max_pixels, 1, "--max-pixels", f"default {DEFAULT_MAX_PIXELS}")
         if not 0 < self.top_p <= 1:  # vllm/openai would fail every row with it, after the model loaded
             raise ConfigError(f"--top-p {self.top_p} is outside (0, 1]", "--top-p", "e.g. 1.0")
-        if self.rows_per_shard < 1:  # else ShardWriter's ValueError, after the model loaded
-            raise ConfigError(f"--rows-per-shard {self.rows_per_shard} is less than 1", "--rows-per-shard", "e.g. 256")
 
     def sampling(self) -> Sampling:
         # greedy decoding ignores seed and top_p: keep them out of the key, so

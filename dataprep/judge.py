@@ -37,7 +37,7 @@ from dataprep.errors import ConfigError, Reason, failure
 from dataprep.executors import ExecutorConfig
 from dataprep.promptfile import Prompt, load_prompt
 from dataprep.rewrite import DEFAULT_MODEL  # the judge is an instruction model, by default the rewriter's
-from dataprep.runtime import FORCE_HELP, MAX_NEW_TOKENS_HELP, RETRY_TEMPERATURE_HELP, ROWS_PER_SHARD_HELP, SEED_HELP, StageSummary, at_least, option
+from dataprep.runtime import MAX_NEW_TOKENS_HELP, RETRY_TEMPERATURE_HELP, StageOptions, StageSummary, at_least, option
 from dataprep.stage import ModelId, ModelStage, Tally, Task, run_model_stage
 from dataprep.store import EDITS_SCHEMA, JUDGE_SCHEMA, check_shards, content_key, iter_rows, sha256_text, shard_paths
 
@@ -139,7 +139,7 @@ class JudgeInput:
 
 
 @dataclass(frozen=True)
-class JudgeOptions:
+class JudgeOptions(StageOptions):
     """What to grade and how; the fields are `dataprep judge`'s flags. Invalid values cannot be built."""
 
     prompt_file: str = option("judge.txt", "Judge instruction (system message); a bare name means the shipped prompts/ file.", panel="Judge")
@@ -151,17 +151,14 @@ class JudgeOptions:
     retry_temperature: float = option(0.7, RETRY_TEMPERATURE_HELP, panel="Sampling")
     # three one-sentence reasons fit in ~150 tokens
     max_new_tokens: int = option(384, MAX_NEW_TOKENS_HELP, panel="Sampling")
-    seed: int = option(0, SEED_HELP, panel="Sampling")
-    force: bool = option(False, FORCE_HELP, panel="Run")
-    rows_per_shard: int = option(256, ROWS_PER_SHARD_HELP, panel="Run")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         at_least(self.max_attempts, 1, "--max-attempts", "use 1 or more; default 3")
         at_least(self.temperature, 0, "--temperature", "0 for greedy")
         if self.max_attempts > 1 and self.retry_temperature <= 0:
             raise ConfigError("--retry-temperature must be > 0: a greedy retry repeats the unusable answer", "--retry-temperature", "e.g. 0.7 (the default), or --max-attempts 1")
         at_least(self.max_new_tokens, 16, "--max-new-tokens", "e.g. 384")
-        at_least(self.rows_per_shard, 1, "--rows-per-shard", "e.g. 256")
 
     def attempt_sampling(self, attempt: int) -> Sampling:
         if attempt == 1:

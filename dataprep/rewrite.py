@@ -51,7 +51,7 @@ from dataprep.executors import ExecutorConfig
 from dataprep.promptfile import Prompt, load_prompt
 from dataprep.rewrite_policy import Outcome, messages, rewrite_with_retries, steer_targets  # noqa: F401  messages: the stage's prompt layout, used by bench/
 from dataprep.rules import RULES
-from dataprep.runtime import FORCE_HELP, MAX_NEW_TOKENS_HELP, RETRY_TEMPERATURE_HELP, ROWS_PER_SHARD_HELP, SEED_HELP, StageSummary, TOP_P_HELP, at_least, option, wait_lock_help
+from dataprep.runtime import MAX_NEW_TOKENS_HELP, RETRY_TEMPERATURE_HELP, StageOptions, StageSummary, TOP_P_HELP, at_least, option, wait_lock_help
 from dataprep.stage import ModelId, ModelStage, Tally, Task, run_model_stage
 from dataprep.store import CAPTIONS_SCHEMA, EDITS_SCHEMA, check_shards, content_key, iter_rows, sha256_text, shard_paths
 
@@ -71,7 +71,7 @@ class RewriteInput:
 
 
 @dataclass(frozen=True)
-class RewriteOptions:
+class RewriteOptions(StageOptions):
     """How to rewrite; the fields are `dataprep rewrite`'s flags. Invalid values cannot be built."""
 
     rules_file: str = option("edit.txt", "Rewriting instruction (system message); a bare name means the shipped prompts/ file.", flag="--rules", panel="Rewrite")
@@ -81,14 +81,12 @@ class RewriteOptions:
     top_p: float = option(1.0, TOP_P_HELP, panel="Sampling")
     # a DIV2K caption is ~100 tokens; its rewrite about the same
     max_new_tokens: int = option(512, MAX_NEW_TOKENS_HELP, panel="Sampling")
-    seed: int = option(0, SEED_HELP, panel="Sampling")
-    force: bool = option(False, FORCE_HELP, panel="Run")
-    rows_per_shard: int = option(256, ROWS_PER_SHARD_HELP, panel="Run")
     wait_lock: bool = option(False, wait_lock_help("edits"), panel="Run")
     max_target_share: float | None = option(None, "Diversity steering: retry a passing rewrite whose target concept is already more than this share of the passing edits (e.g. 0.05); kept with a note if it stays over.", panel="Rewrite")
     share_min_edits: int = option(20, "With --max-target-share: judge the share only once this many passing edits are counted.", panel="Rewrite")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.max_target_share is not None and not 0 < self.max_target_share < 1:
             raise ConfigError(f"--max-target-share {self.max_target_share} is outside (0, 1)", "--max-target-share", "e.g. 0.05 (no target concept in more than 5% of the edits), or leave it out")
         at_least(self.share_min_edits, 1, "--share-min-edits", "e.g. 20")
@@ -103,8 +101,6 @@ class RewriteOptions:
         at_least(self.max_new_tokens, 1, "--max-new-tokens", "e.g. 512")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"--top-p {self.top_p} is outside (0, 1]", "--top-p", "e.g. 1.0")
-        if self.rows_per_shard < 1:  # else ShardWriter's ValueError, after the model loaded
-            raise ConfigError(f"--rows-per-shard {self.rows_per_shard} is less than 1", "--rows-per-shard", "e.g. 256")
 
     def attempt_sampling(self, attempt: int) -> Sampling:
         """Sampling for 1-based ``attempt``: the first as configured, retries sampled with a new seed."""

@@ -383,3 +383,18 @@ RETRY_TEMPERATURE_HELP = "Sampling temperature of retries (attempt k uses seed -
 
 def wait_lock_help(store: str) -> str:
     return f"If another run is writing OUT/{store}, wait for it to finish (default: stop at once, exit 2, naming it)."
+
+
+@dataclass(frozen=True)
+class StageOptions:
+    """What every model stage's options share (caption, rewrite, judge): the seed, --force and the shard size.
+
+    A stage's own fields follow these; its ``__post_init__`` calls this one.
+    """
+
+    seed: int = option(0, SEED_HELP, panel="Sampling")
+    force: bool = option(False, FORCE_HELP, panel="Run")
+    rows_per_shard: int = option(256, ROWS_PER_SHARD_HELP, panel="Run")
+
+    def __post_init__(self) -> None:
+        at_least(self.rows_per_shard, 1, "--rows-per-shard", "e.g. 256")  # else the shard writer fails after the model loaded
