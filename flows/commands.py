@@ -22,13 +22,14 @@ import typer
 from dataprep import server
 from dataprep.errors import ConfigError
 from dataprep.runtime import Flags, with_config
+from flows.defaults import DEFAULT_DATA, DEFAULT_OUT, NIGHTLY
 
 
 def serve(
-    cron: Annotated[str, typer.Option("--cron", help="Schedule of prepare-div2k (cron, 5 fields).")] = "0 2 * * *",
+    cron: Annotated[str, typer.Option("--cron", help="Schedule of prepare-div2k (cron, 5 fields).")] = NIGHTLY,
     timezone: Annotated[Optional[str], typer.Option("--timezone", help="IANA time zone of --cron (default UTC).")] = None,
-    data: Annotated[str, typer.Option("--data", help="prepare-div2k default: DIV2K_train_HR/ folder or zip.")] = "data/DIV2K_train_HR",
-    out: Annotated[str, typer.Option("--out", help="prepare-div2k default: run directory (captions/, edits/, batches/, train/).")] = "runs/div2k",
+    data: Annotated[str, typer.Option("--data", help="prepare-div2k default: DIV2K_train_HR/ folder or zip.")] = DEFAULT_DATA,
+    out: Annotated[str, typer.Option("--out", help="prepare-div2k default: run directory (captions/, edits/, batches/, train/).")] = DEFAULT_OUT,
     limit: Annotated[Optional[int], typer.Option("--limit", help="prepare-div2k default: at most N images.")] = None,
     caption_model: Annotated[Optional[str], typer.Option("--caption-model", help="prepare-div2k default captioner (default LLaVA-1.5-13B).")] = None,
     rewrite_model: Annotated[Optional[str], typer.Option("--rewrite-model", help="prepare-div2k default rewriter (default Llama-3.1-8B-Instruct).")] = None,

@@ -20,10 +20,10 @@ from typing import Any
 
 from prefect.events import DeploymentEventTrigger
 
-from flows.flows import DEFAULT_DATA, DEFAULT_OUT, SHARDS_EVENT, TOKENS_EVENT, evaluate_edit, prepare, train
+from flows.defaults import DEFAULT_DATA, DEFAULT_OUT, NIGHTLY
+from flows.flows import SHARDS_EVENT, TOKENS_EVENT, evaluate_edit, prepare, train
 from dataprep.errors import ConfigError
 
-NIGHTLY = "0 2 * * *"  # 02:00 every night, in the schedule's time zone (UTC by default)
 PREPARE = "prepare-div2k"
 TRAIN = "train-on-new-shards"
 EVALUATE = "evaluate-edit"

@@ -38,6 +38,7 @@ from dataprep.runtime import StageSummary
 from dataprep.rewrite import DEFAULT_MODEL as REWRITE_MODEL, RewriteOptions, inputs_from_captions
 from dataprep.store import shard_paths
 from flows import artifacts
+from flows.defaults import DEFAULT_DATA, DEFAULT_OUT
 from flows.tasks import SHARD_TIMEOUT_S, build_batches_task, caption_shard, chunks, evaluate_task, gpu_slot, release_engines, rewrite_shard, train_task, uses_local_gpu
 from flows.tasks import dedup_task, judge_task
 from softrepa.paper import BACKBONE_MODELS, SD3_MODEL
@@ -51,8 +52,6 @@ from softrepa.metrics import MetricConfig
 SHARDS_EVENT = "softrepa.shards.written"
 TOKENS_EVENT = "softrepa.tokens.written"
 # the flows' own defaults; the stages' defaults are their options dataclasses' and model constants
-DEFAULT_DATA = "data/DIV2K_train_HR"
-DEFAULT_OUT = "runs/div2k"
 DATASET = "div2k"  # the dataset label of events, artifacts and training folders
 SOURCE, SPLIT = "div2k", "train"
 SHARD_SIZE = 256  # items per shard task
