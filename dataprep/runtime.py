@@ -17,7 +17,6 @@ import time
 import types
 import typing
 from contextvars import ContextVar
-from importlib import metadata
 from collections import Counter
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
@@ -258,11 +257,18 @@ def _optional(kind: Any) -> Any:
     return kind
 
 
-def typer_app(name: str, help: str):
-    """A command line's top-level typer app, the same for ``dataprep`` and ``softrepa``."""
+def typer_app(name: str, help: str, plugins: str | None = None):
+    """A command line's top-level typer app, the same for ``dataprep`` and ``softrepa``.
+
+    ``plugins``: an entry-point group whose commands join the app (see
+    :func:`plugin_commands`), looked up only when click lists the commands
+    (``--help``) or meets a name the app does not have, so ``dataprep caption
+    ...`` never pays for reading package metadata.
+    """
     import typer
 
-    return typer.Typer(name=name, help=help, no_args_is_help=True, rich_markup_mode="rich", pretty_exceptions_enable=False)
+    cls = _plugin_group_class(plugins) if plugins else None
+    return typer.Typer(name=name, help=help, no_args_is_help=True, rich_markup_mode="rich", pretty_exceptions_enable=False, cls=cls)
 
 
 def config_exit(message: str, code: int = 2):
@@ -314,22 +320,48 @@ def config_command(typer_app: Any, name: str, **groups: Flags):
     return lambda fn: register(typer_app, name, with_config(**groups)(fn))
 
 
-def add_plugin_commands(typer_app: Any, group: str) -> list[str]:
-    """Add each command of the entry-point ``group`` to ``typer_app``; returns their names.
+def plugin_commands(group: str) -> dict[str, Any]:
+    """name -> command function of each entry point in ``group``.
 
     How a package adds a command to a command line it may not import (flows'
     ``dataprep serve`` and ``softrepa recipe``). Only this distribution's own
     metadata is read (scanning every installed distribution would cost about
-    50 ms of each start), every copy of it on sys.path: a checkout's stale
-    *.egg-info found first must not hide the installed entry points.
+    50 ms), every copy of it on sys.path: a checkout's stale *.egg-info found
+    first must not hide the installed entry points.
     """
-    found: dict[str, metadata.EntryPoint] = {}
+    from importlib import metadata  # ~20 ms: only a command line listing its commands pays it
+
+    found: dict[str, Any] = {}
     for dist in metadata.distributions(name="softrepa-dataprep"):
         for ep in dist.entry_points.select(group=group):
             found.setdefault(ep.name, ep)
-    for name, ep in found.items():
-        register(typer_app, name, ep.load())
-    return list(found)
+    return {name: ep.load() for name, ep in found.items()}
+
+
+def _plugin_group_class(group: str) -> type:
+    """typer's group class, with the commands of the entry-point ``group`` added on first need."""
+    import typer
+
+    class PluginGroup(typer.core.TyperGroup):
+        _plugins: dict[str, Any] | None = None
+
+        def _plugin_commands(self) -> dict[str, Any]:
+            if self._plugins is None:
+                self._plugins = {}
+                for name, fn in plugin_commands(group).items():
+                    one = typer.Typer(add_completion=False)
+                    register(one, name, fn)
+                    self._plugins[name] = typer.main.get_command(one)
+            return self._plugins
+
+        def list_commands(self, ctx: Any) -> list[str]:
+            own = super().list_commands(ctx)
+            return own + [n for n in self._plugin_commands() if n not in own]
+
+        def get_command(self, ctx: Any, name: str) -> Any:
+            return super().get_command(ctx, name) or self._plugin_commands().get(name)
+
+    return PluginGroup
 
 
 _COMMAND_CLASS: list = []

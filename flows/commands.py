@@ -19,7 +19,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from dataprep import server
 from dataprep.errors import ConfigError
 from dataprep.runtime import Flags, with_config
 from flows.defaults import DEFAULT_DATA, DEFAULT_OUT, NIGHTLY
@@ -45,6 +44,8 @@ def serve(
 
     Uses PREFECT_API_URL when set, else the server `dataprep server start --home HOME` runs.
     """
+    from dataprep import server
+
     if not os.environ.get("PREFECT_API_URL"):
         state, ok = server.status(home)
         if not ok:

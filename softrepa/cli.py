@@ -19,7 +19,7 @@ from typing import Annotated, Optional
 import typer
 
 from dataprep.errors import ConfigError, run_cli
-from dataprep.runtime import Flags, add_plugin_commands, config_command, typer_app
+from dataprep.runtime import Flags, config_command, typer_app
 from softrepa.paper import SD3_MODEL
 from softrepa.tiny import write_all as write_tiny_models  # torch and diffusers load inside the builders
 from softrepa.metrics import write_tiny_metric_models
@@ -28,6 +28,10 @@ app = typer_app(
     "softrepa",
     "SoftREPA: train soft text tokens with the contrastive score-matching loss on a frozen diffusion model, "
     "import the official tokens, sample with and without them.",
+    # `softrepa recipe` belongs to flows (it wires dataprep's batches to training and
+    # evaluation; softrepa imports nothing of flows): flows names it in this
+    # entry-point group (pyproject.toml) and the app finds it there
+    plugins="softrepa.commands",
 )
 
 
@@ -323,12 +327,6 @@ def tiny_models_cmd(
     """Write tiny random SD3, SDXL and SD1.5 pipelines and official-format token files (official-tokens/<backbone>) for offline tests and the demo."""
     for name, path in write_tiny_models(out).items():
         typer.echo(f"{name:15s} {path}")
-
-
-# `softrepa recipe` belongs to flows (it wires dataprep's batches to training and
-# evaluation; softrepa imports nothing of flows): flows names it in the
-# entry-point group "softrepa.commands" (pyproject.toml) and it is added here.
-add_plugin_commands(app, "softrepa.commands")
 
 
 def main() -> None:

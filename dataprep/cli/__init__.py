@@ -24,9 +24,8 @@ import typer
 from dataprep.cli import caption, data, rewrite, server  # noqa: F401  (registers the commands)
 from dataprep.cli.common import app
 from dataprep.errors import run_cli
-from dataprep.runtime import add_plugin_commands
 
-__all__ = ["add_plugin_commands", "app", "main"]
+__all__ = ["app", "main"]
 
 
 @app.callback()
@@ -37,8 +36,6 @@ def _global_options(
     # works after a subcommand too); this declaration puts it in --help.
     del debug
 
-
-add_plugin_commands(app, "dataprep.commands")
 
 
 def main() -> None:

@@ -10,7 +10,6 @@ import typer
 
 from dataprep.cli.common import CAPTION_MODEL, EXECUTOR, REWRITE_MODEL, DataOpt, IdsOpt, LimitOpt, SplitOpt, StrictOpt, app, engine_flags, model_flag, print_stage
 from dataprep.runtime import Flags, config_command, print_summary
-from dataprep.sources import div2k, folder, hf_dataset
 
 caption_app = typer.Typer(
     help="Caption images with a vision-language model (default LLaVA-1.5-13B) using prompts/caption.txt. "
@@ -46,6 +45,8 @@ def caption_div2k(
     **configs,
 ) -> None:
     """Caption DIV2K (ids div2k/0001..0800) with LLaVA-1.5 and "Describe the object and background in the image"."""
+    from dataprep.sources import div2k
+
     _caption(lambda: div2k(data, split=split, ids=ids, limit=limit), out, strict, **configs)
 
 
@@ -59,6 +60,8 @@ def caption_folder(
     **configs,
 ) -> None:
     """Caption every image under a folder."""
+    from dataprep.sources import folder
+
     _caption(lambda: folder(path, name=name, limit=limit), out, strict, **configs)
 
 
@@ -74,6 +77,8 @@ def caption_hf(
     **configs,
 ) -> None:
     """Caption the images of a Hugging Face dataset (through `datasets`)."""
+    from dataprep.sources import hf_dataset
+
     _caption(lambda: list(hf_dataset(name_or_path, split=split, image_column=image_column, id_column=id_column, limit=limit)), out, strict, **configs)
 
 
@@ -120,6 +125,8 @@ def pipeline_div2k(
     c = caption_options
     rewrite_options = replace(rewrite_options, seed=c.seed, force=c.force, rows_per_shard=c.rows_per_shard)
     console = Console()
+    from dataprep.sources import div2k
+
     refs = div2k(data, split=split, ids=ids, limit=limit)
     summary = run_pipeline(refs, out, engine, captioner.model, rewriter.model, caption_options, rewrite_options, rewrite_base_url=rewrite_base_url, executor=executor, console=console)
     print_summary(summary.caption, console)

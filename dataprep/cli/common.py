@@ -17,7 +17,7 @@ from dataprep.errors import ConfigError
 from dataprep.runtime import Flags, Ref, print_summary, typer_app
 from dataprep.engines import split_base_urls
 
-app = typer_app("dataprep", "Data preparation for SoftREPA: caption images, rewrite captions into single-concept edits, build contrastive batches, export pairs.")
+app = typer_app("dataprep", "Data preparation for SoftREPA: caption images, rewrite captions into single-concept edits, build contrastive batches, export pairs.", plugins="dataprep.commands")
 
 ENGINE_CONFIG = "dataprep.engines:EngineConfig"
 CAPTION_MODEL = Ref("dataprep.caption:DEFAULT_MODEL")

@@ -10,7 +10,6 @@ import typer
 from dataprep.cli.common import EXECUTOR, JUDGE_MODEL, REWRITE_MODEL, StrictOpt, app, engine_flags, positive_limit, print_stage
 from dataprep.errors import ConfigError
 from dataprep.runtime import Flags, config_command
-from dataprep.check import check_rows, pick_columns, print_check_summary, print_failures, read_records, write_report
 
 
 @config_command(app, "check")
@@ -25,6 +24,8 @@ def check_cmd(
 ) -> None:
     """Check (source, target) pairs against the single-concept rules of prompts/edit.txt; print counts per rule and the pass rate."""
     from rich.console import Console
+
+    from dataprep.check import check_rows, pick_columns, print_check_summary, print_failures, read_records, write_report
 
     if out is not None and out.suffix.lower() not in (".parquet", ".jsonl", ".json"):
         raise ConfigError(f"unknown report type {out.suffix!r}", "--out", "end the path in .parquet or .jsonl")

@@ -9,7 +9,6 @@ import typer
 
 from dataprep.cli.common import app
 from dataprep.runtime import config_command, config_exit
-from dataprep import server
 
 server_app = typer.Typer(help="A local Prefect server (127.0.0.1, SQLite under --home, telemetry off) for the flows. For a team or cluster server set PREFECT_API_URL instead.", no_args_is_help=True)
 app.add_typer(server_app, name="server")
@@ -27,6 +26,8 @@ def server_start(
     """Start a Prefect server in the background and wait until it is healthy."""
     from rich.console import Console
 
+    from dataprep import server
+
     try:
         state = server.start(home, port, gpu_slots=gpu_slots, timeout_s=timeout)
     except RuntimeError as exc:
@@ -37,6 +38,8 @@ def server_start(
 @server_app.command("stop")
 def server_stop(home: HomeOpt = Path(".prefect")) -> None:
     """Stop the server started with this --home."""
+    from dataprep import server
+
     state = server.stop(home)
     print(f"stopped prefect server (pid {state.pid})" if state else f"no server running for {home}")
 
@@ -44,6 +47,8 @@ def server_stop(home: HomeOpt = Path(".prefect")) -> None:
 @server_app.command("status")
 def server_status(home: HomeOpt = Path(".prefect")) -> None:
     """Say whether the server of this --home runs and answers /api/health (exit 1 if not)."""
+    from dataprep import server
+
     state, ok = server.status(home)
     if state is None:
         print(f"no server running for {home}")
