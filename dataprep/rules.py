@@ -6,6 +6,10 @@ The paper trusted the model; its two published pairs both break the rules
 as printed. :func:`check` verifies one rewrite. It is pure (stdlib only, no
 model) and fast enough to run over every row of a store.
 
+One module of ~600 lines on purpose: the steps below share the token and
+region types and are read top to bottom as one algorithm; a third of the
+length is word lists (data).
+
 How a pair is judged
 --------------------
 1. The raw target is inspected for output-format faults: ``empty``,

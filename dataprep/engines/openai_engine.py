@@ -18,6 +18,10 @@ The API key is read from the environment variable named by
 leaves the engine through :meth:`OpenAIEngine.redact`, so neither the key nor
 an ``Authorization`` header a server echoes back reaches a row, a manifest, a
 log line or a Prefect artifact.
+
+One module of ~560 lines on purpose: request building and response parsing
+(pure), the fleet's bookkeeping (pure) and the async client are one wire
+protocol that changes together; each section is tested on its own.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ atomic records, clean exits, workers that die with their parent.
 Each test failed on the code before its fix. No model is loaded: a fake
 engine stands in where a stage needs one, and the CLI tests stop before the
 model would load (that is what they check).
+
+One file of ~630 lines on purpose: it is the catalog of failure modes the
+README's "What happens when things go wrong" table points at, one section each.
 """
 
 from __future__ import annotations
