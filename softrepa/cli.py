@@ -19,7 +19,7 @@ from typing import Annotated, Optional
 import typer
 
 from dataprep.errors import ConfigError, run_cli
-from dataprep.runtime import Flags, config_command, typer_app
+from dataprep.runtime import Flags, config_command, print_summary, typer_app
 from softrepa.paper import SD3_MODEL
 from softrepa.tiny import write_all as write_tiny_models  # torch and diffusers load inside the builders
 from softrepa.metrics import write_tiny_metric_models
@@ -143,8 +143,8 @@ def train_cmd(
     console.print(
         f"[bold]trained[/] {result.steps} steps in {result.seconds:.1f}s: final loss {result.final_loss:.4f}, "
         f"mean accuracy {result.mean_accuracy:.3f}", highlight=False)
-    if result.skipped:
-        console.print(f"skipped batch rows by reason: {result.skipped}", highlight=False, markup=False)
+    if result.summary is not None:  # the table every stage prints (done, skipped, failed by reason, rate)
+        print_summary(result.summary, console)
     console.print(f"tokens: {result.tokens_dir}\nlog: {result.log_path}", highlight=False, markup=False)
     if result.best_dir is not None:
         console.print(f"best held-out CLIP {result.best_clip:.4f} at step {result.best_step}: {result.best_dir}", highlight=False, markup=False)
@@ -310,6 +310,8 @@ def evaluate_edit_cmd(
     # the Markdown table (= summary.md) reads at any terminal width and pastes into a paper draft
     typer.echo(res.markdown)
     console.print(f"pairs {res.n_pairs}; edited {res.n_edited}, reused {res.n_reused}, failed {res.n_failed} (pair x setting)", highlight=False, markup=False)
+    if res.summary is not None:
+        print_summary(res.summary, console)
     console.print(f"scores: {res.scores_path}\nsummary: {res.summary_md} and {res.summary_csv}", highlight=False, markup=False)
     if (res.out_dir / "grids" / "index.html").exists():
         console.print(f"grids: {(res.out_dir / 'grids' / 'index.html').resolve().as_uri()} (and a PNG per pair beside it)", highlight=False, markup=False, soft_wrap=True)
