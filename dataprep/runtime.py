@@ -52,8 +52,8 @@ def resolve_dtype(dtype: str, device: str):
     return getattr(torch, dtype)
 
 
-def progress_bar(description: str, total: int | None, enabled: bool = True):
-    """A rich progress bar with items/s; a no-op object when disabled."""
+def progress_bar(description: str, total: int | None, enabled: bool = True, transient: bool = False):
+    """The project's one progress bar (rich, with items/s); a no-op object when disabled; ``transient`` clears it when done."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     class _Rate(TextColumn):
@@ -72,7 +72,7 @@ def progress_bar(description: str, total: int | None, enabled: bool = True):
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         disable=not enabled,
-        transient=False,
+        transient=transient,
     )
 
 

@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from dataprep.errors import ConfigError
-from dataprep.runtime import Flags, Ref, print_summary, typer_app
+from dataprep.runtime import Flags, Ref, print_summary, progress_bar, typer_app
 from dataprep.engines import split_base_urls
 
 app = typer_app("dataprep", "Data preparation for SoftREPA: caption images, rewrite captions into single-concept edits, build contrastive batches, export pairs.", plugins="dataprep.commands")
@@ -59,9 +59,7 @@ def positive_limit(limit: int | None) -> None:
 
 def progress(label: str):
     """A rich progress bar and the ``progress(done, total)`` callback that drives it."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), transient=True)
+    bar = progress_bar(label, None, transient=True)
     task = bar.add_task(label, total=None)
 
     def update(done: int, total: int) -> None:
