@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import importlib
 import inspect
+import re
 import time
 import types
 import typing
@@ -26,6 +27,19 @@ from dataprep.errors import ConfigError, print_error, reason_of
 
 DEVICES = "auto, cpu, cuda, cuda:N or mps"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def check_device(device: str) -> None:
+    """ConfigError naming --device unless ``device`` is a word of the vocabulary: checked when a
+    config is built, since torch would only refuse it once the weights loaded."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+        raise ConfigError(f"invalid device {device!r}", "--device", f"use {DEVICES}")
+
+
+def check_dtype(dtype: str) -> None:
+    """ConfigError naming --dtype unless ``dtype`` is one of :data:`DTYPES`."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"invalid dtype {dtype!r}", "--dtype", f"use {', '.join(DTYPES[:-1])} or {DTYPES[-1]}")
 
 
 def resolve_device(device: str) -> str:

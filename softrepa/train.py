@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dataprep.errors import ConfigError
-from dataprep.runtime import DTYPES
+from dataprep.runtime import DTYPES, check_device, check_dtype
 from softrepa import distributed
 from softrepa.checkpoints import LEGACY_PRECISION, load_checkpoint, read_train_config
 from softrepa.loss import DEFAULT_SCALE, DEFAULT_TEMPERATURE
@@ -177,8 +177,8 @@ class TrainConfig:
             raise ConfigError(f"need 0 <= min_t < max_t <= 1000, got {self.min_t}, {self.max_t}", "--min-t/--max-t", "e.g. --min-t 0 --max-t 1000")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}", "--temperature", f"e.g. --temperature {DEFAULT_TEMPERATURE}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"unknown dtype {self.dtype!r}", "--dtype", f"use one of {', '.join(DTYPES)}")
+        check_dtype(self.dtype)
+        check_device(self.device)
         if self.apply is not None:
             bad = [g for g in self.apply if g not in UNET_GROUPS]
             if bad or (self.preset == "sd3" and self.apply):

@@ -16,13 +16,12 @@ Backends (imported lazily, so ``dataprep --help`` stays fast):
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from dataprep.engines.redact import redact
 from dataprep.errors import ConfigError
-from dataprep.runtime import option
+from dataprep.runtime import check_device, check_dtype, option
 
 if TYPE_CHECKING:  # PIL is only needed for type hints here
     from PIL.Image import Image
@@ -143,11 +142,8 @@ class EngineConfig:
                 raise ConfigError(f"invalid batch size {self.batch_size!r}", "--batch-size", "use a positive integer or 'auto'") from None
         if self.quantize not in (None, "4bit", "8bit"):
             raise ConfigError(f"invalid quantization {self.quantize!r}", "--quantize", "use 4bit or 8bit")
-        # checked here: torch would only refuse it after the weights loaded (minutes for 13B)
-        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
-            raise ConfigError(f"invalid device {self.device!r}", "--device", "use auto, cpu, cuda, cuda:N or mps")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ConfigError(f"invalid dtype {self.dtype!r}", "--dtype", "use auto, float32, bfloat16 or float16")
+        check_device(self.device)  # here: torch would only refuse it after the weights loaded (minutes for 13B)
+        check_dtype(self.dtype)
         if self.engine != "openai" and self.base_url:  # ignoring it would run the local model the user meant to replace
             raise ConfigError(f"--base-url is for --engine openai, not {self.engine}", "--base-url", "add --engine openai to use the server(s), or drop --base-url")
         if self.engine == "openai" and not split_base_urls(self.base_url):
