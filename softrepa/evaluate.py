@@ -248,7 +248,7 @@ def evaluate_edit(cfg: EvalConfig) -> EvalResult:
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
     manifest = Manifest(stage="evaluate-edit", config=cfg.to_dict(), run_id=new_run_id())
-    summary = StageSummary("evaluate-edit", out, manifest.run_id)
+    summary = StageSummary("evaluate-edit", out, manifest.run_id, unit="edits")
 
     errors, n_edited, n_reused = edit_all(cfg, pairs, out)
     rows, fid, unavailable = score_all(cfg, pairs, out, errors)
