@@ -210,6 +210,18 @@ def test_invalid_values_cannot_be_built():
     TrainConfig("sd3", "/not/yet/built", "m", "o")  # a recipe builds its config before the batches exist
 
 
+def test_optimizer_and_token_values_cannot_be_built_either():
+    """Before: --lr -1, --weight-decay -1, --n-tokens 0, --n-layers 0, --restart-every 0 and --min-lr -1
+    built a TrainConfig and failed with exit 1 (a torch ValueError) after the pipeline loaded."""
+    for kwargs, flag in (({"lr": -1.0}, "--lr"), ({"lr": 0.0}, "--lr"), ({"weight_decay": -1.0}, "--weight-decay"),
+                         ({"n_tokens": 0}, "--n-tokens"), ({"n_layers": 0}, "--n-layers"), ({"restart_every": 0}, "--restart-every"),
+                         ({"min_lr": -1e-5}, "--min-lr")):
+        with pytest.raises(ConfigError) as err:
+            TrainConfig(**{"preset": "sd3", "batches": "/missing", "model": "m", "out": "o", **kwargs})
+        assert err.value.flag == flag and "Fix:" in str(err.value)
+    TrainConfig("sd3", "/missing", "m", "o", weight_decay=0.0, min_lr=0.0, n_tokens=1, n_layers=1)
+
+
 def test_softrepa_train_cli_three_steps_writes_tokens(shards):
     from typer.testing import CliRunner
 
