@@ -134,6 +134,7 @@ def reason_of(error: str) -> str:
 
 
 DEBUG_FLAG = "--debug"
+INTERRUPTED = "interrupted: finished shards are kept; rerun the same command to continue"
 DEBUG_ENV = ("DATAPREP_DEBUG", "SOFTREPA_DEBUG")
 
 # errno -> what to do about it, for the one-line message
@@ -177,8 +178,12 @@ def run_cli(app: Callable[..., Any], prog_name: str, argv: list[str] | None = No
     debug, args = debug_requested(list(sys.argv[1:] if argv is None else argv))
     try:
         app(args=args, prog_name=prog_name)
-    except KeyboardInterrupt:
-        print_error("interrupted: finished shards are kept; rerun the same command to continue")
+    except SystemExit as exc:
+        if exc.code == 130:  # typer turns Ctrl-C inside a command into a bare exit 130
+            print_error(INTERRUPTED)
+        raise
+    except KeyboardInterrupt:  # Ctrl-C outside a command (while typer starts)
+        print_error(INTERRUPTED)
         raise SystemExit(130) from None
     except Exception as exc:
         if debug:

@@ -37,7 +37,7 @@ from dataprep.errors import ConfigError, Reason, failure
 from dataprep.executors import ExecutorConfig
 from dataprep.promptfile import Prompt, load_prompt
 from dataprep.rewrite import DEFAULT_MODEL  # the judge is an instruction model, by default the rewriter's
-from dataprep.runtime import MAX_NEW_TOKENS_HELP, RETRY_TEMPERATURE_HELP, StageOptions, StageSummary, at_least, option
+from dataprep.runtime import MAX_NEW_TOKENS_HELP, RETRY_TEMPERATURE_HELP, StageOptions, StageSummary, at_least, option, wait_lock_help
 from dataprep.stage import ModelId, ModelStage, Tally, Task, run_model_stage
 from dataprep.store import EDITS_SCHEMA, JUDGE_SCHEMA, check_shards, content_key, iter_rows, sha256_text, shard_paths
 
@@ -151,6 +151,7 @@ class JudgeOptions(StageOptions):
     retry_temperature: float = option(0.7, RETRY_TEMPERATURE_HELP, panel="Sampling")
     # three one-sentence reasons fit in ~150 tokens
     max_new_tokens: int = option(384, MAX_NEW_TOKENS_HELP, panel="Sampling")
+    wait_lock: bool = option(False, wait_lock_help("judge"), panel="Run")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -342,7 +343,7 @@ def run_judge(items: Iterable[JudgeInput], out: Path | str, engine_cfg: EngineCo
         engine_cfg.model = DEFAULT_MODEL
     stage = JudgeStage(opts, prompt, left_out=dict(left_out or {}))
     return run_model_stage(stage, items, out, engine_cfg, engine=engine, executor=executor, progress=progress,
-                           force=opts.force, rows_per_shard=opts.rows_per_shard)
+                           force=opts.force, rows_per_shard=opts.rows_per_shard, wait_lock=opts.wait_lock)
 
 
 # ------------------------------------------------------------ reading the store

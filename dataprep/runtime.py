@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import importlib
 import inspect
+import re
 import time
 import types
 import typing
@@ -26,6 +27,19 @@ from dataprep.errors import ConfigError, print_error, reason_of
 
 DEVICES = "auto, cpu, cuda, cuda:N or mps"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def check_device(device: str) -> None:
+    """ConfigError naming --device unless ``device`` is a word of the vocabulary: checked when a
+    config is built, since torch would only refuse it once the weights loaded."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+        raise ConfigError(f"invalid device {device!r}", "--device", f"use {DEVICES}")
+
+
+def check_dtype(dtype: str) -> None:
+    """ConfigError naming --dtype unless ``dtype`` is one of :data:`DTYPES`."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"invalid dtype {dtype!r}", "--dtype", f"use {', '.join(DTYPES[:-1])} or {DTYPES[-1]}")
 
 
 def resolve_device(device: str) -> str:
@@ -88,6 +102,8 @@ class StageSummary:
     wall_s: float = 0.0
     shards: list[Path] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # stage-specific figures (e.g. pass rate)
+    # what ``done`` counts: rows for the model stages; batches, train steps, evaluated edits elsewhere
+    unit: str = "rows"
     _t0: float = field(default_factory=time.perf_counter, repr=False)
 
     @property
@@ -96,8 +112,10 @@ class StageSummary:
 
     @property
     def rate(self) -> float:
-        """Rows processed by the model or the decoder per second of wall time."""
-        n = self.done + self.n_failed
+        """``unit`` per second of wall time. Failed rows count for a row stage (the model or the
+        decoder spent the time); elsewhere ``failed`` counts other things (batches: edit rows left
+        out, train: batch rows skipped) and only ``done`` is a rate."""
+        n = self.done + (self.n_failed if self.unit == "rows" else 0)
         return n / self.wall_s if self.wall_s > 0 else 0.0
 
     def fail(self, error: str) -> None:
@@ -119,7 +137,7 @@ def print_summary(summary: StageSummary, console=None, title: str | None = None)
     t = Table(title=title or f"{summary.stage}: summary", show_header=True, header_style="bold")
     t.add_column("what")
     t.add_column("value", justify="right")
-    t.add_row(f"{summary.stage} (this run)", str(summary.done))
+    t.add_row(f"{summary.stage if summary.unit == 'rows' else summary.unit} (this run)", str(summary.done))
     t.add_row("skipped (already done)", str(summary.skipped))
     t.add_row("failed", str(summary.n_failed))
     for reason, n in sorted(summary.failed.items(), key=lambda kv: (-kv[1], kv[0])):
@@ -129,7 +147,7 @@ def print_summary(summary: StageSummary, console=None, title: str | None = None)
     for k, v in summary.extra.items():
         t.add_row(k, v if isinstance(v, str) else f"{v:.3g}" if isinstance(v, float) else str(v))
     t.add_row("wall time", f"{summary.wall_s:.1f} s")
-    t.add_row("rate", f"{summary.rate:.2f} rows/s")
+    t.add_row("rate", f"{summary.rate:.2f} {summary.unit}/s")
     t.add_row("shards", str(summary.out_dir))
     console.print(t)
 

@@ -68,7 +68,7 @@ def counts_rows(summary: StageSummary) -> list[dict[str, Any]]:
         if isinstance(v, (int, float, str)):
             rows.append({"metric": k, "value": round(v, 4) if isinstance(v, float) else v})
     rows.append({"metric": "wall time in stage (s)", "value": round(summary.wall_s, 2)})
-    rows.append({"metric": "throughput (rows/s)", "value": round(summary.rate, 3)})
+    rows.append({"metric": f"throughput ({summary.unit}/s)", "value": round(summary.rate, 3)})
     return rows
 
 

@@ -22,6 +22,7 @@ Events (the hand-off contract):
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from dataclasses import fields
 from pathlib import Path
@@ -66,10 +67,11 @@ def build(cls: type, options: dict[str, Any] | None, flag: str, *, locked: str |
     sets those fields itself).
     """
     options = dict(options or {})
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(options) - known)
+    names = sorted(f.name for f in fields(cls))
+    # init-only names count too: parameters saved under an earlier name (TrainConfig's precision)
+    unknown = sorted(set(options) - set(inspect.signature(cls).parameters))
     if unknown:
-        raise ConfigError(f"unknown {flag} option(s) {unknown}", flag, f"use fields of {cls.__name__}: {', '.join(sorted(known))}")
+        raise ConfigError(f"unknown {flag} option(s) {unknown}", flag, f"use fields of {cls.__name__}: {', '.join(names)}")
     taken = sorted(set(options) & set(fixed))
     if locked is not None and taken:
         raise ConfigError(f"{flag} option(s) {taken} cannot be given here", flag, locked)

@@ -57,7 +57,7 @@ from typing import Any
 import pyarrow as pa
 
 from dataprep.errors import ConfigError, reason_of
-from dataprep.runtime import DTYPES, StageSummary
+from dataprep.runtime import StageSummary, check_device, check_dtype
 from dataprep.store import Manifest, new_run_id, utcnow, write_table_atomic
 from softrepa import paper
 from softrepa.edit import EditConfig
@@ -174,8 +174,8 @@ class EvalConfig:
             raise ConfigError(f"unknown rows {self.rows!r}", flag="--rows", fix=f"one of {', '.join(ROW_SETS)}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError("limit must be >= 1", flag="--limit", fix="omit --limit to edit every pair")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"unknown dtype {self.dtype!r}", flag="--dtype", fix=f"one of {', '.join(DTYPES)}")
+        check_dtype(self.dtype)
+        check_device(self.device)
         for m in self.resolved_methods():
             n_max = self.n_max if self.n_max is not None else DEFAULT_N_MAX[m]
             for w in self.tgt_cfgs or paper.ROWS[self.rows][m]:
@@ -248,7 +248,7 @@ def evaluate_edit(cfg: EvalConfig) -> EvalResult:
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
     manifest = Manifest(stage="evaluate-edit", config=cfg.to_dict(), run_id=new_run_id())
-    summary = StageSummary("evaluate-edit", out, manifest.run_id)
+    summary = StageSummary("evaluate-edit", out, manifest.run_id, unit="edits")
 
     errors, n_edited, n_reused = edit_all(cfg, pairs, out)
     rows, fid, unavailable = score_all(cfg, pairs, out, errors)

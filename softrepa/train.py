@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dataprep.errors import ConfigError
-from dataprep.runtime import DTYPES
+from dataprep.runtime import DTYPES, check_device, check_dtype
 from softrepa import distributed
 from softrepa.checkpoints import LEGACY_PRECISION, load_checkpoint, read_train_config
 from softrepa.loss import DEFAULT_SCALE, DEFAULT_TEMPERATURE
@@ -177,8 +177,21 @@ class TrainConfig:
             raise ConfigError(f"need 0 <= min_t < max_t <= 1000, got {self.min_t}, {self.max_t}", "--min-t/--max-t", "e.g. --min-t 0 --max-t 1000")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}", "--temperature", f"e.g. --temperature {DEFAULT_TEMPERATURE}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"unknown dtype {self.dtype!r}", "--dtype", f"use one of {', '.join(DTYPES)}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}", "--lr", "e.g. --lr 1e-3")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight-decay must be >= 0, got {self.weight_decay}", "--weight-decay", "e.g. --weight-decay 1e-4")
+        if self.min_lr < 0:
+            raise ConfigError(f"min-lr must be >= 0, got {self.min_lr}", "--min-lr", "e.g. --min-lr 1e-5")
+        if self.restart_every < 1:
+            raise ConfigError(f"restart-every must be >= 1, got {self.restart_every}", "--restart-every", "e.g. --restart-every 5000")
+        for name in ("n_tokens", "n_layers"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"{flag[2:]} must be >= 1, got {value}", flag, f"omit {flag} for the preset's value")
+        check_dtype(self.dtype)
+        check_device(self.device)
         if self.apply is not None:
             bad = [g for g in self.apply if g not in UNET_GROUPS]
             if bad or (self.preset == "sd3" and self.apply):

@@ -299,7 +299,7 @@ def report(result: TrainResult, cfg: Any, run_id: str, started_at: str, steps_be
     """
     out = Path(cfg.out)
     trained = result.steps - steps_before
-    summary = StageSummary("train", out, run_id, done=trained, skipped=steps_before, failed=Counter(result.skipped))
+    summary = StageSummary("train", out, run_id, done=trained, skipped=steps_before, failed=Counter(result.skipped), unit="steps")
     summary.wall_s = result.seconds
     summary.extra = {"final loss": result.final_loss, "mean accuracy": result.mean_accuracy, "tokens": str(result.tokens_dir)}
     if result.best_step is not None:

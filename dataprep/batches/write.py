@@ -72,7 +72,7 @@ class BatchSummary:
             extra["batches not fillable (too few distinct captions)"] = self.unfillable_batches
         extra["shard files"] = len(self.shards)
         return StageSummary(stage="batches", out_dir=self.out_dir, run_id=self.run_id, done=self.batches, failed=Counter(self.skipped),
-                            wall_s=self.seconds, shards=list(self.shards), extra=extra)
+                            wall_s=self.seconds, shards=list(self.shards), extra=extra, unit="batches")
 
 
 def print_batch_summary(summary: BatchSummary, console: Any = None) -> None:

@@ -64,12 +64,14 @@ def server_status(home: HomeOpt = Path(".prefect")) -> None:
 @app.command("tiny-models")
 def tiny_models(
     out: Annotated[Path, typer.Argument(help="Directory to write into; one from_pretrained directory per model.")],
+    no_diffusers: Annotated[bool, typer.Option("--no-diffusers", hidden=True, help="Accepted for scripts written when this command also wrote the SD pipelines; it now never does.")] = False,
 ) -> None:
     """Write tiny random LLaVA and Llama checkpoints, small test images and DIV2K-shaped frames for offline tests and the demo (`softrepa tiny-models` adds the SD pipelines)."""
     from rich.console import Console
 
     from dataprep.tiny import write_all
 
+    del no_diffusers  # what the command always does now
     written = write_all(out)
     console = Console()
     for name, path in written.items():

@@ -16,13 +16,12 @@ Backends (imported lazily, so ``dataprep --help`` stays fast):
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from dataprep.engines.redact import redact
 from dataprep.errors import ConfigError
-from dataprep.runtime import option
+from dataprep.runtime import check_device, check_dtype, option
 
 if TYPE_CHECKING:  # PIL is only needed for type hints here
     from PIL.Image import Image
@@ -143,17 +142,25 @@ class EngineConfig:
                 raise ConfigError(f"invalid batch size {self.batch_size!r}", "--batch-size", "use a positive integer or 'auto'") from None
         if self.quantize not in (None, "4bit", "8bit"):
             raise ConfigError(f"invalid quantization {self.quantize!r}", "--quantize", "use 4bit or 8bit")
-        # checked here: torch would only refuse it after the weights loaded (minutes for 13B)
-        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
-            raise ConfigError(f"invalid device {self.device!r}", "--device", "use auto, cpu, cuda, cuda:N or mps")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ConfigError(f"invalid dtype {self.dtype!r}", "--dtype", "use auto, float32, bfloat16 or float16")
+        check_device(self.device)  # here: torch would only refuse it after the weights loaded (minutes for 13B)
+        check_dtype(self.dtype)
         if self.engine != "openai" and self.base_url:  # ignoring it would run the local model the user meant to replace
             raise ConfigError(f"--base-url is for --engine openai, not {self.engine}", "--base-url", "add --engine openai to use the server(s), or drop --base-url")
         if self.engine == "openai" and not split_base_urls(self.base_url):
             raise ConfigError("the openai engine needs a server", "--base-url", "e.g. --base-url http://127.0.0.1:8000/v1")
         if self.max_inflight is not None and self.max_inflight < 1:
             raise ConfigError(f"--max-inflight {self.max_inflight} must be at least 1", "--max-inflight", "leave it out (default: --concurrency)")
+        # the engine-specific values too: a bad one is refused whichever engine runs
+        if self.concurrency < 1:
+            raise ConfigError(f"--concurrency {self.concurrency} must be at least 1", "--concurrency", "e.g. 64")
+        if not self.timeout_s > 0:
+            raise ConfigError(f"--timeout {self.timeout_s} must be positive", "--timeout", "e.g. 120")
+        if self.max_retries < 0:
+            raise ConfigError(f"--max-retries {self.max_retries} is negative", "--max-retries", "0 for no retries; default 5")
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(f"--tensor-parallel-size {self.tensor_parallel_size} must be at least 1", "--tensor-parallel-size", "e.g. 1, 2, 4 or 8")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError(f"--gpu-memory-utilization {self.gpu_memory_utilization} is not in (0, 1]", "--gpu-memory-utilization", "e.g. 0.9")
 
     def public_dict(self) -> dict[str, Any]:
         """For manifests: never contains a secret (only the env var's name; URLs lose any

@@ -299,12 +299,6 @@ class OpenAIEngine:
             raise ConfigError("httpx is not installed", "--engine openai", "pip install httpx") from None
         if not cfg.base_url:
             raise ConfigError("the openai engine needs a server", "--base-url", "e.g. --base-url http://127.0.0.1:8000/v1")
-        if cfg.concurrency < 1:
-            raise ConfigError(f"--concurrency {cfg.concurrency} must be at least 1", "--concurrency", "e.g. 64")
-        if cfg.max_inflight is not None and cfg.max_inflight < 1:
-            raise ConfigError(f"--max-inflight {cfg.max_inflight} must be at least 1", "--max-inflight", "leave it out (default: --concurrency)")
-        if not cfg.timeout_s > 0:
-            raise ConfigError(f"--timeout {cfg.timeout_s} must be positive", "--timeout", "e.g. 120")
         self.cfg = cfg
         self.model = cfg.model
         self.revision = cfg.revision
@@ -316,7 +310,7 @@ class OpenAIEngine:
         # requests per generate() call: two per slot keeps the slots busy while the
         # last ones finish, and bounds the images a caption stage holds decoded
         self.batch_size = int(cfg.batch_size) if cfg.batch_size != "auto" else 2 * cfg.concurrency
-        self.max_retries = max(0, cfg.max_retries)
+        self.max_retries = cfg.max_retries
         self.timeout_s = cfg.timeout_s
         for base in self.bases:
             self._check_server(base)

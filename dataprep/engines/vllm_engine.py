@@ -118,10 +118,6 @@ def llm_kwargs(cfg: EngineConfig, is_vision: bool, max_positions: int | None) ->
     """Keyword arguments of ``vllm.LLM``; raises ConfigError for settings vLLM cannot honour."""
     if cfg.quantize == "8bit":
         raise ConfigError("vllm has no in-flight 8-bit bitsandbytes loading", "--quantize", "use --quantize 4bit, or --engine transformers for 8bit")
-    if cfg.tensor_parallel_size < 1:
-        raise ConfigError(f"--tensor-parallel-size {cfg.tensor_parallel_size} must be at least 1", "--tensor-parallel-size", "e.g. 1, 2, 4 or 8")
-    if not 0.0 < cfg.gpu_memory_utilization <= 1.0:
-        raise ConfigError(f"--gpu-memory-utilization {cfg.gpu_memory_utilization} is not in (0, 1]", "--gpu-memory-utilization", "e.g. 0.9")
     local = Path(cfg.model).expanduser()
     kw: dict[str, Any] = {
         "model": str(local) if local.exists() else cfg.model,

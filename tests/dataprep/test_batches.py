@@ -353,3 +353,21 @@ def test_coco_malformed_annotations_are_counted_not_fatal(tmp_path):
     s = build_coco_batches(path, images_dir, tmp_path / "b", BatchOptions(preset="sd1.5"))
     assert s.skipped["annotation_without_image"] == 2 and s.skipped["caption_empty_rows"] == 1
     assert s.images == 13
+
+
+def test_the_batches_summary_rate_is_batches_per_second_not_batches_plus_left_out_rows(tmp_path):
+    """Before: 'rate' was (batches written + edit rows left out) / s, printed as rows/s
+    (6 batches and 14 failing edits in 2 s read '10.00 rows/s'); the train table printed steps as rows/s."""
+    from rich.console import Console
+
+    from dataprep.batches.write import BatchSummary
+    from dataprep.runtime import print_summary
+
+    s = BatchSummary(run_id="r", preset="sd3", grid=(4, 4), epochs=2, images=14, batches=6, rows=24, positives=24, hard_negatives=0,
+                     negatives=0, dropped_images=4, unfillable_batches=0, duplicate_images=0, edits_available=0, edits_unused=0,
+                     skipped={"edit_failed_rows": 14}, shards=[], out_dir=tmp_path, seconds=2.0).stage_summary()
+    assert s.rate == pytest.approx(3.0)
+    console = Console(record=True, width=200)
+    print_summary(s, console)
+    text = console.export_text()
+    assert "3.00 batches/s" in text and "rows/s" not in text and "batches (this run)" in text

@@ -81,3 +81,15 @@ def test_report_out_that_is_a_file_exits_2_naming_out(tmp_path):
     result = runner.invoke(app, ["report", str(run), "--out", str(target), "--no-thumbs"], env={"COLUMNS": "300"})
     assert result.exit_code == 2, result.output
     assert "--out" in result.output and "Fix:" in result.output
+
+
+def test_tiny_models_still_takes_no_diffusers(tmp_path, monkeypatch):
+    """Scripts written before the SD pipelines moved to `softrepa tiny-models` pass --no-diffusers,
+    which is now what the command always does. Before: 'No such option: --no-diffusers', exit 2."""
+    import dataprep.tiny
+
+    monkeypatch.setattr(dataprep.tiny, "write_all", lambda out: {"llava": tmp_path / "llava"})
+    result = runner.invoke(app, ["tiny-models", str(tmp_path), "--no-diffusers"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "llava" in result.output
+    assert "--no-diffusers" not in runner.invoke(app, ["tiny-models", "--help"], env={"COLUMNS": "200"}).output  # hidden

@@ -415,3 +415,17 @@ def test_fleet_server_killed_mid_run_every_row_completes_once_through_the_other(
     a, b = engine.fleet.servers
     assert a.sent > 0 and b.sent > 0  # both servers took work (least-loaded spreads it) ...
     assert b.failures >= 1  # ... and B's dropped or refused connections set it aside
+
+
+@pytest.mark.parametrize("bad,flag", [
+    (dict(concurrency=0), "--concurrency"), (dict(timeout_s=0.0), "--timeout"), (dict(max_retries=-1), "--max-retries"),
+    (dict(max_inflight=0), "--max-inflight"), (dict(tensor_parallel_size=0), "--tensor-parallel-size"),
+    (dict(gpu_memory_utilization=1.5), "--gpu-memory-utilization"),
+])
+def test_engine_config_refuses_bad_engine_values_when_built(bad, flag):
+    """Every engine flag is checked where the config is built, whichever engine is picked.
+    Before: --max-retries -1 was silently taken as 0, and the others were checked only by the
+    engine that uses them (so `--engine vllm --tensor-parallel-size 0` said 'vllm is not installed')."""
+    with pytest.raises(ConfigError) as err:
+        EngineConfig(model="m", **bad)
+    assert err.value.flag == flag

@@ -423,6 +423,24 @@ def test_disk_full_is_one_line_and_exit_1_and_debug_shows_the_traceback(tmp_path
         cli.main()
 
 
+def test_ctrl_c_says_the_finished_shards_are_kept_and_exits_130(tmp_path, monkeypatch, capsys):
+    """Before: typer turned the KeyboardInterrupt into a silent exit 130, so run_cli's message never showed."""
+    import dataprep.cli as cli
+    import dataprep.engines
+
+    png(tmp_path / "imgs" / "a.png")
+
+    def ctrl_c(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dataprep.engines, "load_engine", ctrl_c)
+    monkeypatch.setattr(sys, "argv", ["dataprep", "caption", "folder", str(tmp_path / "imgs"), "--out", str(tmp_path / "out"), "--workers", "0"])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    assert exc.value.code == 130
+    assert "interrupted: finished shards are kept" in capsys.readouterr().err
+
+
 def test_softrepa_cli_failure_is_one_line_and_exit_1(monkeypatch, capsys):
     import softrepa.cli as scli
     import softrepa.train

@@ -385,3 +385,16 @@ def test_flow_task_grades_the_run_through_the_server(tmp_path, judge_server):
     finally:
         release_engines()
     assert s.done == 5 and s.extra["agrees with the checker"] == "3 of 5 (60.0%)"
+
+
+def test_judge_has_the_wait_lock_flag_its_locked_folder_error_tells_you_to_pass(tmp_path, monkeypatch):
+    """A judge run on a folder another run holds exits 2 with 'pass --wait-lock to queue behind it'.
+    Before: judge had no --wait-lock ('No such option'); caption and rewrite had it."""
+    import dataprep.judge as judge_mod
+    from dataprep.cli import app
+
+    assert "--wait-lock" in CliRunner().invoke(app, ["judge", "--help"], env={"COLUMNS": "200"}).output
+    seen = {}
+    monkeypatch.setattr(judge_mod, "run_model_stage", lambda *a, **kw: seen.update(kw))
+    judge_mod.run_judge([], tmp_path, EngineConfig(model="m"), JudgeOptions(wait_lock=True))
+    assert seen["wait_lock"] is True

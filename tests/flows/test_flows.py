@@ -70,6 +70,18 @@ def test_build_rejects_unknown_options_by_name():
         build(CaptionOptions, {"wokers": 0}, "caption_options")
 
 
+def test_build_takes_train_options_saved_with_precision():
+    """A deployment's train options written before --precision became --dtype still run.
+    Before: 'unknown train option(s) ['precision']' (build knew only dataclass fields, not the InitVar)."""
+    from flows.flows import build
+    from softrepa.train import TrainConfig
+
+    cfg = build(TrainConfig, {"precision": "bf16"}, "train", preset="sd3", batches=".", model="m", out="o")
+    assert cfg.dtype == "bfloat16"
+    with pytest.raises(ConfigError, match="precison"):
+        build(TrainConfig, {"precison": "bf16"}, "train", preset="sd3", batches=".", model="m", out="o")
+
+
 def test_merge_summaries_counts_cached_shards_as_skipped(tmp_path):
     from collections import Counter
 

@@ -179,6 +179,27 @@ def test_dtype_is_the_dataprep_vocabulary_and_precision_still_reads(tmp_path):
         training_precision("bfloat16", "cpu")
 
 
+def test_device_and_dtype_are_refused_alike_by_every_config(tmp_path):
+    """One --device/--dtype vocabulary, one check. Before: softrepa train and evaluate-edit built a
+    config with --device nope (exit 1 after the pipeline loaded), and the three dtype messages differed."""
+    from dataprep.engines import EngineConfig
+    from softrepa.evaluate import EvalConfig
+
+    makers = (lambda **kw: EngineConfig(**kw), lambda **kw: TrainConfig("sd3", ".", "m", "o", **kw),
+              lambda **kw: EvalConfig(pairs=str(tmp_path), model="m", out=str(tmp_path / "out"), **kw))
+    for field, bad in (("device", "nope"), ("device", "cuda:x"), ("dtype", "bf16")):
+        messages = set()
+        for make in makers:
+            with pytest.raises(ConfigError) as err:
+                make(**{field: bad})
+            assert err.value.flag == f"--{field}"
+            messages.add(str(err.value))
+        assert len(messages) == 1, messages
+    for make in makers:
+        make(device="cuda:1", dtype="bfloat16")  # building checks the words; whether CUDA is there is checked at run time
+        make(device="mps")
+
+
 def test_invalid_values_cannot_be_built():
     """TrainConfig checks its values when built (files are checked when the run starts)."""
     for kwargs, flag in (({"steps": 0}, "--steps"), ({"resolution": "huge"}, "--resolution"), ({"resolution": 30}, "--resolution"),
@@ -187,6 +208,18 @@ def test_invalid_values_cannot_be_built():
             TrainConfig(**{"preset": "sd3", "batches": "/missing", "model": "m", "out": "o", **kwargs})
         assert err.value.flag == flag and "Fix:" in str(err.value)
     TrainConfig("sd3", "/not/yet/built", "m", "o")  # a recipe builds its config before the batches exist
+
+
+def test_optimizer_and_token_values_cannot_be_built_either():
+    """Before: --lr -1, --weight-decay -1, --n-tokens 0, --n-layers 0, --restart-every 0 and --min-lr -1
+    built a TrainConfig and failed with exit 1 (a torch ValueError) after the pipeline loaded."""
+    for kwargs, flag in (({"lr": -1.0}, "--lr"), ({"lr": 0.0}, "--lr"), ({"weight_decay": -1.0}, "--weight-decay"),
+                         ({"n_tokens": 0}, "--n-tokens"), ({"n_layers": 0}, "--n-layers"), ({"restart_every": 0}, "--restart-every"),
+                         ({"min_lr": -1e-5}, "--min-lr")):
+        with pytest.raises(ConfigError) as err:
+            TrainConfig(**{"preset": "sd3", "batches": "/missing", "model": "m", "out": "o", **kwargs})
+        assert err.value.flag == flag and "Fix:" in str(err.value)
+    TrainConfig("sd3", "/missing", "m", "o", weight_decay=0.0, min_lr=0.0, n_tokens=1, n_layers=1)
 
 
 def test_softrepa_train_cli_three_steps_writes_tokens(shards):
