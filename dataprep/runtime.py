@@ -98,6 +98,7 @@ class StageSummary:
     done: int = 0  # rows generated good in this run
     skipped: int = 0  # already had a good row
     failed: Counter = field(default_factory=Counter)  # reason -> rows
+    left_out: Counter = field(default_factory=Counter)  # reason -> input rows not used on purpose (batches: edits the checker failed)
     truncated: int = 0  # good rows that hit --max-new-tokens
     wall_s: float = 0.0
     shards: list[Path] = field(default_factory=list)
@@ -113,8 +114,8 @@ class StageSummary:
     @property
     def rate(self) -> float:
         """``unit`` per second of wall time. Failed rows count for a row stage (the model or the
-        decoder spent the time); elsewhere ``failed`` counts other things (batches: edit rows left
-        out, train: batch rows skipped) and only ``done`` is a rate."""
+        decoder spent the time); elsewhere ``failed`` counts other things (train: batch rows it
+        could not use) and only ``done`` is a rate."""
         n = self.done + (self.n_failed if self.unit == "rows" else 0)
         return n / self.wall_s if self.wall_s > 0 else 0.0
 
@@ -126,7 +127,8 @@ class StageSummary:
         return self
 
     def counts(self) -> dict[str, int]:
-        return {"done": self.done, "skipped": self.skipped, "failed": self.n_failed, "truncated": self.truncated}
+        """The counts every manifest starts with, whatever the stage; stage-specific ones are added after."""
+        return {"done": self.done, "skipped": self.skipped, "failed": self.n_failed, "left_out": sum(self.left_out.values()), "truncated": self.truncated}
 
 
 def print_summary(summary: StageSummary, console=None, title: str | None = None) -> None:
@@ -142,6 +144,10 @@ def print_summary(summary: StageSummary, console=None, title: str | None = None)
     t.add_row("failed", str(summary.n_failed))
     for reason, n in sorted(summary.failed.items(), key=lambda kv: (-kv[1], kv[0])):
         t.add_row(f"  failed: {reason}", str(n))
+    if summary.left_out:
+        t.add_row("left out (not used, by rule)", str(sum(summary.left_out.values())))
+        for reason, n in sorted(summary.left_out.items(), key=lambda kv: (-kv[1], kv[0])):
+            t.add_row(f"  left out: {reason}", str(n))
     if summary.truncated:
         t.add_row("hit --max-new-tokens (finish_reason=length)", str(summary.truncated))
     for k, v in summary.extra.items():

@@ -264,7 +264,9 @@ def evaluate_edit(cfg: EvalConfig) -> EvalResult:
 
     failures = Counter(reason_of(r["error"]) for r in rows if r["error"] is not None)
     n_failed = sum(failures.values())
-    manifest.counts = {"pairs": len(pairs), "settings": len(cfg.settings()), "edited": n_edited, "reused": n_reused, "failed": n_failed}
+    summary.done, summary.skipped, summary.failed = n_edited, n_reused, failures
+    # the counts every manifest has (done = edited, skipped = reused), then this stage's own
+    manifest.counts = summary.counts() | {"pairs": len(pairs), "settings": len(cfg.settings()), "edited": n_edited, "reused": n_reused}
     if leakage is not None:
         manifest.counts["images_in_training"] = len(leakage.overlap)
     manifest.failures = dict(failures)
@@ -272,7 +274,6 @@ def evaluate_edit(cfg: EvalConfig) -> EvalResult:
     manifest_path = manifest.write(out)
     write_grids(out, rows, cfg.settings())  # OUT/grids: one page + a PNG per pair (see softrepa.grids)
 
-    summary.done, summary.skipped, summary.failed = n_edited, n_reused, failures
     summary.finish()
     summary.extra = {"pairs": len(pairs), "settings": len(cfg.settings()), "scores": str(out / "scores.parquet")}
     if leakage is not None:

@@ -305,7 +305,7 @@ def report(result: TrainResult, cfg: Any, run_id: str, started_at: str, steps_be
     if result.best_step is not None:
         summary.extra["best held-out CLIP"] = f"{result.best_clip:.4f} at step {result.best_step}"
     manifest = Manifest(stage="train", config=json.loads(json.dumps(asdict(cfg), default=str)), run_id=run_id, started_at=started_at,
-                        counts={"steps": trained, "steps_resumed": steps_before, "rows": rows, "rows_skipped": summary.n_failed},
+                        counts=summary.counts() | {"steps": trained, "steps_resumed": steps_before, "rows": rows, "rows_skipped": summary.n_failed},
                         failures=dict(result.skipped), finished_at=utcnow().isoformat())
     result.manifest_path = manifest.write(out)
     result.summary = summary

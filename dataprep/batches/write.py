@@ -56,7 +56,8 @@ class BatchSummary:
 
     def stage_summary(self) -> StageSummary:
         """The run as the model stages report theirs: batches written are ``done``,
-        rows left out are ``failed`` by reason, the grid's own figures are extras."""
+        caption and edit rows not used are ``left_out`` by reason (a failed edit is
+        normal, not a failure of this stage), the grid's own figures are extras."""
         n, m = self.grid
         extra: dict[str, Any] = {
             "preset (images x prompts)": f"{self.preset} ({n} x {m})",
@@ -71,7 +72,7 @@ class BatchSummary:
         if self.unfillable_batches:
             extra["batches not fillable (too few distinct captions)"] = self.unfillable_batches
         extra["shard files"] = len(self.shards)
-        return StageSummary(stage="batches", out_dir=self.out_dir, run_id=self.run_id, done=self.batches, failed=Counter(self.skipped),
+        return StageSummary(stage="batches", out_dir=self.out_dir, run_id=self.run_id, done=self.batches, left_out=Counter(self.skipped),
                             wall_s=self.seconds, shards=list(self.shards), extra=extra, unit="batches")
 
 
@@ -165,7 +166,7 @@ def _write_batches(index: CaptionIndex, out: Path, opts: BatchOptions, progress:
     # a run's own config, beside its shards and free of timestamps (deterministic);
     # the "_" keeps pyarrow/pandas/datasets from reading it as a shard of the folder
     write_run_record(out, run_id, shards, preset=opts.label, **config, counts=summary.counts())
-    Manifest(stage="batches", config=config, run_id=run_id, counts=summary.counts(), failures=summary.skipped, started_at=started, finished_at=utcnow().isoformat()).write(out)
+    Manifest(stage="batches", config=config, run_id=run_id, counts=summary.stage_summary().counts() | summary.counts(), failures=summary.skipped, started_at=started, finished_at=utcnow().isoformat()).write(out)
     return summary
 
 

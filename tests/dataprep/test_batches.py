@@ -122,7 +122,11 @@ def test_every_rule_per_preset(run, preset):
     assert manifest["stage"] == "batches" and manifest["failures"] == s.skipped and manifest["counts"]["batches"] == s.batches
     assert set(manifest["failures"]) <= {r.value for r in Reason}
     summary = s.stage_summary()
-    assert summary.done == s.batches and summary.failed == Counter(s.skipped) and summary.run_id == s.run_id
+    # rows not used (failed edits are normal) are left out, not failures of this stage
+    assert summary.done == s.batches and summary.left_out == Counter(s.skipped) and not summary.failed and summary.run_id == s.run_id
+    # every manifest starts with the same counts, whatever the stage
+    assert manifest["counts"]["done"] == s.batches and manifest["counts"]["left_out"] == sum(s.skipped.values())
+    assert {"done", "skipped", "failed", "left_out", "truncated"} <= manifest["counts"].keys()
 
 
 @pytest.mark.parametrize("k", [0, 2, None])
@@ -371,3 +375,4 @@ def test_the_batches_summary_rate_is_batches_per_second_not_batches_plus_left_ou
     print_summary(s, console)
     text = console.export_text()
     assert "3.00 batches/s" in text and "rows/s" not in text and "batches (this run)" in text
+    assert "left out: edit_failed_rows" in text and "failed: edit_failed_rows" not in text

@@ -150,7 +150,7 @@ def test_manifest_has_one_shape_with_the_stage_counts_and_engine(tmp_path):
     s, _ = run(tmp_path, ["ab", "boom", "long"])
     m = manifest(tmp_path)
     assert m["stage"] == "upper" and m["run_id"] == s.run_id and m["finished_at"]
-    assert m["counts"] == {"done": 2, "skipped": 0, "failed": 1, "truncated": 1, "letters": 6}
+    assert m["counts"] == {"done": 2, "skipped": 0, "failed": 1, "left_out": 0, "truncated": 1, "letters": 6}
     assert m["failures"] == {"server_error": 1}
     assert m["config"]["engine"]["model"] == "fake-model" and m["config"]["prompt_id"] == "upper.txt"
     assert m["config"]["executor"]["executor"] == "local"

@@ -113,6 +113,7 @@ def test_run_directory_gives_per_image_scores_and_the_summary_table(tiny, tmp_pa
     assert not np.array_equal(a, b)
     manifest = json.loads(res.manifest_path.read_text())
     assert manifest["counts"]["failed"] == 4 and manifest["failures"] == {"image": 4}
+    assert {"done", "skipped", "failed", "left_out", "truncated"} <= manifest["counts"].keys()  # the counts every manifest has
 
 
 def test_rerun_reuses_edited_images_and_redoes_only_what_is_missing(tiny, tmp_path):

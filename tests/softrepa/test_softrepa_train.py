@@ -156,6 +156,7 @@ def test_train_reports_like_the_data_stages(shards):
     man = read_manifest(out)
     assert man["stage"] == "train" and man["run_id"] and man["finished_at"] and man["config"]["dtype"] == "auto"
     assert man["counts"]["steps"] == 3 and man["counts"]["rows_skipped"] == sum(res.skipped.values()) > 0
+    assert man["counts"]["done"] == 3 and man["counts"]["failed"] == man["counts"]["rows_skipped"]  # the counts every manifest has
     assert man["failures"] == res.skipped and res.manifest_path == out / "_manifest.json"
     assert isinstance(res.summary, StageSummary) and res.summary.stage == "train" and res.summary.done == 3
     assert res.summary.failed["image_unreadable"] == res.skipped["image_unreadable"]
