@@ -36,6 +36,7 @@ class ConfigError(ValueError):
         parts = [message] + ([f"(flag {flag})"] if flag else []) + ([f"Fix: {fix}"] if fix else [])
         super().__init__(" ".join(parts))
 
+
 class Reason(str, Enum):
     """Every reason the code records for a row it could not make or chose not to use.
 
@@ -69,7 +70,6 @@ class Reason(str, Enum):
     TEMPLATE_ERROR = "template_error"
     OUT_OF_MEMORY = "out_of_memory"
     INTERNAL = "internal"
-    INTERNAL_ERROR = "internal_error"
     REQUEST_ERROR = "request_error"
     CONNECTION_ERROR = "connection_error"
     TIMEOUT = "timeout"

@@ -205,7 +205,7 @@ def run_model_stage(
     shard is flushed, the folder compacted again, the manifest written, an
     engine this run loaded closed and the lock released.
     """
-    items = list(items)  # ids and paths: nothing is read before the model loads
+    items = list(items)  # caption's are ids and paths: no image is read before the model loads
     folder = Path(out) / stage.folder
     executor_cfg = executor or ExecutorConfig()
     with ExitStack() as leave:  # undone in reverse order, also after an error

@@ -452,7 +452,7 @@ class OpenAIEngine:
             async with self._payloads:
                 result = await self._encode_and_send(req)
         except Exception as exc:  # a bug or an exception nobody foresaw: one row, not the batch
-            result = ChatResult.failed(failure(Reason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"))
+            result = ChatResult.failed(failure(Reason.INTERNAL, f"{type(exc).__name__}: {exc}"))
         # the boundary: every text that leaves the engine is redacted here
         if result.error is not None:
             result.error = self.redact(result.error)[:500]
