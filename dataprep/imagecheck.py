@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageStat
 
 from dataprep.errors import ConfigError
+from dataprep.runtime import at_least
 
 FLAGS: dict[str, str] = {
     "small": "the shorter side is below --min-side pixels",
@@ -44,12 +45,9 @@ class ImageChecks:
     max_aspect: float = 4.0
 
     def __post_init__(self) -> None:
-        if self.min_side < 0:
-            raise ConfigError(f"--min-side {self.min_side} is negative", "--min-side", "e.g. 128 (0 turns the check off)")
-        if self.blank_std < 0:
-            raise ConfigError(f"--blank-std {self.blank_std} is negative", "--blank-std", "e.g. 4.0 (0 turns the check off)")
-        if self.max_aspect < 1:
-            raise ConfigError(f"--max-aspect {self.max_aspect} is below 1", "--max-aspect", "e.g. 4.0 (long side / short side)")
+        at_least(self.min_side, 0, "--min-side", "e.g. 128 (0 turns the check off)")
+        at_least(self.blank_std, 0, "--blank-std", "e.g. 4.0 (0 turns the check off)")
+        at_least(self.max_aspect, 1, "--max-aspect", "e.g. 4.0 (long side / short side)")
 
 
 def image_flags(img: Image.Image, checks: ImageChecks = ImageChecks()) -> list[str]:

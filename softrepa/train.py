@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dataprep.errors import ConfigError
-from dataprep.runtime import DTYPES, check_device, check_dtype
+from dataprep.runtime import DTYPES, at_least, check_device, check_dtype
 from softrepa import distributed
 from softrepa.checkpoints import LEGACY_PRECISION, load_checkpoint, read_train_config
 from softrepa.loss import DEFAULT_SCALE, DEFAULT_TEMPERATURE
@@ -171,20 +171,16 @@ class TrainConfig:
             raise ConfigError(f"unknown preset {self.preset!r}", "--preset", f"use one of {', '.join(BACKBONES)}")
         if self.steps is not None and self.steps < 1:
             raise ConfigError(f"steps must be >= 1, got {self.steps}", "--steps", "omit --steps for the paper's Table 3 value")
-        if self.checkpoint_every < 1:
-            raise ConfigError(f"checkpoint-every must be >= 1, got {self.checkpoint_every}", "--checkpoint-every", "e.g. --checkpoint-every 500")
+        at_least(self.checkpoint_every, 1, "--checkpoint-every", "e.g. --checkpoint-every 500")
         if not 0 <= self.min_t < self.max_t <= 1000:
             raise ConfigError(f"need 0 <= min_t < max_t <= 1000, got {self.min_t}, {self.max_t}", "--min-t/--max-t", "e.g. --min-t 0 --max-t 1000")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}", "--temperature", f"e.g. --temperature {DEFAULT_TEMPERATURE}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}", "--lr", "e.g. --lr 1e-3")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight-decay must be >= 0, got {self.weight_decay}", "--weight-decay", "e.g. --weight-decay 1e-4")
-        if self.min_lr < 0:
-            raise ConfigError(f"min-lr must be >= 0, got {self.min_lr}", "--min-lr", "e.g. --min-lr 1e-5")
-        if self.restart_every < 1:
-            raise ConfigError(f"restart-every must be >= 1, got {self.restart_every}", "--restart-every", "e.g. --restart-every 5000")
+        at_least(self.weight_decay, 0, "--weight-decay", "e.g. --weight-decay 1e-4")
+        at_least(self.min_lr, 0, "--min-lr", "e.g. --min-lr 1e-5")
+        at_least(self.restart_every, 1, "--restart-every", "e.g. --restart-every 5000")
         for name in ("n_tokens", "n_layers"):
             value = getattr(self, name)
             if value is not None and value < 1:

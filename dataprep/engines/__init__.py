@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from dataprep.engines.redact import redact
 from dataprep.errors import ConfigError
-from dataprep.runtime import check_device, check_dtype, option
+from dataprep.runtime import at_least, check_device, check_dtype, option
 
 if TYPE_CHECKING:  # PIL is only needed for type hints here
     from PIL.Image import Image
@@ -151,14 +151,11 @@ class EngineConfig:
         if self.max_inflight is not None and self.max_inflight < 1:
             raise ConfigError(f"--max-inflight {self.max_inflight} must be at least 1", "--max-inflight", "leave it out (default: --concurrency)")
         # the engine-specific values too: a bad one is refused whichever engine runs
-        if self.concurrency < 1:
-            raise ConfigError(f"--concurrency {self.concurrency} must be at least 1", "--concurrency", "e.g. 64")
+        at_least(self.concurrency, 1, "--concurrency", "e.g. 64")
         if not self.timeout_s > 0:
             raise ConfigError(f"--timeout {self.timeout_s} must be positive", "--timeout", "e.g. 120")
-        if self.max_retries < 0:
-            raise ConfigError(f"--max-retries {self.max_retries} is negative", "--max-retries", "0 for no retries; default 5")
-        if self.tensor_parallel_size < 1:
-            raise ConfigError(f"--tensor-parallel-size {self.tensor_parallel_size} must be at least 1", "--tensor-parallel-size", "e.g. 1, 2, 4 or 8")
+        at_least(self.max_retries, 0, "--max-retries", "0 for no retries; default 5")
+        at_least(self.tensor_parallel_size, 1, "--tensor-parallel-size", "e.g. 1, 2, 4 or 8")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError(f"--gpu-memory-utilization {self.gpu_memory_utilization} is not in (0, 1]", "--gpu-memory-utilization", "e.g. 0.9")
 
