@@ -232,7 +232,7 @@ class Flags:
         picked = [f for f in dataclasses.fields(self.resolve()) if f.init and (CLI_META in f.metadata or f.name in self.helps) and f.name not in self.exclude]
         if self.only is not None:
             by_name = {f.name: f for f in dataclasses.fields(self.resolve())}
-            picked = [by_name[name] for name in self.only]  # in the command's order
+            picked = [by_name[name] for name in self.only if name not in self.exclude]  # in the command's order
         return picked
 
     def parameters(self, group: str) -> list[tuple[str, Any, Any]]:
@@ -388,13 +388,9 @@ def _plugin_group_class(group: str) -> type:
     return PluginGroup
 
 
-_COMMAND_CLASS: list = []
-
-
+@functools.cache
 def _config_command_class() -> type:
     """typer's command class, with the groups' flags added when click first asks for the parameters."""
-    if _COMMAND_CLASS:
-        return _COMMAND_CLASS[0]
     import typer  # the command line only: this module serves the library too
 
     class ConfigCommand(typer.core.TyperCommand):
@@ -402,8 +398,6 @@ def _config_command_class() -> type:
 
         def _add_flags(self) -> list[str]:
             if self._added is None:
-                import typer  # the command line only: this module serves the library too
-
                 self._added = []
                 for group, flags in getattr(self.callback, _GROUPS_ATTR, {}).items():
                     for name, info, kind in flags.parameters(group):
@@ -424,7 +418,6 @@ def _config_command_class() -> type:
             finally:
                 _FLAG_VALUES.reset(token)
 
-    _COMMAND_CLASS.append(ConfigCommand)
     return ConfigCommand
 
 

@@ -93,3 +93,20 @@ def test_tiny_models_still_takes_no_diffusers(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "llava" in result.output
     assert "--no-diffusers" not in runner.invoke(app, ["tiny-models", "--help"], env={"COLUMNS": "200"}).output  # hidden
+
+
+def test_flags_only_still_honours_exclude():
+    """``Flags(only=..., exclude=...)`` dropped ``exclude`` silently: a command listing its
+    fields in order could not also leave one out."""
+    from dataclasses import dataclass
+
+    from dataprep.runtime import Flags, option
+
+    @dataclass
+    class Opts:
+        a: int = option(1, "a")
+        b: int = option(2, "b")
+        c: int = option(3, "c")
+
+    assert [f.name for f in Flags(Opts, only=("c", "a", "b"), exclude=("b",)).fields()] == ["c", "a"]
+    assert [f.name for f in Flags(Opts, exclude=("a",)).fields()] == ["b", "c"]
